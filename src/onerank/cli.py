@@ -1,0 +1,206 @@
+"""The `onerank` command: parse, then call the library (onerank.api). User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onerank.data.schema import SchemaError
+from onerank.training.config import RunConfig
+
+USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SchemaError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config; flags given here override it")
+    p.add_argument("--dataset", help="dataset name (synthetic, census, kuairand, tabular)")
+    p.add_argument("--data-dir", help="folder holding the dataset's files")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="loader option (repeatable)")
+    p.add_argument("--tasks", help="comma-separated task subset, passed to the loader")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--weighting", help="task weighting strategy (fixed, equal, uncertainty, gradnorm, pcgrad, dwa)")
+    p.add_argument("--listwise", type=float, help="weight of the list-wise loss (needs request grouping)")
+    p.add_argument("--temperature", type=float, help="temperature of the list-wise loss")
+    p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    if args.dataset:
+        config.dataset = args.dataset
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    config.dataset_options.update(_key_values(args.dataset_option, "--dataset-option"))
+    if args.tasks:
+        config.dataset_options["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for flag, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
+                       ("patience", "patience"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            setattr(config.train, attr, getattr(args, flag))
+    if args.gradient_diagnostics:
+        config.train.gradient_diagnostics = True
+    if args.no_progress:
+        config.train.progress = False
+    if args.weighting:
+        config.weighting = args.weighting
+    if args.listwise is not None:
+        config.objective["listwise"] = args.listwise
+    if args.temperature is not None:
+        config.objective["temperature"] = args.temperature
+    if args.cache_dir:
+        config.cache_dir = args.cache_dir
+    return config
+
+
+def format_table(comparison: dict) -> str:
+    """One row per model; per task AUC / GAUC / logloss on test, then throughput and size."""
+    results = comparison["results"]
+    if not results:
+        return "(no results)"
+    tasks = list(results[0]["test"])
+    header = ["model"]
+    for t in tasks:
+        kind_metrics = ["auc", "gauc", "logloss"] if "auc" in results[0]["test"][t] else ["mse", "mae"]
+        header += [f"{t}:{m}" for m in kind_metrics]
+    header += ["epochs", "train_s", "samples/s", "params"]
+    rows = []
+    for r in results:
+        row = [r["model"]]
+        for t in tasks:
+            for m in (["auc", "gauc", "logloss"] if "auc" in r["test"][t] else ["mse", "mae"]):
+                v = r["test"][t].get(m, float("nan"))
+                row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
+        row += [str(r["epochs"]), f"{r['train_seconds']:.1f}", f"{r['train_samples_per_s'] or 0:,.0f}",
+                f"{r['params']:,}"]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"dataset: {comparison['dataset']} (test split)", line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from onerank import api
+
+    config = _run_config(args)
+    if args.model:
+        config.model = args.model
+    config.model_options.update(_key_values(args.model_option, "--model-option"))
+    out = Path(args.out)
+    result = api.train(config, out_dir=out, resume=args.resume)
+    print(format_table({"dataset": result["dataset"], "results": [result]}))
+    print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from onerank import api
+    from onerank.training.trainer import write_json
+
+    config = _run_config(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SchemaError("--models names no model")
+    from onerank.models import model_class
+
+    for m in models:
+        model_class(m)  # fail on a misspelled name before any training
+    options: dict[str, dict] = {}
+    for key, value in _key_values(args.model_option, "--model-option").items():
+        model, _, option = key.partition(".")
+        if not option:
+            raise SchemaError(f"--model-option for compare is MODEL.KEY=VALUE, got {key!r}")
+        options.setdefault(model, {})[option] = value
+    comparison = api.compare(config, models, options)
+    print(format_table(comparison))
+    if args.output:
+        write_json(comparison, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from onerank import api
+
+    report = api.evaluate_checkpoint(args.checkpoint, split=args.split, data_dir=args.data_dir,
+                                     cache_dir=args.cache_dir)
+    print(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onerank", description="Multi-task ranking for recommender systems")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model; writes DIR/checkpoint.pt and DIR/metrics.json")
+    _add_run_flags(p)
+    p.add_argument("--model", help="model name (e.g. mmoe)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model option (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several models on the same data and print one table")
+    _add_run_flags(p)
+    p.add_argument("--models", required=True, help="comma-separated model names")
+    p.add_argument("--model-option", action="append", metavar="MODEL.KEY=VALUE")
+    p.add_argument("--output", help="write the comparison JSON here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split of its dataset")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list model names")
+    p.set_defaults(func=lambda a: print("\n".join(__import__("onerank.models", fromlist=["x"]).model_names())) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"onerank: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

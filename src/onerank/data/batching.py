@@ -1,0 +1,201 @@
+"""Batches by tensor slicing of whole columns: no per-row Python objects on the hot path.
+
+A batch is always a flat set of impressions. List-wise batches additionally carry ``request`` (0..R-1, each request's
+impressions contiguous) so a list-wise model or loss can view them as padded [R, N] lists with ``Batch.to_lists``.
+Point-wise models ignore it, so every model is fed exactly the same impressions, features and labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from onerank.data.dataset import EncodedDataset, EncodedSplit
+
+
+@dataclass
+class Batch:
+    categorical: dict[str, Tensor]  # field -> [B] codes (0 pad, 1 OOV)
+    dense: dict[str, Tensor]  # field -> [B] standardised values
+    histories: dict[str, dict[str, Tensor]]  # sequence -> item field -> [B, L] codes, left-padded (0 = empty slot)
+    labels: dict[str, Tensor]  # task -> [B] float
+    label_mask: dict[str, Tensor]  # task -> [B] bool: label exists (task space) for this row
+    user: Tensor  # [B] user index, for GAUC
+    request: Tensor | None = None  # [B] request index within the batch (list-wise batches only)
+    _lists: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.user)
+
+    @property
+    def num_requests(self) -> int:
+        return 0 if self.request is None else int(self.request[-1]) + 1 if self.size else 0
+
+    def to(self, device: torch.device | str) -> "Batch":
+        def move(x):
+            if isinstance(x, Tensor):
+                return x.to(device, non_blocking=True)
+            if isinstance(x, dict):
+                return {k: move(v) for k, v in x.items()}
+            return x
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "_lists"})
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        """Rows [start, stop) as a batch (request indices renumbered from 0)."""
+
+        def cut(x):
+            if isinstance(x, Tensor):
+                return x[start:stop]
+            if isinstance(x, dict):
+                return {k: cut(v) for k, v in x.items()}
+            return x
+
+        request = None if self.request is None else self.request[start:stop] - self.request[start]
+        return Batch(**{f.name: cut(getattr(self, f.name)) for f in fields(self) if f.name not in ("_lists", "request")},
+                     request=request)
+
+    def list_layout(self) -> tuple[Tensor, Tensor]:
+        """(slot, mask): ``slot[r, j]`` is the row of candidate j of request r (0 where padded), ``mask`` marks real
+        candidates. Without request grouping every impression is a request of one."""
+        if self._lists is None:
+            device = self.user.device
+            request = self.request if self.request is not None else torch.arange(self.size, device=device)
+            counts = torch.bincount(request)
+            starts = torch.cumsum(counts, 0) - counts
+            width = int(counts.max()) if len(counts) else 0
+            position = torch.arange(self.size, device=device) - starts[request]
+            slot = torch.zeros(len(counts), width, dtype=torch.long, device=device)
+            mask = torch.zeros(len(counts), width, dtype=torch.bool, device=device)
+            rows = torch.arange(self.size, device=device)
+            slot[request, position] = rows
+            mask[request, position] = True
+            self._lists = (slot, mask)
+        return self._lists
+
+    def to_lists(self, x: Tensor) -> Tensor:
+        """[B, ...] per-impression tensor -> [R, N, ...], padded entries are copies of row 0 (mask them)."""
+        slot, _ = self.list_layout()
+        return x[slot]
+
+    def request_rows(self) -> Tensor:
+        """Index of the first impression of each request: where request-level inputs (user, context, history) are read."""
+        slot, _ = self.list_layout()
+        return slot[:, 0]
+
+
+class TensorSplit:
+    """An encoded split converted to torch tensors once; batches are gathered by index."""
+
+    def __init__(self, split: EncodedSplit, item_table: dict[str, np.ndarray], item_id: str | None) -> None:
+        self.n = len(split)
+        self.categorical = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split.categorical.items()}
+        self.dense = {k: torch.from_numpy(v.astype(np.float32)) for k, v in split.dense.items()}
+        self.labels = {k: torch.from_numpy(v.astype(np.float32)) for k, v in split.labels.items()}
+        self.label_mask = {k: torch.from_numpy(v.astype(bool)) for k, v in split.label_mask.items()}
+        self.histories = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split.histories.items()}
+        self.item_table = {k: torch.from_numpy(v.astype(np.int64)) for k, v in item_table.items()}
+        self.item_id = item_id
+        self.user = torch.from_numpy(
+            split.user.astype(np.int64) if split.user is not None else np.arange(self.n, dtype=np.int64)
+        )
+        # Without request grouping (e.g. Census-Income) every impression is a request of one candidate.
+        self.grouped = split.request is not None
+        self.request = torch.from_numpy(
+            split.request.astype(np.int64) if self.grouped else np.arange(self.n, dtype=np.int64)
+        )
+        counts = torch.bincount(self.request, minlength=1)
+        self.request_starts = torch.cumsum(counts, 0) - counts
+        self.request_sizes = counts
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_sizes) if self.n else 0
+
+    def gather(self, rows: Tensor, request: Tensor | None = None) -> Batch:
+        histories = {}
+        for seq, codes in self.histories.items():
+            items = codes[rows]
+            per_field = {self.item_id: items}
+            for name, table in self.item_table.items():
+                per_field[name] = table[items]
+            histories[seq] = per_field
+        return Batch(
+            categorical={k: v[rows] for k, v in self.categorical.items()},
+            dense={k: v[rows] for k, v in self.dense.items()},
+            histories=histories,
+            labels={k: v[rows] for k, v in self.labels.items()},
+            label_mask={k: v[rows] for k, v in self.label_mask.items()},
+            user=self.user[rows],
+            request=request,
+        )
+
+
+class BatchLoader:
+    """Iterates a split in batches of about ``batch_size`` impressions.
+
+    ``by_request``: whole requests are kept together (list-wise training); batches then hold as many whole requests
+    as fit in ``batch_size`` impressions (at least one). Shuffling is a permutation drawn from (seed, epoch), so
+    ``epoch(e, start_step=s)`` resumes exactly where an interrupted run stopped.
+    """
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        by_request: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.by_request = by_request
+
+    def _plan(self, epoch: int) -> list[Tensor]:
+        """Per batch, the units (impressions or requests) it holds."""
+        units = self.split.num_requests if self.by_request else self.split.n
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+            order = torch.randperm(units, generator=gen)
+        else:
+            order = torch.arange(units)
+        if not self.by_request:
+            return list(torch.split(order, self.batch_size))
+        sizes = self.split.request_sizes[order]
+        ends = torch.cumsum(sizes, 0)
+        batch_id = (ends - 1) // self.batch_size
+        # a request larger than batch_size still forms one batch of its own
+        boundaries = torch.nonzero(torch.diff(batch_id, prepend=batch_id[:1] - 1)).flatten().tolist() + [units]
+        return [order[a:b] for a, b in zip(boundaries[:-1], boundaries[1:])]
+
+    def __len__(self) -> int:
+        return len(self._plan(0))
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        plan = self._plan(epoch)
+        for units in plan[start_step:]:
+            if not self.by_request:
+                yield self.split.gather(units)
+                continue
+            sizes = self.split.request_sizes[units]
+            starts = self.split.request_starts[units]
+            request = torch.repeat_interleave(torch.arange(len(units)), sizes)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            rows = starts[request] + torch.arange(int(sizes.sum())) - offsets[request]
+            yield self.split.gather(rows, request=request)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+
+def tensor_splits(ds: EncodedDataset) -> dict[str, TensorSplit]:
+    return {name: TensorSplit(ds.split(name), ds.item_table, ds.schema.item_id) for name in ("train", "valid", "test")}

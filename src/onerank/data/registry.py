@@ -1,0 +1,47 @@
+"""Dataset names -> loaders. Each loader module registers itself; this file only knows where they live."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable, Protocol
+
+from onerank.data.dataset import EncodedDataset
+from onerank.data.schema import SchemaError
+
+
+class DatasetLoader(Protocol):
+    def __call__(self, data_dir: str | Path | None, cache_root: str | Path | None, **options) -> EncodedDataset: ...
+
+
+_LOADERS: dict[str, DatasetLoader] = {}
+# Modules are imported on first use so that `onerank --help` does not pay for pandas parsing code of every loader.
+_BUILTIN_MODULES = {
+    "synthetic": "onerank.data.synthetic",
+    "census": "onerank.data.census",
+    "kuairand": "onerank.data.kuairand",
+    "tabular": "onerank.data.tabular",
+}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    def decorate(fn: DatasetLoader) -> DatasetLoader:
+        _LOADERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def dataset_names() -> list[str]:
+    return sorted(set(_LOADERS) | set(_BUILTIN_MODULES))
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, cache_root: str | Path | None = None, **options
+) -> EncodedDataset:
+    """Load (from cache when possible) the encoded dataset ``name``; ``options`` are the loader's own keywords."""
+    if name not in _LOADERS and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _LOADERS:
+        raise SchemaError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
+    return _LOADERS[name](data_dir, cache_root, **options)

@@ -1,0 +1,57 @@
+"""The feature space: the schema plus fitted vocabulary sizes; everything a model needs to size itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onerank.data.dataset import EncodedDataset
+from onerank.data.schema import Schema, TaskSpec
+
+
+@dataclass
+class FeatureSpace:
+    schema: Schema
+    vocab_sizes: dict[str, int]
+
+    @classmethod
+    def from_dataset(cls, ds: EncodedDataset) -> "FeatureSpace":
+        return cls(schema=ds.schema, vocab_sizes=ds.vocab_sizes)
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema.to_dict(), "vocab_sizes": dict(self.vocab_sizes)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "FeatureSpace":
+        return cls(schema=Schema.from_dict(raw["schema"]), vocab_sizes=dict(raw["vocab_sizes"]))
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return self.schema.tasks
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.schema.task_names
+
+    @property
+    def item_fields(self) -> list[str]:
+        return self.schema.item_fields
+
+    @property
+    def context_fields(self) -> list[str]:
+        """Categorical fields describing the request (user and context), not the candidate."""
+        return [f.name for f in self.schema.categorical if f.group != "item"]
+
+    @property
+    def categorical_fields(self) -> list[str]:
+        return [f.name for f in self.schema.categorical]
+
+    @property
+    def dense_fields(self) -> list[str]:
+        return [f.name for f in self.schema.dense]
+
+    @property
+    def sequences(self) -> list[str]:
+        return [s.name for s in self.schema.sequences]
+
+    def max_len(self, sequence: str) -> int:
+        return next(s.max_len for s in self.schema.sequences if s.name == sequence)

@@ -1,0 +1,50 @@
+"""PLE (Tang et al., RecSys 2020): task-specific and shared experts in stacked CGC levels, per-task towers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from onerank.data.batching import Batch
+from onerank.features.space import FeatureSpace
+from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
+from onerank.nn.experts import PLE as PLELayers
+
+
+@dataclass
+class PLEConfig(DNNEncoderConfig):
+    num_levels: int = 1
+    num_task_experts: int = 1
+    num_shared_experts: int = 2
+    expert_hidden: tuple[int, ...] = (64,)
+    tower_hidden: tuple[int, ...] = (32,)
+    dropout: float = 0.0
+
+
+@register_model("ple")
+class PLE(MultiTaskModel):
+    Config = PLEConfig
+
+    def __init__(self, space: FeatureSpace, config: PLEConfig) -> None:
+        super().__init__(space, config)
+        self.encoder = DNNEncoder(space, config)
+        self.extraction = PLELayers(
+            self.encoder.output_dim, self.tasks, config.num_levels, config.num_task_experts,
+            config.num_shared_experts, config.expert_hidden, config.dropout,
+        )
+        self.towers = TaskTowers(self.tasks, self.extraction.output_dim, config.tower_hidden, config.dropout)
+
+    def task_parameter_prefixes(self) -> dict[str, list[str]]:
+        return {
+            t: [
+                f"towers.towers.{t}.",
+                *[f"extraction.levels.{i}.task_experts.{t}." for i in range(len(self.extraction.levels))],
+                *[f"extraction.levels.{i}.task_gates.{t}." for i in range(len(self.extraction.levels))],
+            ]
+            for t in self.tasks
+        }
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.towers(self.extraction(self.encoder(batch)))

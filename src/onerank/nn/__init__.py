@@ -1,0 +1,7 @@
+"""Small reusable blocks: MLP, attention, experts, gates."""
+
+from onerank.nn.attention import TargetAttention
+from onerank.nn.experts import CGCLayer, MixtureOfExperts, PLE
+from onerank.nn.mlp import MLP
+
+__all__ = ["TargetAttention", "CGCLayer", "MixtureOfExperts", "PLE", "MLP"]

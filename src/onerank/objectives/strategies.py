@@ -1,0 +1,1 @@
+"""Adaptive weighting strategies (uncertainty, GradNorm, PCGrad, DWA) register here."""

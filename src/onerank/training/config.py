@@ -1,0 +1,95 @@
+"""Configuration of a run: dataset, model, objective, weighting and trainer, loadable from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onerank.data.schema import SchemaError
+from onerank.objectives.losses import ObjectiveConfig
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    embedding_lr: float | None = None  # a separate Adam optimiser for embedding tables when set
+    grad_clip: float | None = 10.0  # max global grad norm; None disables clipping
+    lr_schedule: str = "none"  # "none" or "cosine" (over all training steps)
+    patience: int = 2  # epochs without improvement of the monitor before stopping
+    monitor: str = "auc"  # metric averaged over tasks on validation: auc, gauc, logloss, mse, ...
+    monitor_weights: dict[str, float] | None = None  # per-task weights of the monitor (None: equal)
+    seed: int = 0
+    eval_batch_size: int = 8192
+    checkpoint_every: int = 0  # also write the resumable state every N steps (0: only at epoch ends)
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int | None = None  # torch intra-op threads (None: leave PyTorch's default)
+    gradient_diagnostics: bool = False  # log per-epoch cosines between task gradients on shared parameters
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mmoe"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)  # ObjectiveConfig fields overriding the model's defaults
+    weighting: str = "fixed"
+    weighting_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SchemaError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
+        raw["train"] = _build(TrainConfig, raw.get("train") or {}, "train")
+        objective = raw.get("objective") or {}
+        _build(ObjectiveConfig, objective, "objective")  # validates the keys
+        raw["objective"] = dict(objective)
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.exists():
+            raise SchemaError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise SchemaError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(raw)
+
+
+def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> ObjectiveConfig:
+    """The model's recommended objective, overridden by what the run sets explicitly."""
+    return ObjectiveConfig(**{**model_defaults, **config.objective})
+
+
+def _build(kind: type, values: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise SchemaError(f"config section {where!r} must be a mapping")
+    valid = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")
+    return kind(**values)

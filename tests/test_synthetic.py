@@ -1,0 +1,184 @@
+"""The synthetic funnel dataset: determinism, task correlation, base rates, funnel, requests, histories, cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from onerank.data import SchemaError, load_dataset
+from onerank.data.synthetic import (
+    BASE_TIME,
+    DAY,
+    SyntheticConfig,
+    build_raw,
+    load,
+    simulate,
+    synthetic_schema,
+)
+
+SMALL = dict(num_users=300, num_items=200, history_requests=4.0, requests_per_user=2.0, candidates_per_request=10,
+             history_len=12)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture(scope="module")
+def ds(cache_root):
+    return load(None, cache_root, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate(**SMALL)
+
+
+def test_config_validation():
+    with pytest.raises(SchemaError, match="unknown options.*'num_user'"):
+        SyntheticConfig.from_options({"num_user": 10})
+    with pytest.raises(SchemaError, match="task_correlation"):
+        SyntheticConfig(task_correlation=1.5)
+    with pytest.raises(SchemaError, match="base rates"):
+        SyntheticConfig(click_rate=0.05, cart_rate=0.1)
+    with pytest.raises(SchemaError, match="candidates_per_request"):
+        SyntheticConfig(num_items=5, candidates_per_request=10)
+    assert SyntheticConfig(num_users=300.0).num_users == 300  # integral floats from YAML / CLI are accepted
+    assert isinstance(SyntheticConfig(num_users=300.0).num_users, int)
+
+
+def test_deterministic_by_seed():
+    a, b, c = build_raw(**SMALL), build_raw(**SMALL), build_raw(**SMALL, seed=1)
+    for split in ("train", "valid", "test"):
+        pd.testing.assert_frame_equal(getattr(a, split).table, getattr(b, split).table)
+        for seq in ("clicked", "carted"):
+            ha, hb = getattr(a, split).histories[seq], getattr(b, split).histories[seq]
+            np.testing.assert_array_equal(ha.values, hb.values)
+            np.testing.assert_array_equal(ha.offsets, hb.offsets)
+            np.testing.assert_array_equal(ha.times, hb.times)
+    ta, tc = a.train.table, c.train.table
+    assert len(ta) != len(tc) or not ta.equals(tc)
+    assert not np.array_equal(a.train.histories["clicked"].values[:50], c.train.histories["clicked"].values[:50])
+
+
+def test_task_correlation_controls_affinity_correlation():
+    corr = {}
+    for c in (1.0, 0.0, -0.5):
+        s = simulate(**SMALL, task_correlation=c)
+        corr[c] = np.corrcoef(s.affinity["click"], s.affinity["cart"])[0, 1]
+        w = s.task_vectors
+        assert np.dot(w["click"], w["cart"]) == pytest.approx(c, abs=1e-9)
+        assert np.linalg.norm(w["cart"]) == pytest.approx(1.0)
+    assert corr[1.0] == pytest.approx(1.0, abs=1e-9)
+    assert corr[1.0] > corr[0.0] > corr[-0.5]
+    assert abs(corr[0.0]) < 0.2
+    assert corr[-0.5] < -0.2
+
+
+def test_order_correlation_option():
+    s = simulate(**SMALL, task_correlation=0.0, order_correlation=0.9)
+    assert np.dot(s.task_vectors["cart"], s.task_vectors["order"]) == pytest.approx(0.9)
+    assert np.dot(s.task_vectors["click"], s.task_vectors["order"]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_base_rates_and_funnel(sim):
+    imp = sim.impressions
+    rates = {t: imp[t].mean() for t in ("click", "cart", "order")}
+    assert 0.10 <= rates["click"] <= 0.30, rates
+    assert 0.03 <= rates["cart"] <= 0.08, rates
+    assert 0.01 <= rates["order"] <= 0.03, rates
+    for table in (imp, sim.pre_impressions):
+        assert (table["cart"] <= table["click"]).all()
+        assert (table["order"] <= table["cart"]).all()
+
+
+def test_labels_are_predictable_but_noisy(sim):
+    # the true click affinity ranks clicks well above chance but not perfectly
+    imp = sim.impressions
+    y, s = imp["click"].to_numpy(), sim.affinity["click"]
+    pos, neg = s[y == 1], s[y == 0]
+    auc = (pos[:, None] > neg[None, :]).mean()
+    assert 0.6 < auc < 0.95
+
+
+def test_schema_and_item_table(ds):
+    schema = ds.schema
+    assert schema.task_names == ["click", "cart", "order"]
+    assert all(t.space is None for t in schema.tasks)
+    assert schema.user_id == "user_id" and schema.timestamp == "time" and schema.item_id == "item_id"
+    assert [s.name for s in schema.sequences] == ["clicked", "carted"]
+    assert all(s.max_len == SMALL["history_len"] for s in schema.sequences)
+    assert schema.item_fields == ["item_id", "category", "brand"]
+    assert set(ds.item_table) == {"category", "brand"}
+    assert len(ds.item_table["category"]) == ds.vocab_sizes["item_id"]
+    assert synthetic_schema().sequences[0].max_len == 30
+    for split in ("train", "valid", "test"):
+        s = ds.split(split)
+        assert s.histories["clicked"].shape == (len(s), SMALL["history_len"])
+        assert s.user is not None and s.time is not None and s.request is not None
+        # label masks cover the whole impression space
+        assert all(m.all() for m in s.label_mask.values())
+
+
+def test_requests_contiguous_and_within_one_split(ds):
+    raw = build_raw(**SMALL)
+    ids = {split: set(getattr(raw, split).table["request_id"]) for split in ("train", "valid", "test")}
+    assert not ids["train"] & ids["valid"] and not ids["train"] & ids["test"] and not ids["valid"] & ids["test"]
+    # split by request time: every train request is before every valid request, etc.
+    times = {split: getattr(raw, split).table["time"] for split in ("train", "valid", "test")}
+    assert times["train"].max() <= times["valid"].min() <= times["valid"].max() <= times["test"].min()
+    n_req = sum(len(v) for v in ids.values())
+    assert 0.75 < len(ids["train"]) / n_req < 0.85
+    for split in ("train", "valid", "test"):
+        s = ds.split(split)
+        req = s.request
+        assert req[0] == 0 and np.all(np.diff(req) >= 0) and np.all(np.diff(req) <= 1)
+        sizes = np.bincount(req)
+        assert (sizes == SMALL["candidates_per_request"]).all()
+        starts = np.cumsum(sizes) - sizes
+        # one user, one time, one context and one history per request
+        for arr in (s.user, s.time, s.categorical["device"], s.categorical["hour"], s.histories["clicked"]):
+            np.testing.assert_array_equal(arr, np.repeat(arr[starts], sizes, axis=0))
+        # candidates of a request are distinct items
+        items = s.categorical["item_id"].reshape(-1, SMALL["candidates_per_request"])
+        raw_items = getattr(raw, split).table["item_id"].to_numpy().reshape(-1, SMALL["candidates_per_request"])
+        assert all(len(set(r)) == len(r) for r in raw_items)
+        assert items.shape[0] == len(sizes)
+
+
+def test_histories_strictly_before_requests(ds, sim):
+    t0 = BASE_TIME + SyntheticConfig().history_days * DAY
+    assert sim.impressions["time"].min() >= t0
+    assert sim.pre_impressions["time"].max() < t0
+    for split in ("train", "valid", "test"):
+        s = ds.split(split)
+        for seq in ("clicked", "carted"):
+            times, codes = s.history_times[seq], s.histories[seq]
+            assert ((times == -1) == (codes == 0)).all()  # padding is consistent
+            real = times[times >= 0]
+            assert len(real) and real.max() < s.time.min()
+            # left padding (-1), then oldest first: times are non-decreasing along each row
+            assert (np.diff(times, axis=1) >= 0).all()
+    # the clicked history of a user is its last clicked items of the pre-period
+    pre = sim.pre_impressions
+    h = sim.histories["clicked"]
+    for user in (0, 1, 7):
+        clicked = pre[(pre["user_id"] == user) & (pre["click"] == 1)]["item_id"].to_numpy()
+        expected = clicked[-SMALL["history_len"]:]
+        np.testing.assert_array_equal(h.values[h.offsets[user]:h.offsets[user + 1]], expected)
+    carted = sim.histories["carted"]
+    assert np.diff(carted.offsets).max() <= SMALL["history_len"]
+
+
+def test_cache_hit_and_key(cache_root, ds):
+    assert ds.info["cache_hit"] is False
+    again = load_dataset("synthetic", cache_root=cache_root, **SMALL)
+    assert again.info["cache_hit"] is True
+    np.testing.assert_array_equal(again.train.categorical["item_id"], ds.train.categorical["item_id"])
+    np.testing.assert_array_equal(again.test.histories["carted"], ds.test.histories["carted"])
+    other = load_dataset("synthetic", cache_root=cache_root, **SMALL, label_noise=1.0)
+    assert other.info["cache_hit"] is False
+    assert other.info["cache_dir"] != ds.info["cache_dir"]
+    assert ds.info["config"]["label_noise"] == 0.5 and other.info["config"]["label_noise"] == 1.0
