@@ -157,6 +157,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from onerank.serving.app import serve
+
+    serve(
+        args.checkpoint, host=args.host, port=args.port, backend=args.backend, onnx_path=args.onnx,
+        fusion=_fusion(args), chunk_size=args.chunk_size, max_candidates=args.max_candidates,
+        max_history=args.max_history, max_body_bytes=args.max_body_mb * 2**20, workers=args.workers,
+        threads=args.threads,
+    )
+    return 0
+
+
+def _fusion(args: argparse.Namespace):
+    from onerank.serving import Fusion
+
+    weights = {k: float(v) for k, v in _key_values(args.weight, "--weight").items()} or None
+    return Fusion(args.fusion, weights)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from onerank.serving.export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"wrote {report.path} ({report.model}, {report.format}; max |diff| vs PyTorch on an example request: "
+          f"{report.max_abs_diff:.1e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onerank", description="Multi-task ranking for recommender systems")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -183,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, GET /healthz")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--onnx", help="ONNX file for --backend onnx (default: next to the checkpoint)")
+    p.add_argument("--fusion", default="weighted_sum", choices=["weighted_sum", "product"],
+                   help="how task predictions become one score")
+    p.add_argument("--weight", action="append", metavar="TASK=W", help="fusion weight of a task (repeatable; "
+                   "default 1 for every task, 0 for tasks left out once one is given)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="candidates scored at a time")
+    p.add_argument("--max-candidates", type=int, default=4096, help="larger requests get 413")
+    p.add_argument("--max-history", type=int, default=1000, help="longer histories get 413")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
+    p.add_argument("--workers", type=int, default=2, help="inference threads (requests scored at once)")
+    p.add_argument("--threads", type=int, help="intra-op threads per inference (default: library default)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=lambda a: print("\n".join(__import__("onerank.models", fromlist=["x"]).model_names())) or 0)

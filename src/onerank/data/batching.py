@@ -94,8 +94,12 @@ class TensorSplit:
 
     def __init__(self, split: EncodedSplit, item_table: dict[str, np.ndarray], item_id: str | None) -> None:
         self.n = len(split)
-        self.categorical = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split.categorical.items()}
-        self.dense = {k: torch.from_numpy(v.astype(np.float32)) for k, v in split.dense.items()}
+        # Fields are stored as one [n, F] matrix per kind so that a batch is one gather, not one per field; the
+        # per-field dicts are column views of it.
+        self._categorical = _stack_columns(split.categorical, np.int64, self.n)
+        self._dense = _stack_columns(split.dense, np.float32, self.n)
+        self.categorical = {k: self._categorical[:, j] for j, k in enumerate(split.categorical)}
+        self.dense = {k: self._dense[:, j] for j, k in enumerate(split.dense)}
         self.labels = {k: torch.from_numpy(v.astype(np.float32)) for k, v in split.labels.items()}
         self.label_mask = {k: torch.from_numpy(v.astype(bool)) for k, v in split.label_mask.items()}
         self.histories = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split.histories.items()}
@@ -125,9 +129,11 @@ class TensorSplit:
             for name, table in self.item_table.items():
                 per_field[name] = table[items]
             histories[seq] = per_field
+        categorical = self._categorical[rows]
+        dense = self._dense[rows]
         return Batch(
-            categorical={k: v[rows] for k, v in self.categorical.items()},
-            dense={k: v[rows] for k, v in self.dense.items()},
+            categorical={k: categorical[:, j] for j, k in enumerate(self.categorical)},
+            dense={k: dense[:, j] for j, k in enumerate(self.dense)},
             histories=histories,
             labels={k: v[rows] for k, v in self.labels.items()},
             label_mask={k: v[rows] for k, v in self.label_mask.items()},
@@ -142,6 +148,10 @@ class BatchLoader:
     ``by_request``: whole requests are kept together (list-wise training); batches then hold as many whole requests
     as fit in ``batch_size`` impressions (at least one). Shuffling is a permutation drawn from (seed, epoch), so
     ``epoch(e, start_step=s)`` resumes exactly where an interrupted run stopped.
+
+    ``rank`` / ``world_size`` (data-parallel training): ``batch_size`` stays the global batch; every rank plans the
+    same global batches and yields its contiguous share of each (whole requests, balanced by impressions), so the
+    ranks together see exactly the batches of one process.
     """
 
     def __init__(
@@ -151,14 +161,20 @@ class BatchLoader:
         shuffle: bool = False,
         seed: int = 0,
         by_request: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.by_request = by_request
+        self.rank = rank
+        self.world_size = world_size
 
     def _plan(self, epoch: int) -> list[Tensor]:
         """Per batch, the units (impressions or requests) it holds."""
@@ -180,9 +196,20 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self._plan(0))
 
+    def _shard(self, units: Tensor) -> Tensor:
+        """This rank's contiguous share of a global batch's units: unit i goes to rank floor(start_i * W / rows),
+        start_i being the number of impressions before it."""
+        if self.world_size == 1:
+            return units
+        sizes = self.split.request_sizes[units] if self.by_request else torch.ones(len(units), dtype=torch.long)
+        starts = torch.cumsum(sizes, 0) - sizes
+        owner = starts * self.world_size // max(int(sizes.sum()), 1)
+        return units[owner == self.rank]
+
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         plan = self._plan(epoch)
         for units in plan[start_step:]:
+            units = self._shard(units)
             if not self.by_request:
                 yield self.split.gather(units)
                 continue
@@ -195,6 +222,12 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
+
+
+def _stack_columns(columns: dict[str, np.ndarray], dtype: type, n: int) -> Tensor:
+    if not columns:
+        return torch.zeros(n, 0, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+    return torch.from_numpy(np.stack([np.asarray(v, dtype=dtype) for v in columns.values()], axis=1))
 
 
 def tensor_splits(ds: EncodedDataset) -> dict[str, TensorSplit]:

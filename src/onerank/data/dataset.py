@@ -176,7 +176,7 @@ def encode_dataset(raw: RawDataset) -> EncodedDataset:
                     f"{raw.name} {split} split: sequence {seq.name!r} has {rs.histories[seq.name].num_rows} rows, "
                     f"the table {len(rs.table)}"
                 )
-    encoders = encoding.fit_encoders(raw.train.table, schema, raw.train.histories)
+    encoders = encoding.fit_encoders(raw.train.table, schema, raw.train.histories, raw.item_table)
     encoded = {split: _encode_split(getattr(raw, split), schema, encoders) for split in SPLITS}
     return EncodedDataset(
         name=raw.name,

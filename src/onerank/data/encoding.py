@@ -181,7 +181,7 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
             if t.kind == "binary":
                 values = col.to_numpy()
                 if not np.isin(values, (0, 1)).all():
-                    odd = values[~np.isin(values, (0, 1))][0]
+                    odd = values[~np.isin(values, (0, 1))][0].item()
                     raise SchemaError(f"{where}: binary label column {t.source!r} holds {odd!r}; expected 0 or 1")
 
 
@@ -191,9 +191,9 @@ def _check_ids(col: pd.Series, where: str, name: str) -> None:
     if pd.api.types.is_float_dtype(col):
         values = col.to_numpy()
         if not np.all(values == np.floor(values)):
-            raise SchemaError(f"{where}: id column {name!r} holds non-integer values, e.g. {values[values != np.floor(values)][0]}")
+            raise SchemaError(f"{where}: id column {name!r} holds non-integer values, e.g. {values[values != np.floor(values)][0].item()}")
     if pd.api.types.is_numeric_dtype(col) and (col < 0).any():
-        raise SchemaError(f"{where}: id column {name!r} holds negative ids, e.g. {col[col < 0].iloc[0]}")
+        raise SchemaError(f"{where}: id column {name!r} holds negative ids, e.g. {col[col < 0].iloc[0].item()}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,14 +212,35 @@ def _categorical_values(col: pd.Series) -> pd.Series:
     return col
 
 
-def fit_encoders(train: pd.DataFrame, schema: Schema, histories: dict[str, RaggedHistory] | None = None) -> Encoders:
+def fit_encoders(
+    train: pd.DataFrame,
+    schema: Schema,
+    histories: dict[str, RaggedHistory] | None = None,
+    item_table: pd.DataFrame | None = None,
+) -> Encoders:
+    """Vocabularies and scalers from the train split only.
+
+    Items seen only in train histories count as train observations (they come from the train period); their side
+    features come from the item table rows of items observed in train, so history-only items are not OOV there.
+    """
     encoders = Encoders()
+    history_items = [
+        _categorical_values(pd.Series(h.values)) for h in (histories or {}).values() if len(h.values)
+    ]
+    id_field = next((f for f in schema.categorical if f.name == schema.item_id), None)
+    history_only = None  # item-table rows of items seen in train histories but never as a train candidate
+    if id_field is not None and item_table is not None and id_field.source in item_table.columns:
+        row_items = set(_categorical_values(train[id_field.source]).unique())
+        seen_items = row_items.union(*(set(h.unique()) for h in history_items))
+        table_ids = _categorical_values(item_table[id_field.source])
+        history_only = (table_ids.isin(seen_items) & ~table_ids.isin(row_items)).to_numpy()
     for f in schema.categorical:
         values = _categorical_values(train[f.source])
-        if f.name == schema.item_id and histories:
-            # History items count as train observations of the item id: they come from the train period.
-            extra = [pd.Series(h.values) for h in histories.values() if len(h.values)]
-            values = pd.concat([values, *[_categorical_values(e) for e in extra]], ignore_index=True)
+        if f.name == schema.item_id:
+            values = pd.concat([values, *history_items], ignore_index=True)
+        elif f.group == "item" and history_only is not None and f.source in item_table.columns:
+            extra = _categorical_values(item_table[f.source])[history_only]
+            values = pd.concat([values, extra], ignore_index=True)
         encoders.vocabularies[f.name] = Vocabulary.fit(values, f.min_count)
     for f in schema.dense:
         values = train[f.source].to_numpy(dtype=np.float64)
@@ -249,7 +270,8 @@ def encode_history(encoders: Encoders, schema: Schema, seq_name: str, history: R
     spec = next(s for s in schema.sequences if s.name == seq_name)
     vocab = encoders.vocabularies[schema.item_id]
     codes = vocab.encode(_categorical_values(pd.Series(history.values))) if len(history.values) else np.zeros(0, np.int64)
-    packed = pack_left_padded(codes, history.offsets, spec.max_len)
+    # int32 halves the cache of [n, L] history arrays; vocabularies never approach 2^31 ids
+    packed = pack_left_padded(codes.astype(np.int32), history.offsets, spec.max_len)
     times = None
     if history.times is not None:
         times = pack_left_padded(np.asarray(history.times, dtype=np.int64), history.offsets, spec.max_len, pad=-1)

@@ -172,7 +172,8 @@ def build_histories(
         users, times, items = eu[m], et[m], ei[m]
         tie = _order_codes(items)
         if pre_period is not None:
-            pu, pt, pi, pos = PrePeriod(pre_period.user, pre_time, pre_period.sequences, pre_period.separator).events(name)
+            clipped = PrePeriod(pre_period.user, pre_time, pre_period.sequences, pre_period.separator)
+            pu, pt, pi, pos = clipped.events(name)
             if len(pi):
                 # Pre-period items sit strictly before every log event, so their tie-break (position) never meets
                 # a log event's tie-break (item code) at the same (user, time).

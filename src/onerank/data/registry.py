@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -44,4 +46,29 @@ def load_dataset(
         importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _LOADERS:
         raise SchemaError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
-    return _LOADERS[name](data_dir, cache_root, **options)
+    loader = _LOADERS[name]
+    tasks = options.get("tasks")
+    if tasks is None or "tasks" in inspect.signature(loader).parameters:
+        # a loader that takes `tasks` itself may also change features (e.g. drop a column a task is derived from)
+        return loader(data_dir, cache_root, **options)
+    options.pop("tasks")
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    return select_tasks(loader(data_dir, cache_root, **options), names)
+
+
+def select_tasks(ds: EncodedDataset, tasks: list[str]) -> EncodedDataset:
+    """A view of ``ds`` with only ``tasks`` (in that order); a task's space must be selected with it."""
+    if not tasks:
+        raise SchemaError("the task list is empty")
+    schema = ds.schema.select_tasks(tasks)
+
+    def keep(split):
+        return dataclasses.replace(
+            split,
+            labels={t: split.labels[t] for t in tasks},
+            label_mask={t: split.label_mask[t] for t in tasks},
+        )
+
+    return dataclasses.replace(
+        ds, schema=schema, train=keep(ds.train), valid=keep(ds.valid), test=keep(ds.test)
+    )

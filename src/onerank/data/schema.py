@@ -124,6 +124,9 @@ class Schema:
     def select_tasks(self, names: list[str]) -> "Schema":
         """A copy keeping only ``names`` (in that order); a kept task's space must be kept too."""
         chosen = [self.task(n) for n in names]
+        for t in chosen:
+            if t.space is not None and t.space not in names:
+                raise SchemaError(f"task {t.name!r} is defined in the space of {t.space!r}; select {t.space!r} too")
         return dataclasses.replace(self, tasks=chosen)
 
     # ---- checks ----------------------------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ class MultiTaskModel(nn.Module):
     def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def auxiliary_losses(self, batch: Batch, logits: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Training terms a model defines on its own outputs (e.g. AITM's calibrator), keyed ``"<task>/<name>"``.
+
+        The objective adds each term to the named task's loss, so weighting strategies and the gradient diagnostics
+        see it as part of that task. ``logits`` is this batch's ``forward`` output. Default: none.
+        """
+        return {}
+
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         """Per task, the parameter-name prefixes private to it (towers, gates, task tokens).
 

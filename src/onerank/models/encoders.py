@@ -18,7 +18,7 @@ from onerank.nn.attention import TargetAttention
 class DNNEncoderConfig:
     embedding_dim: int = 16
     use_histories: bool = True  # False: the same model without behaviour sequences (for ablations)
-    attention_hidden: tuple[int, ...] = (64, 32)
+    attention_hidden: tuple[int, ...] = (32,)
 
 
 class DNNEncoder(nn.Module):

@@ -10,18 +10,29 @@ class TargetAttention(nn.Module):
     """DIN's activation unit (Zhou et al., KDD 2018): an MLP scores each history item against the target from
     [target, item, target - item, target * item].
 
+    The first layer is factored: a linear map of that concatenation equals ``A t + B k + C (t * k)`` (the ``t - k``
+    block folds into A and B), so the target's term is computed once per row instead of once per history position
+    and the [B, L, 4d] concatenation is never built. Same function class, about 4x fewer FLOPs.
+
     Scores are softmax-normalised over the valid items (DIN keeps them unnormalised; normalising keeps the pooled
     vector on the scale of one item, which trains more stably with long histories). An empty history pools to zeros.
     """
 
-    def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32)) -> None:
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (32,)) -> None:
         super().__init__()
-        self.score = MLP(4 * dim, list(hidden), output_dim=1, activation=nn.Sigmoid)
+        if not hidden:
+            raise ValueError("TargetAttention needs at least one hidden layer")
+        self.target_proj = nn.Linear(dim, hidden[0])
+        self.key_proj = nn.Linear(dim, hidden[0], bias=False)
+        self.product_proj = nn.Linear(dim, hidden[0], bias=False)
+        self.activation = nn.Sigmoid()
+        self.score = MLP(hidden[0], list(hidden[1:]), output_dim=1, activation=nn.Sigmoid)
 
     def forward(self, target: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """target [B, d], keys [B, L, d], mask [B, L] -> [B, d]"""
-        t = target.unsqueeze(1).expand_as(keys)
-        logits = self.score(torch.cat([t, keys, t - keys, t * keys], dim=-1)).squeeze(-1)
+        t = target.unsqueeze(1)
+        first = self.target_proj(t) + self.key_proj(keys) + self.product_proj(t * keys)
+        logits = self.score(self.activation(first)).squeeze(-1)
         # A finite fill keeps gradients finite for rows with no valid item; the mask then zeroes their weights.
         weights = torch.softmax(logits.masked_fill(~mask, -1e9), dim=-1) * mask
         return torch.einsum("bl,bld->bd", weights, keys)

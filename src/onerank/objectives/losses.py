@@ -58,8 +58,14 @@ class MultiTaskObjective:
     def needs_requests(self) -> bool:
         return self.config.listwise > 0
 
-    def __call__(self, logits: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """Unweighted loss per task (task weights are applied by the weighting strategy)."""
+    def __call__(
+        self, logits: dict[str, Tensor], batch: Batch, auxiliary: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Unweighted loss per task (task weights are applied by the weighting strategy).
+
+        ``auxiliary``: a model's extra terms (``MultiTaskModel.auxiliary_losses``), each added to the loss of the task
+        its key ``"<task>/<name>"`` names.
+        """
         losses = {}
         cfg = self.config
         for task in self.tasks:
@@ -68,4 +74,11 @@ class MultiTaskObjective:
             if cfg.listwise > 0 and task.kind == "binary":
                 loss = loss + cfg.listwise * listwise_loss(x, y, m, batch, cfg.temperature)
             losses[task.name] = loss
+        for key, term in (auxiliary or {}).items():
+            task_name, sep, _ = key.partition("/")
+            if not sep or task_name not in losses:
+                raise ValueError(
+                    f"auxiliary loss {key!r} must be named '<task>/<name>' with a task of the schema {list(losses)}"
+                )
+            losses[task_name] = losses[task_name] + term
         return losses

@@ -1,0 +1,6 @@
+"""Serving: the Python ranker (load a checkpoint, score a raw request), the HTTP service, and export."""
+
+from onerank.serving.ranker import Fusion, Ranker, RankResult
+from onerank.serving.request import RankRequest, RequestError, RequestLimits, RequestTooLarge
+
+__all__ = ["Fusion", "Ranker", "RankResult", "RankRequest", "RequestError", "RequestLimits", "RequestTooLarge"]

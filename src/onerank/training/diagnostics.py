@@ -20,6 +20,9 @@ def task_gradients(model: MultiTaskModel, losses: dict[str, Tensor]) -> dict[str
     shared = model.shared_parameters()
     out = {}
     for task, loss in losses.items():
+        if not (isinstance(loss, Tensor) and loss.requires_grad):  # a task without a loss term this batch
+            out[task] = torch.cat([torch.zeros_like(p).reshape(-1) for p in shared])
+            continue
         grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
         out[task] = torch.cat([
             (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)
@@ -38,7 +41,8 @@ def gradient_cosines(
     count = 0
     for batch in itertools.islice(batches, max_batches):
         batch = batch.to(device)
-        grads = task_gradients(model, objective(model(batch), batch))
+        logits = model(batch)
+        grads = task_gradients(model, objective(logits, batch, model.auxiliary_losses(batch, logits)))
         for a, b in itertools.combinations(grads, 2):
             cos = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0, eps=1e-12)
             sums[f"{a}|{b}"] = sums.get(f"{a}|{b}", 0.0) + float(cos)

@@ -190,7 +190,8 @@ class Trainer:
                 batch = batch.to(self.device)
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
-                losses = self.objective(self.model(batch), batch)
+                logits = self.model(batch)
+                losses = self.objective(logits, batch, self.model.auxiliary_losses(batch, logits))
                 self.weighting.backward(losses, shared)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -206,7 +207,7 @@ class Trainer:
                 self.state.train_samples += batch.size
                 if self.writer is not None and self.state.global_step % 50 == 0:
                     for t, v in losses.items():
-                        self.writer.add_scalar(f"train_loss/{t}", float(v), self.state.global_step)
+                        self.writer.add_scalar(f"train_loss/{t}", float(v.detach()), self.state.global_step)
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.state.train_seconds += time.perf_counter() - start
                     start = time.perf_counter()

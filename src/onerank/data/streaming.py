@@ -1,0 +1,390 @@
+"""Training input streamed from Parquet: the encoded train split as a dataset of many files, read one row group at a
+time through a shuffle buffer, so the train split never has to fit in memory.
+
+Layout of an *encoded Parquet dataset* (``write_encoded_parquet``; any tool can write it): files ``part-*.parquet``,
+each row one impression, with the columns of an ``EncodedSplit`` (``categorical.<field>`` int codes,
+``dense.<field>`` float32, ``labels.<task>`` float32, ``label_mask.<task>`` bool, ``histories.<sequence>`` fixed-size
+lists of item codes, ``user`` and ``request`` int64). A request's impressions are contiguous and never span two row
+groups. ``save_streaming_dataset`` writes a whole dataset for streaming: the encoded valid / test splits and the
+vocabularies in the usual cache format under ``encoded/`` (train left empty) and the train split under ``train/``;
+``--dataset encoded --data-dir DIR`` trains from it.
+
+``StreamingBatchLoader`` yields the same ``Batch`` objects as ``BatchLoader``. Its order is not the in-memory order:
+each epoch visits the row groups in an order drawn from ``(seed, epoch)`` and shuffles rows (or whole requests)
+within a buffer of ``buffer_rows`` impressions; it is deterministic for a given seed, file set, buffer size and
+world size, which is what makes a mid-epoch resume exact (the interrupted epoch's first batches are re-read and
+skipped). Under DDP, row groups are dealt to ranks by size and ranks stop an epoch together when the first one runs
+out (the few rows left on the other ranks wait for the next epoch, which deals the row groups differently).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from onerank.data.batching import Batch, BatchLoader, TensorSplit
+from onerank.data.dataset import EncodedDataset, EncodedSplit
+from onerank.data.registry import register_dataset
+from onerank.data.schema import SchemaError
+
+log = logging.getLogger(__name__)
+
+COLUMN_GROUPS = ("categorical", "dense", "labels", "label_mask", "histories")
+MANIFEST = "_onerank_parquet.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+def _columns(split: EncodedSplit) -> dict[str, np.ndarray]:
+    n = len(split)
+    cols: dict[str, np.ndarray] = {}
+    for group in COLUMN_GROUPS:
+        for name, arr in getattr(split, group).items():
+            cols[f"{group}.{name}"] = arr
+    cols["user"] = split.user if split.user is not None else np.arange(n, dtype=np.int64)
+    cols["request"] = split.request if split.request is not None else np.arange(n, dtype=np.int64)
+    return cols
+
+
+def _arrow(arr: np.ndarray) -> pa.Array:
+    if arr.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arr).reshape(-1)), arr.shape[1])
+    return pa.array(arr)
+
+
+def _request_aligned_cuts(request: np.ndarray, every: int) -> list[int]:
+    """Row offsets about ``every`` rows apart that never cut a request: 0, ..., n."""
+    n = len(request)
+    if n == 0:
+        return [0]
+    starts = np.flatnonzero(np.diff(request, prepend=request[:1] - 1))
+    cuts = [0]
+    for target in range(every, n, every):
+        at = int(starts[np.searchsorted(starts, target)]) if target <= starts[-1] else n
+        if at > cuts[-1]:
+            cuts.append(at)
+    if cuts[-1] != n:
+        cuts.append(n)
+    return cuts
+
+
+def write_encoded_parquet(
+    split: EncodedSplit, directory: str | Path, rows_per_file: int = 1_000_000, row_group_rows: int = 65_536
+) -> Path:
+    """Write ``split`` as ``directory/part-*.parquet`` (atomically: a temporary sibling renamed at the end)."""
+    if rows_per_file < 1 or row_group_rows < 1:
+        raise ValueError(f"rows_per_file and row_group_rows must be >= 1, got {rows_per_file}, {row_group_rows}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        cols = _columns(split)
+        request = cols["request"]
+        file_cuts = _request_aligned_cuts(request, rows_per_file)
+        for index, (a, b) in enumerate(zip(file_cuts[:-1], file_cuts[1:])):
+            group_cuts = [a + c for c in _request_aligned_cuts(request[a:b], row_group_rows)]
+            writer = None
+            for lo, hi in zip(group_cuts[:-1], group_cuts[1:]):
+                table = pa.table({k: _arrow(v[lo:hi]) for k, v in cols.items()})
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp / f"part-{index:05d}.parquet", table.schema)
+                writer.write_table(table, row_group_size=hi - lo)
+            if writer is not None:
+                writer.close()
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "rows": len(split)}))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _empty_like(split: EncodedSplit) -> EncodedSplit:
+    return EncodedSplit.from_arrays({k: v[:0] for k, v in split.arrays().items()})
+
+
+def save_streaming_dataset(
+    ds: EncodedDataset, directory: str | Path, rows_per_file: int = 1_000_000, row_group_rows: int = 65_536
+) -> Path:
+    """``directory/encoded`` (vocabularies, valid and test, an empty train split) + ``directory/train`` (Parquet)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        replace(ds, train=_empty_like(ds.train)).save(tmp / "encoded")
+        write_encoded_parquet(ds.train, tmp / "train", rows_per_file, row_group_rows)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+@register_dataset("encoded")
+def load_streaming_dataset(data_dir: str | Path | None, cache_root: str | Path | None = None, **options) -> EncodedDataset:
+    """A dataset written by ``save_streaming_dataset``: valid / test in memory, the train split left on disk."""
+    if options:
+        raise SchemaError(f"encoded dataset: takes no options, got {sorted(options)}")
+    if data_dir is None:
+        raise FileNotFoundError("encoded dataset: pass --data-dir, the folder written by save_streaming_dataset")
+    directory = Path(data_dir)
+    if not (directory / "encoded" / "manifest.json").exists() or not (directory / "train").is_dir():
+        raise FileNotFoundError(f"encoded dataset: {directory} lacks encoded/manifest.json or train/")
+    ds = EncodedDataset.load(directory / "encoded")
+    ds.info["train_parquet"] = str(directory / "train")
+    ds.info["train_rows"] = ParquetSource(directory / "train").num_rows
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fragment:
+    """One row group of one file: the unit of shuffling and of sharding over ranks."""
+
+    path: Path
+    row_group: int
+    num_rows: int
+
+
+class ParquetSource:
+    """The row groups of an encoded Parquet dataset (a folder of ``*.parquet`` files, or a list of files)."""
+
+    def __init__(self, path: str | Path | list[str | Path]) -> None:
+        if isinstance(path, (list, tuple)):
+            files = sorted(Path(p) for p in path)
+        else:
+            path = Path(path)
+            files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"no Parquet files in {path}")
+        self.fragments: list[Fragment] = []
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            self.fragments += [Fragment(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        self.schema = pq.read_schema(files[0])
+        missing = [c for c in ("user", "request") if c not in self.schema.names]
+        if missing or not any(n.startswith("labels.") for n in self.schema.names):
+            raise SchemaError(f"{files[0]}: not an encoded Parquet dataset (no labels.* or {missing} columns)")
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.fragments)
+
+    def read(self, fragment: Fragment) -> dict[str, np.ndarray]:
+        table = pq.ParquetFile(fragment.path).read_row_group(fragment.row_group)
+        out = {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(column.type):
+                out[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+            else:
+                out[name] = column.to_numpy(zero_copy_only=False)
+        return out
+
+
+def _split_from_columns(cols: dict[str, np.ndarray]) -> EncodedSplit:
+    return EncodedSplit.from_arrays({k: v for k, v in cols.items() if k.split(".", 1)[0] in (*COLUMN_GROUPS, "user",
+                                                                                            "request")})
+
+
+def _take(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in cols.items()}
+
+
+class StreamingBatchLoader:
+    """Batches of about ``batch_size`` impressions from an encoded Parquet dataset (see the module docstring).
+
+    ``batch_size`` is the global batch: under DDP each of ``world_size`` ranks takes its share of it, as
+    ``BatchLoader`` does. ``all_ranks(flag) -> bool`` (``training.distributed.all_ranks``) makes ranks stop an epoch
+    together; without it a rank simply reads its row groups to the end.
+    """
+
+    def __init__(
+        self,
+        source: ParquetSource | str | Path,
+        batch_size: int,
+        item_table: dict[str, np.ndarray],
+        item_id: str | None,
+        shuffle: bool = True,
+        seed: int = 0,
+        by_request: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_rows: int = 262_144,
+        all_ranks: Callable[[bool], bool] | None = None,
+    ) -> None:
+        if batch_size < world_size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the number of ranks {world_size}")
+        self.source = source if isinstance(source, ParquetSource) else ParquetSource(source)
+        lo = -(-rank * batch_size // world_size)
+        hi = -(-(rank + 1) * batch_size // world_size)
+        self.local_batch = hi - lo
+        self.item_table = item_table
+        self.item_id = item_id
+        self.shuffle = shuffle
+        self.seed = seed
+        self.by_request = by_request
+        self.rank = rank
+        self.world_size = world_size
+        self.buffer_rows = max(int(buffer_rows), self.local_batch)
+        self.all_ranks = all_ranks
+
+    # ---- plan ---------------------------------------------------------------------------------------------------------
+    def _generator(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([int(self.seed), int(epoch), int(self.rank)])
+
+    def assignment(self, epoch: int) -> list[list[Fragment]]:
+        """Each rank's row groups this epoch: shuffled by (seed, epoch), then dealt greedily to the rank holding the
+        fewest rows so far, so the shards differ by at most about one row group."""
+        fragments = list(self.source.fragments)
+        if self.shuffle:
+            order = np.random.default_rng([int(self.seed), int(epoch)]).permutation(len(fragments))
+            fragments = [fragments[i] for i in order]
+        shards: list[list[Fragment]] = [[] for _ in range(self.world_size)]
+        rows = [0] * self.world_size
+        for fragment in fragments:
+            r = min(range(self.world_size), key=lambda k: (rows[k], k))
+            shards[r].append(fragment)
+            rows[r] += fragment.num_rows
+        return shards
+
+    def __len__(self) -> int:
+        """Batches per epoch (an estimate with whole-request batches: they hold a varying number of rows)."""
+        shards = self.assignment(0)
+        rows = min(sum(f.num_rows for f in shard) for shard in shards)
+        return max(1, -(-rows // self.local_batch))
+
+    # ---- batches ------------------------------------------------------------------------------------------------------
+    def _units(self, cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(start row, size) of each unit: whole requests when batches keep requests together, else single rows."""
+        n = len(cols["request"])
+        if not self.by_request:
+            return np.arange(n), np.ones(n, dtype=np.int64)
+        request = cols["request"]
+        starts = np.flatnonzero(np.diff(request, prepend=request[:1] - 1)) if n else np.zeros(0, np.int64)
+        sizes = np.diff(np.append(starts, n))
+        return starts, sizes
+
+    def _drain(
+        self, cols: dict[str, np.ndarray], rng: np.random.Generator, keep: int
+    ) -> tuple[list[Batch], dict[str, np.ndarray] | None]:
+        """Shuffle the buffer's units and cut batches until at most ``keep`` rows are left; return (batches, rest)."""
+        starts, sizes = self._units(cols)
+        order = rng.permutation(len(starts)) if self.shuffle else np.arange(len(starts))
+        starts, sizes = starts[order], sizes[order]
+        rows = np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+        shuffled = _take(cols, rows)
+        # renumber requests 0..R-1 in buffer order (each request's rows are contiguous)
+        shuffled["request"] = np.repeat(np.arange(len(sizes)), sizes)
+        split = TensorSplit(_split_from_columns(shuffled), self.item_table, self.item_id)
+        loader = BatchLoader(split, self.local_batch, shuffle=False, by_request=self.by_request)
+        total = len(rows)
+        emitted, used = 0, 0
+        for units in loader._plan(0):
+            if total - used <= keep:
+                break
+            used += int(split.request_sizes[units].sum()) if self.by_request else len(units)
+            emitted += 1
+        batches = list(itertools.islice(loader.epoch(0), emitted))
+        if used == total:
+            return batches, None
+        return batches, {k: v[used:] for k, v in shuffled.items()}
+
+    def _local_batches(self, epoch: int) -> Iterator[Batch]:
+        rng = self._generator(epoch)
+        buffer: dict[str, np.ndarray] | None = None
+        for fragment in self.assignment(epoch)[self.rank]:
+            cols = self.source.read(fragment)
+            # requests are renumbered per buffer; keep them distinct from the new row group's
+            if buffer is not None:
+                cols["request"] = cols["request"] - cols["request"].min() + buffer["request"].max() + 1
+                buffer = {k: np.concatenate([buffer[k], cols[k]]) for k in buffer}
+            else:
+                buffer = cols
+            if len(buffer["request"]) >= self.buffer_rows:
+                batches, buffer = self._drain(buffer, rng, keep=self.buffer_rows // 2)
+                yield from batches
+        if buffer is not None and len(buffer["request"]):
+            batches, _ = self._drain(buffer, rng, keep=0)
+            yield from batches
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's batches of ``epoch``; ``start_step`` re-reads and skips the first batches (exact resume)."""
+        local = self._local_batches(epoch)
+        step = 0
+        while True:
+            batch = next(local, None)
+            if self.all_ranks is not None and not self.all_ranks(batch is not None):
+                return
+            if batch is None:
+                return
+            if step >= start_step:
+                yield batch
+            step += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# When to stream
+# ---------------------------------------------------------------------------------------------------------------------
+def split_nbytes(split: EncodedSplit) -> int:
+    """Bytes of a split once converted to training tensors (64-bit codes, 32-bit floats)."""
+    total = 0
+    for key, arr in _columns(split).items():
+        width = 4 if key.startswith(("dense.", "labels.")) else 1 if key.startswith("label_mask.") else 8
+        total += arr.size * width
+    return total
+
+
+def stream_source_for(
+    ds: EncodedDataset, mode: str, threshold_mb: float, out_dir: str | Path | None
+) -> Path | None:
+    """Where the train split streams from, or None to train in memory.
+
+    ``mode``: ``on``, ``off`` or ``auto`` (stream when the split's tensors would exceed ``threshold_mb``). A dataset
+    whose train split is on disk already (``--dataset encoded``) always streams. Otherwise the in-memory split is
+    written once to ``OUT/train-parquet`` (reused when it holds the same number of rows) and streamed from there.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"train.streaming must be auto, on or off, got {mode!r}")
+    on_disk = ds.info.get("train_parquet")
+    if on_disk:
+        if mode == "off":
+            raise ValueError(f"dataset {ds.name!r} keeps its train split on disk ({on_disk}); it can only stream")
+        return Path(on_disk)
+    if mode == "off" or (mode == "auto" and split_nbytes(ds.train) <= threshold_mb * 2**20):
+        return None
+    if out_dir is None:
+        raise ValueError("streaming an in-memory train split needs an output folder to write it to (--out)")
+    target = Path(out_dir) / "train-parquet"
+    manifest = target / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()).get("rows") == len(ds.train):
+        return target
+    log.info("writing the train split (%d rows) to %s for streaming", len(ds.train), target)
+    return write_encoded_parquet(ds.train, target)
+
+
+__all__ = [
+    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "save_streaming_dataset",
+    "split_nbytes", "stream_source_for", "write_encoded_parquet",
+]

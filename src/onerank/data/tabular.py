@@ -1,0 +1,514 @@
+"""Generic tabular loader (dataset name ``tabular``): your own CSV / Parquet files + a YAML schema.
+
+One YAML file describes everything; the schema keys are those of ``Schema.from_dict`` (at the top level or under
+``schema:``), plus loader sections::
+
+    name: my_data                 # cache / report name (default: the YAML file's stem)
+    files:                        # paths or glob patterns, relative to data_dir (or to the YAML's folder)
+      train: train.csv            # or `data: all.parquet` with a split rule
+      valid: valid.csv            # optional: missing splits are carved from train (or data) by `split`
+      test: test.csv
+      items: items.csv            # optional item side-feature table (one row per item id)
+      csv: {sep: ","}             # optional pandas.read_csv keywords
+    split:
+      method: fraction            # fraction (seeded, by group) | time (cut-offs on the timestamp column)
+      by: user                    # fraction only: user | request | row (default: request, else user, else row)
+      valid_fraction: 0.1
+      test_fraction: 0.1
+      seed: 0
+      valid_start: 2022-05-06     # time only: rows with timestamp >= valid_start (and < test_start) are validation
+      test_start: 2022-05-07
+    requests: {max_gap: 300, max_size: 20}   # group impressions when there is no request id column
+    histories:                    # sequences built from the log itself, strictly before each request
+      clicked: click              # sequence name -> 0/1 column marking the behaviour; null = every impression
+
+Every ``load`` option overrides the YAML: ``schema``, ``train``, ``valid``, ``test``, ``data``, ``items``, ``name``,
+``split`` (method), ``split_by``, ``valid_fraction``, ``test_fraction``, ``seed``, ``valid_start``, ``test_start``,
+``request_max_gap``, ``request_max_size``, ``history_len``, ``tasks``. Options given as strings (from a command line)
+are parsed as YAML scalars / lists. See ``docs/tabular_example.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from onerank.data.dataset import RawDataset, RawSplit, file_fingerprint, load_or_build
+from onerank.data.encoding import RaggedHistory
+from onerank.data.histories import build_histories
+from onerank.data.registry import register_dataset
+from onerank.data.requests import group_requests, request_start_times, size_distribution
+from onerank.data.schema import Schema, SchemaError
+
+NAME = "tabular"
+LOADER_VERSION = 1
+SCHEMA_KEYS = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id"}
+LOADER_KEYS = {"name", "files", "split", "requests", "histories", "schema"}
+FILE_ROLES = ("train", "valid", "test", "data", "items")
+OPTION_KEYS = {
+    "schema", "train", "valid", "test", "data", "items", "name", "split", "split_by", "valid_fraction",
+    "test_fraction", "seed", "valid_start", "test_start", "request_max_gap", "request_max_size", "history_len", "tasks",
+}
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+def _parse_scalar(value: Any) -> Any:
+    """Command-line options arrive as strings: "0.1" -> 0.1, "[a, b]" -> list, "null" -> None."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def read_config(path: str | Path) -> dict:
+    with open(path) as fh:
+        raw = yaml.safe_load(fh)
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{path}: expected a mapping at the top level")
+    unknown = set(raw) - SCHEMA_KEYS - LOADER_KEYS
+    if unknown:
+        raise SchemaError(
+            f"{path}: unknown keys {sorted(unknown)}; expected schema keys {sorted(SCHEMA_KEYS)} "
+            f"and loader sections {sorted(LOADER_KEYS)}"
+        )
+    if "schema" in raw and set(raw) & SCHEMA_KEYS:
+        raise SchemaError(f"{path}: put the schema keys either under `schema:` or at the top level, not both")
+    return raw
+
+
+def _schema_dict(config: dict) -> dict:
+    if "schema" in config:
+        if not isinstance(config["schema"], dict):
+            raise SchemaError("`schema:` must be a mapping of schema keys")
+        return copy.deepcopy(config["schema"])
+    return {k: copy.deepcopy(v) for k, v in config.items() if k in SCHEMA_KEYS}
+
+
+def _resolve_schema_path(schema: str | Path, data_dir: Path | None) -> Path:
+    path = Path(schema)
+    if path.is_file():
+        return path
+    if data_dir is not None and (data_dir / path).is_file():
+        return data_dir / path
+    raise SchemaError(f"tabular: schema file {schema} not found (looked in the working directory and in data_dir)")
+
+
+def _merge_options(config: dict, options: dict) -> dict:
+    """The YAML's loader sections with the ``load`` options layered on top."""
+    unknown = set(options) - OPTION_KEYS
+    if unknown:
+        raise SchemaError(f"tabular: unknown options {sorted(unknown)}; available: {sorted(OPTION_KEYS)}")
+    files = dict(config.get("files") or {})
+    split = dict(config.get("split") or {})
+    requests = dict(config.get("requests") or {})
+    if not isinstance(files, dict) or not isinstance(split, dict) or not isinstance(requests, dict):
+        raise SchemaError("tabular: `files`, `split` and `requests` must be mappings")
+    opts = {k: _parse_scalar(v) if k not in FILE_ROLES and k != "schema" else v for k, v in options.items()}
+    for role in FILE_ROLES:
+        if opts.get(role) is not None:
+            files[role] = str(opts[role])
+    if "split" in opts:
+        split["method"] = opts["split"]
+    for key, target in (("split_by", "by"), ("valid_fraction", "valid_fraction"), ("test_fraction", "test_fraction"),
+                        ("seed", "seed"), ("valid_start", "valid_start"), ("test_start", "test_start")):
+        if key in opts:
+            split[target] = opts[key]
+    if "request_max_gap" in opts:
+        requests["max_gap"] = opts["request_max_gap"]
+    if "request_max_size" in opts:
+        requests["max_size"] = opts["request_max_size"]
+    unknown_files = set(files) - set(FILE_ROLES) - {"csv"}
+    if unknown_files:
+        raise SchemaError(f"tabular: unknown `files` keys {sorted(unknown_files)}; expected {FILE_ROLES} and csv")
+    split_keys = {"method", "by", "valid_fraction", "test_fraction", "seed", "valid_start", "test_start"}
+    unknown_split = set(split) - split_keys
+    if unknown_split:
+        raise SchemaError(f"tabular: unknown `split` keys {sorted(unknown_split)}")
+    unknown_req = set(requests) - {"max_gap", "max_size"}
+    if unknown_req:
+        raise SchemaError(f"tabular: unknown `requests` keys {sorted(unknown_req)}; expected max_gap, max_size")
+    tasks = opts.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    histories = config.get("histories") or {}
+    if not isinstance(histories, dict):
+        raise SchemaError("tabular: `histories` must map sequence names to a 0/1 column (or null)")
+    return {
+        "files": files,
+        "split": split,
+        "requests": requests,
+        "histories": dict(histories),
+        "tasks": tasks,
+        "history_len": opts.get("history_len"),
+        "name": opts.get("name"),
+    }
+
+
+def _find(spec: str, base: Path, role: str) -> list[Path]:
+    """A path or glob pattern relative to ``base`` (absolute paths are kept) -> existing files, sorted."""
+    path = Path(spec)
+    if any(ch in spec for ch in "*?["):
+        root = Path(path.anchor) if path.is_absolute() else base
+        pattern = str(path.relative_to(path.anchor)) if path.is_absolute() else spec
+        matches = sorted(p for p in root.glob(pattern) if p.is_file())
+        if not matches:
+            raise SchemaError(f"tabular: no file matches the {role} pattern {spec!r} in {root}")
+        return matches
+    full = path if path.is_absolute() else base / path
+    if not full.is_file():
+        raise SchemaError(f"tabular: the {role} file {full} does not exist")
+    return [full]
+
+
+def _read(paths: list[Path], csv_options: dict, columns: list[str] | None) -> pd.DataFrame:
+    frames = []
+    for p in paths:
+        name = p.name.lower()
+        try:
+            if name.endswith(PARQUET_SUFFIXES):
+                frame = pd.read_parquet(p)
+            else:
+                frame = pd.read_csv(p, low_memory=False, **csv_options)
+        except (OSError, ValueError) as exc:
+            raise SchemaError(f"tabular: cannot read {p}: {exc}") from None
+        if columns is not None:
+            frame = frame[[c for c in columns if c in frame.columns]]
+        frames.append(frame)
+    if len(frames) > 1:
+        first = list(frames[0].columns)
+        for p, f in zip(paths[1:], frames[1:]):
+            if set(f.columns) != set(first):
+                raise SchemaError(f"tabular: {p} has columns {sorted(f.columns)}, {paths[0]} has {sorted(first)}")
+        return pd.concat(frames, ignore_index=True)
+    return frames[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Splits, requests, histories
+# ---------------------------------------------------------------------------------------------------------------------
+def _time_to_int(column: pd.Series, name: str) -> tuple[pd.Series, bool]:
+    """Numeric times stay as they are (rounded to int64); datetime-like strings become milliseconds since epoch."""
+    if pd.api.types.is_numeric_dtype(column):
+        if column.isna().any():
+            raise SchemaError(f"tabular: timestamp column {name!r} has {int(column.isna().sum())} missing values")
+        return column.astype(np.int64), False
+    parsed = pd.to_datetime(column, errors="coerce")
+    if parsed.isna().any():
+        bad = column[parsed.isna()].iloc[0]
+        raise SchemaError(f"tabular: timestamp column {name!r} holds {bad!r}, neither a number nor a date")
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    ms = (parsed - pd.Timestamp("1970-01-01")) // pd.Timedelta(milliseconds=1)
+    return ms.astype(np.int64), True
+
+
+def _cutoff(value: Any, is_datetime: bool, what: str) -> int | float:
+    if is_datetime:
+        try:
+            stamp = pd.Timestamp(str(value))
+        except ValueError:
+            raise SchemaError(f"tabular: split {what}={value!r} is not a date") from None
+        if stamp.tzinfo is not None:
+            stamp = stamp.tz_convert("UTC").tz_localize(None)
+        return int((stamp - pd.Timestamp("1970-01-01")) // pd.Timedelta(milliseconds=1))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SchemaError(f"tabular: split {what}={value!r} must be a number like the timestamp column") from None
+
+
+def _fraction_assign(keys: pd.Series, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Per row, the split (0 keep, 1 valid, 2 test) of its group, drawn once per distinct key with a seeded RNG.
+
+    Keys are sorted before drawing, so the result does not depend on the row order; a split asked for with a positive
+    fraction gets at least one group."""
+    if keys.isna().any():
+        raise SchemaError(f"tabular: the split key column has {int(keys.isna().sum())} missing values")
+    codes, uniques = pd.factorize(keys, sort=True)
+    draw = np.random.default_rng(seed).random(len(uniques))
+    group = np.zeros(len(uniques), dtype=np.int8)
+    t, v = fractions.get("test", 0.0), fractions.get("valid", 0.0)
+    group[draw < t] = 2
+    group[(draw >= t) & (draw < t + v)] = 1
+    order = np.argsort(draw, kind="stable")
+    for code, frac in ((2, t), (1, v)):
+        if frac > 0 and not (group == code).any():
+            free = [g for g in order if group[g] == 0]
+            if len(free) <= 1:
+                raise SchemaError(f"tabular: too few groups ({len(uniques)}) to carve the requested splits")
+            group[free[0] if code == 2 else free[-1]] = code
+    return group[codes]
+
+
+def _carve(
+    pool: pd.DataFrame, need: list[str], split: dict, schema: Schema, is_datetime: bool
+) -> dict[str, pd.DataFrame]:
+    """Split ``pool`` into train + the ``need`` splits (subset of valid/test) with the split rule."""
+    method = split.get("method") or "fraction"
+    out = {}
+    if method == "time":
+        if not schema.timestamp:
+            raise SchemaError("tabular: split method `time` needs `timestamp` in the schema")
+        times = pool[schema.timestamp].to_numpy()
+        assign = np.zeros(len(pool), dtype=np.int8)
+        bounds = {}
+        for name in need:
+            key = f"{name}_start"
+            if split.get(key) is None:
+                raise SchemaError(f"tabular: split method `time` needs split.{key} to make the {name} split")
+            bounds[name] = _cutoff(split[key], is_datetime, key)
+        if "valid" in bounds:
+            assign[times >= bounds["valid"]] = 1
+        if "test" in bounds:
+            if "valid" in bounds and bounds["test"] <= bounds["valid"]:
+                raise SchemaError("tabular: split.test_start must be after split.valid_start")
+            assign[times >= bounds["test"]] = 2
+    elif method == "fraction":
+        by = split.get("by") or ("request" if schema.request_id else "user" if schema.user_id else "row")
+        if by == "request":
+            if not schema.request_id:
+                raise SchemaError("tabular: split by request needs `request_id` in the schema")
+            keys = pool[schema.request_id]
+        elif by == "user":
+            if not schema.user_id:
+                raise SchemaError("tabular: split by user needs `user_id` in the schema")
+            keys = pool[schema.user_id]
+        elif by == "row":
+            keys = pd.Series(np.arange(len(pool)))
+        else:
+            raise SchemaError(f"tabular: split.by must be user, request or row, not {by!r}")
+        fractions = {}
+        for name in need:
+            frac = float(split.get(f"{name}_fraction", 0.1))
+            if not 0.0 < frac < 1.0:
+                raise SchemaError(f"tabular: split.{name}_fraction must be in (0, 1), got {frac}")
+            fractions[name] = frac
+        if sum(fractions.values()) >= 1.0:
+            raise SchemaError("tabular: the split fractions leave nothing to train on")
+        assign = _fraction_assign(keys.reset_index(drop=True), fractions, int(split.get("seed", 0)))
+    else:
+        raise SchemaError(f"tabular: split.method must be `fraction` or `time`, not {method!r}")
+    out["train"] = pool[assign == 0].reset_index(drop=True)
+    for code, name in ((1, "valid"), (2, "test")):
+        if name in need:
+            out[name] = pool[assign == code].reset_index(drop=True)
+            if len(out[name]) == 0:
+                raise SchemaError(f"tabular: the split rule {split} leaves the {name} split empty")
+    if len(out["train"]) == 0:
+        raise SchemaError(f"tabular: the split rule {split} leaves the train split empty")
+    return out
+
+
+def _max_gap(value: Any, is_datetime: bool) -> float:
+    """``max_gap`` in the timestamp's unit; with date timestamps (milliseconds) a duration string like "5min" works."""
+    if isinstance(value, str):
+        if not is_datetime:
+            raise SchemaError(
+                f"tabular: requests.max_gap={value!r}: durations need a date timestamp column; give a number in the "
+                "timestamp's unit"
+            )
+        try:
+            return pd.Timedelta(value) / pd.Timedelta(milliseconds=1)
+        except ValueError:
+            raise SchemaError(f"tabular: requests.max_gap={value!r} is not a duration like '5min' or '300s'") from None
+    try:
+        gap = float(value)
+    except (TypeError, ValueError):
+        raise SchemaError(f"tabular: requests.max_gap={value!r} must be a number") from None
+    if gap < 0:
+        raise SchemaError(f"tabular: requests.max_gap must be >= 0, got {gap}")
+    return gap
+
+
+def _requests(
+    tables: dict[str, pd.DataFrame], schema: Schema, rule: dict, is_datetime: bool = False
+) -> dict[str, np.ndarray | None]:
+    """Request index per row and split (globally unique ids), from the request id column or the grouping rule."""
+    out: dict[str, np.ndarray | None] = {}
+    offset = 0
+    for code, (name, table) in enumerate(tables.items()):
+        if schema.request_id:
+            if schema.request_id not in table.columns:
+                raise SchemaError(f"tabular {name} split: missing request id column {schema.request_id!r}")
+            if table[schema.request_id].isna().any():
+                raise SchemaError(f"tabular {name} split: request id column {schema.request_id!r} has missing values")
+            ids = pd.factorize(table[schema.request_id], sort=True)[0].astype(np.int64)
+        elif rule:
+            if not (schema.user_id and schema.timestamp):
+                raise SchemaError("tabular: `requests:` grouping needs `user_id` and `timestamp` in the schema")
+            if rule.get("max_gap") is None:
+                raise SchemaError("tabular: `requests:` needs max_gap (in the timestamp's unit; ms for dates)")
+            max_size = rule.get("max_size")
+            item_col = next((f.source for f in schema.categorical if f.name == schema.item_id), None)
+            tiebreak = table[item_col].to_numpy() if item_col in table.columns else None
+            ids = group_requests(
+                table[schema.user_id].to_numpy(), table[schema.timestamp].to_numpy(),
+                _max_gap(rule["max_gap"], is_datetime), None if max_size is None else int(max_size), tiebreak=tiebreak,
+            )
+        else:
+            out[name] = None
+            continue
+        out[name] = ids + offset
+        offset += int(ids.max()) + 1 if len(ids) else 0
+    return out
+
+
+def _histories(
+    tables: dict[str, pd.DataFrame], schema: Schema, requests: dict, behaviours: dict, item_source: str | None
+) -> dict[str, dict[str, RaggedHistory]]:
+    out: dict[str, dict[str, RaggedHistory]] = {name: {} for name in tables}
+    from_log = {}
+    for seq in schema.sequences:
+        in_all = all(seq.source in t.columns for t in tables.values())
+        if seq.name in behaviours:
+            from_log[seq.name] = behaviours[seq.name]
+        elif in_all:
+            for name, t in tables.items():
+                out[name][seq.name] = RaggedHistory.from_lists(t[seq.source], separator=seq.separator)
+        else:
+            raise SchemaError(
+                f"tabular: sequence {seq.name!r}: no column {seq.source!r} in every split and no `histories:` entry "
+                "to build it from the log"
+            )
+    unknown = set(behaviours) - {s.name for s in schema.sequences}
+    if unknown:
+        raise SchemaError(f"tabular: `histories:` names {sorted(unknown)} are not sequences of the schema")
+    if not from_log:
+        return out
+    if not (schema.user_id and schema.timestamp and item_source):
+        raise SchemaError("tabular: histories built from the log need user_id, timestamp and item_id in the schema")
+    events = pd.concat([t for t in tables.values()], ignore_index=True)
+    masks = {}
+    for name, column in from_log.items():
+        if column is None:
+            masks[name] = None
+        elif column not in events.columns:
+            raise SchemaError(f"tabular: `histories: {name}: {column}`: no column {column!r}")
+        else:
+            masks[name] = events[column].fillna(0).to_numpy(dtype=np.float64) > 0
+    max_len = {s.name: s.max_len for s in schema.sequences}
+    for name, table in tables.items():
+        time = table[schema.timestamp].to_numpy()
+        cutoff = time if requests[name] is None else request_start_times(requests[name], time)
+        for seq_name, mask in masks.items():
+            built = build_histories(
+                events[schema.user_id].to_numpy(), events[schema.timestamp].to_numpy(), events[item_source].to_numpy(),
+                {seq_name: mask}, table[schema.user_id].to_numpy(), cutoff, max_len=max_len[seq_name],
+            )
+            out[name][seq_name] = built[seq_name]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------------
+def _needed_columns(schema: Schema, behaviours: dict) -> list[str]:
+    cols = [f.source for f in schema.categorical] + [f.source for f in schema.dense]
+    cols += [t.source for t in schema.tasks] + [s.source for s in schema.sequences]
+    cols += [c for c in (schema.user_id, schema.timestamp, schema.request_id) if c]
+    cols += [c for c in behaviours.values() if c]
+    return list(dict.fromkeys(cols))
+
+
+def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> RawDataset:
+    files = opts["files"]
+    csv_options = dict(files.get("csv") or {})
+    columns = _needed_columns(schema, opts["histories"])
+    given = {role: _read(_find(str(files[role]), base, role), csv_options, columns)
+             for role in ("train", "valid", "test", "data") if files.get(role)}
+    if "data" in given and any(r in given for r in ("train", "valid", "test")):
+        raise SchemaError("tabular: give either `data` (one file + a split rule) or train/valid/test files, not both")
+    if not given:
+        raise SchemaError("tabular: no data file: set files.train (+ valid/test) or files.data in the YAML or options")
+    if "data" not in given and "train" not in given:
+        raise SchemaError("tabular: a train file is needed when valid/test files are given")
+    is_datetime = False
+    if schema.timestamp:
+        for role, table in given.items():
+            if schema.timestamp not in table.columns:
+                raise SchemaError(f"tabular {role} file: missing timestamp column {schema.timestamp!r}")
+            table[schema.timestamp], is_datetime = _time_to_int(table[schema.timestamp], schema.timestamp)
+    pool = given.get("data", given.get("train"))
+    need = [s for s in ("valid", "test") if s not in given]
+    tables = _carve(pool, need, opts["split"], schema, is_datetime) if need else {"train": pool}
+    for s in ("valid", "test"):
+        if s in given:
+            tables[s] = given[s]
+    tables = {s: tables[s] for s in ("train", "valid", "test")}
+    # Rows in (user, time) order when both exist: deterministic, and requests / histories read naturally.
+    if schema.user_id and schema.timestamp:
+        tables = {
+            s: t.sort_values([schema.user_id, schema.timestamp], kind="stable").reset_index(drop=True)
+            for s, t in tables.items()
+        }
+    requests = _requests(tables, schema, opts["requests"], is_datetime)
+    item_source = None
+    if schema.item_id:
+        item_source = next(f.source for f in schema.categorical if f.name == schema.item_id)
+    histories = _histories(tables, schema, requests, opts["histories"], item_source)
+    item_table = None
+    if files.get("items"):
+        item_table = _read(_find(str(files["items"]), base, "items"), csv_options, None)
+    info: dict = {
+        "base_dir": str(base),
+        "split_rule": opts["split"] if need else "files",
+        "requests_rule": opts["requests"],
+    }
+    for s, t in tables.items():
+        info[f"{s}_rows"] = int(len(t))
+        if requests[s] is not None:
+            info[f"{s}_requests"] = size_distribution(pd.factorize(requests[s])[0])
+    splits = {s: RawSplit(table=tables[s], histories=histories[s], request=requests[s]) for s in tables}
+    return RawDataset(name=name, schema=schema, item_table=item_table, info=info, **splits)
+
+
+@register_dataset(NAME)
+def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, tasks=None, **options):
+    """Your files as an ``EncodedDataset`` (cached). ``schema=PATH`` (a YAML file, see module doc) is required; file
+    paths in it are relative to ``data_dir`` (or to the YAML's folder when ``data_dir`` is None). ``tasks``: a subset
+    of the schema's tasks (list or comma-separated string); only their label columns are read and validated."""
+    if tasks is not None:
+        options["tasks"] = tasks
+    if not options.get("schema"):
+        raise SchemaError("tabular: the option schema=PATH (a YAML schema file) is required")
+    directory = Path(data_dir) if data_dir is not None else None
+    if directory is not None and not directory.is_dir():
+        raise SchemaError(f"tabular: data directory {directory} does not exist")
+    schema_path = _resolve_schema_path(options["schema"], directory)
+    config = read_config(schema_path)
+    opts = _merge_options(config, {k: v for k, v in options.items() if k != "schema"})
+    schema_dict = _schema_dict(config)
+    if opts["history_len"] is not None:
+        schema_dict["sequences"] = [
+            {**({"name": seq} if isinstance(seq, str) else seq), "max_len": int(opts["history_len"])}
+            for seq in schema_dict.get("sequences") or []
+        ]
+    schema = Schema.from_dict(schema_dict)
+    if opts["tasks"]:
+        schema = schema.select_tasks(list(opts["tasks"]))
+    base = directory if directory is not None else schema_path.parent
+    name = str(opts["name"] or config.get("name") or schema_path.stem)
+    files = opts["files"]
+    fingerprints = {}
+    for role in FILE_ROLES:
+        if files.get(role):
+            fingerprints[role] = [file_fingerprint(p) for p in _find(str(files[role]), base, role)]
+    key_parts = {
+        "loader": NAME,
+        "version": LOADER_VERSION,
+        "name": name,
+        "schema": schema.to_dict(),
+        "options": {k: v for k, v in opts.items()},
+        "files": fingerprints,
+    }
+    return load_or_build(name, key_parts, lambda: build(config, opts, schema, base, name), cache_root)

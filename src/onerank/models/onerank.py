@@ -1,0 +1,494 @@
+"""OneRank (Tang, Dai, et al., KDD 2026): a Transformer-native multi-task ranker, read like the paper's figure.
+
+    tokens (SD, history, anchors | candidates + K task tokens)        section 1.1
+      -> one shared encoder with a task-conditioned attention mask     1.2  context once per request, then groups
+      -> candidate-aware contextualization h_k = MHCA_k(f_k(s), r_k)   1.3  one vector per task and request
+      -> cross-task attention with gradient detachment z = ...(h)     1.4
+      -> matching scores s[k, i] = <z_k, r[k, i]> a_k + b_k            1.5  (losses: onerank.objectives)
+
+Section numbers refer to docs/models.md (shared spec) and docs/onerank.md. Every ablation of section 1.6 is a
+``OneRankConfig`` value. ``reference_encode`` at the end is the plain masked full attention the structured encoder is
+tested against; the "full bidirectional" ablation runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from onerank.data.batching import Batch
+from onerank.data.schema import SchemaError
+from onerank.features.embedding import FeatureEmbedding
+from onerank.features.space import FeatureSpace
+from onerank.models.base import MultiTaskModel, register_model
+from onerank.nn.mlp import MLP
+from onerank.nn.transformer import FeedForward, MultiHeadAttention, TransformerBlock
+
+
+@dataclass
+class OneRankConfig:
+    dim: int = 32  # d: width of every token (field embeddings too)
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_multiplier: int = 4  # FFN hidden width = ffn_multiplier * d (encoder and cross-task layer)
+    dropout: float = 0.0
+    item_mlp_hidden: tuple[int, ...] = (64,)  # shared item projection: MLP(concat item field embeddings) -> d
+    sd_tokens: str = "field"  # "field": one SD token per field; "group": one per schema group (user, context)
+    anchor_sequences: tuple[str, ...] = ()  # behaviour sequences used as preference-anchor groups (not history)
+    # ---- ablation switches (section 1.6) ----
+    attention: str = "structured"  # "structured" mask, or "full" bidirectional attention over all tokens
+    task_tokens: str = "per_task"  # "per_task" tokens t_k; one "shared" token; "projection": r_k = P_k(c_i)
+    contextualization: str = "sd"  # "sd": h_k = MHCA_k(f_k(s), r_k); "random_sd": s untrained; "off": h_k = f_k(s)
+    sd_representation: str = "pooled"  # s = mean of the SD token outputs ("pooled") or an MLP over SD embeddings
+    cross_task: str = "full"  # "full", "cascade" (schema order = funnel order), "parallel", or "none" (no layer)
+    cross_task_matrix: tuple[tuple[bool, ...], ...] | None = None  # explicit K x K [reader][read]; overrides cross_task
+    detach_cross_task: bool = True  # task k reads h_j (j != k) through h_j.detach()
+
+    def validate(self, space: FeatureSpace) -> None:
+        choices = {
+            "sd_tokens": ("field", "group"),
+            "attention": ("structured", "full"),
+            "task_tokens": ("per_task", "shared", "projection"),
+            "contextualization": ("sd", "random_sd", "off"),
+            "sd_representation": ("pooled", "mlp"),
+            "cross_task": ("full", "cascade", "parallel", "none"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SchemaError(f"onerank: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dim % self.num_heads:
+            raise SchemaError(f"onerank: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        unknown = sorted(set(self.anchor_sequences) - set(space.sequences))
+        if unknown:
+            raise SchemaError(f"onerank: anchor_sequences {unknown} are not sequences of the schema {space.sequences}")
+
+    def task_visibility(self, num_tasks: int) -> Tensor:
+        """[K, K] bool: may task k (row) read task j (column) in the cross-task layer."""
+        if self.cross_task_matrix is not None:
+            matrix = torch.tensor([[bool(v) for v in row] for row in self.cross_task_matrix])
+            if matrix.shape != (num_tasks, num_tasks):
+                raise SchemaError(f"onerank: cross_task_matrix must be {num_tasks} x {num_tasks}, got {list(matrix.shape)}")
+            if not bool(matrix.diagonal().all()):
+                raise SchemaError("onerank: cross_task_matrix must let every task read itself (diagonal all true)")
+            return matrix
+        full = torch.ones(num_tasks, num_tasks, dtype=torch.bool)
+        return {"full": full, "cascade": full.tril(), "parallel": torch.eye(num_tasks, dtype=torch.bool)}.get(
+            self.cross_task, full
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1.1 Tokens
+# ---------------------------------------------------------------------------------------------------------------------
+class ContextTokens(NamedTuple):
+    """A request's context: ``[history segments, anchor groups, SD tokens]``, the SD tokens last."""
+
+    tokens: Tensor  # [R, U, d]
+    valid: Tensor  # [R, U] bool: False on empty history / anchor slots
+    blocks: Tensor  # [U] segment of each history / anchor token (causal inside it); -1 for SD tokens
+    num_sd: int
+
+
+class Tokenizer(nn.Module):
+    """Every input becomes a d-wide token. History, anchor and candidate items share one item projection (an MLP over
+    their concatenated field embeddings), so a candidate and the same item in the history start from the same token.
+
+    Our decisions: behaviour sequences stay consecutive segments (the batch carries no per-event times to merge them
+    by time); dense item features exist only for candidates (histories carry categorical item fields only), so they
+    are added to the candidate token after the shared projection; without item fields (Census-Income) the candidate
+    token is a learned constant.
+    """
+
+    def __init__(self, space: FeatureSpace, config: OneRankConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.space = space
+        self.embedding = FeatureEmbedding(space, d)
+        dense = space.schema.dense
+        self.sd_dense = [i for i, f in enumerate(dense) if f.group != "item"]
+        self.item_dense = [i for i, f in enumerate(dense) if f.group == "item"]
+        self.anchors = list(config.anchor_sequences)
+        self.history = [s for s in space.sequences if s not in self.anchors]
+        if space.item_fields:
+            self.item_projection = MLP(len(space.item_fields) * d, config.item_mlp_hidden, output_dim=d)
+        else:
+            self.candidate_constant = nn.Parameter(torch.randn(d) * 0.05)
+        if space.sequences:
+            self.behaviour = nn.Embedding(len(space.sequences), d)  # behaviour type = which sequence
+            nn.init.normal_(self.behaviour.weight, std=0.05)
+        longest = max([space.max_len(s) for s in space.sequences], default=0)
+        if self.history:
+            self.recency = nn.Embedding(longest, d)  # 0 = the most recent behaviour
+            nn.init.normal_(self.recency.weight, std=0.05)
+        if self.anchors:
+            self.anchor_position = nn.Embedding(longest, d)
+            nn.init.normal_(self.anchor_position.weight, std=0.05)
+            self.anchor_delimiters = nn.Parameter(torch.randn(len(self.anchors), 2, d) * 0.05)  # BOS, EOS per group
+        # SD tokens: fields are [context categorical..., SD dense...]; "group" concatenates a schema group's fields
+        # and projects them to one token (fewer, wider tokens for datasets with many user fields).
+        groups = [f.group for f in space.schema.categorical if f.group != "item"] + [dense[i].group for i in self.sd_dense]
+        names = list(dict.fromkeys(groups))
+        self.sd_groups = [[i for i, g in enumerate(groups) if g == name] for name in names] if config.sd_tokens == "group" else []
+        self.group_projections = nn.ModuleList(nn.Linear(len(m) * d, d) for m in self.sd_groups)
+        self.num_sd = len(self.sd_groups) if self.sd_groups else len(groups)
+
+    def items(self, codes: dict[str, Tensor]) -> Tensor:
+        """Item field codes of any leading shape -> [..., d] through the shared item projection."""
+        return self.item_projection(self.embedding.items(codes).flatten(-2))
+
+    def situational(self, batch: Batch, rows: Tensor) -> Tensor:
+        """[R, U_sd, d] SD tokens of the request rows."""
+        fields = torch.cat([self.embedding.context(batch)[rows], self.embedding.dense_tokens(batch)[rows][:, self.sd_dense]], 1)
+        if not self.sd_groups:
+            return fields
+        return torch.stack([proj(fields[:, m].flatten(1)) for proj, m in zip(self.group_projections, self.sd_groups)], 1)
+
+    def context(self, batch: Batch, rows: Tensor) -> ContextTokens:
+        tokens, valid, blocks = [], [], []
+        for segment, seq in enumerate(self.history + self.anchors):
+            codes = {f: c[rows] for f, c in batch.histories[seq].items()}
+            items = self.items(codes) + self.behaviour.weight[self.space.sequences.index(seq)]
+            present = codes[self.space.schema.item_id] != 0
+            L = present.shape[1]
+            recency = torch.arange(L - 1, -1, -1, device=present.device)  # left-padded: the last slot is the most recent
+            if seq in self.history:
+                tokens.append(items + self.recency(recency))
+            else:
+                # A preference-anchor group: [BOS, items, EOS], position counted from the group's end.
+                bos, eos = self.anchor_delimiters[self.anchors.index(seq)].unsqueeze(1).expand(-1, len(rows), -1).unbind(0)
+                tokens.append(torch.cat([bos[:, None], items + self.anchor_position(recency), eos[:, None]], 1))
+                edge = present.new_ones(len(rows), 1)
+                present = torch.cat([edge, present, edge], 1)
+            valid.append(present)
+            blocks.append(torch.full((present.shape[1],), segment, device=present.device))
+        sd = self.situational(batch, rows)
+        tokens.append(sd)
+        valid.append(torch.ones(sd.shape[:2], dtype=torch.bool, device=sd.device))
+        blocks.append(torch.full((sd.shape[1],), -1, device=sd.device))
+        return ContextTokens(torch.cat(tokens, 1), torch.cat(valid, 1), torch.cat(blocks), sd.shape[1])
+
+    def candidates(self, batch: Batch) -> Tensor:
+        """[B, d] one token per impression; no position embedding (no position-label shortcut)."""
+        if self.space.item_fields:
+            token = self.items({f: batch.categorical[f] for f in self.space.item_fields})
+        else:
+            token = self.candidate_constant.expand(batch.size, -1)
+        if self.item_dense:
+            token = token + self.embedding.dense_tokens(batch)[:, self.item_dense].sum(1)
+        return token
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1.2 Attention layout
+# ---------------------------------------------------------------------------------------------------------------------
+def context_mask(context: ContextTokens) -> Tensor:
+    """[R, U, U]: history / anchor tokens see their own segment causally, SD tokens see every context token; padded
+    slots are never keys (a padded slot sees only itself, which keeps its softmax row defined)."""
+    blocks = context.blocks
+    U = len(blocks)
+    earlier = torch.ones(U, U, dtype=torch.bool, device=blocks.device).tril()
+    structure = (blocks[:, None] == -1) | ((blocks[:, None] == blocks[None, :]) & earlier)
+    diagonal = torch.eye(U, dtype=torch.bool, device=blocks.device)
+    return (structure & context.valid[:, None, :]) | diagonal
+
+
+def group_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """[S, S] inside one group [c_i, t_1..t_K]: c_i sees itself only (it must not carry task j's token to task k);
+    t_k sees c_i and itself; task tokens are mutually invisible."""
+    mask = torch.eye(size, dtype=torch.bool, device=device)
+    mask[:, 0] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder: context once per request, then the candidate groups against the cached context
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ContextCache:
+    """Everything the candidates of a request need from its context; computed once, reused for any pool or chunk."""
+
+    keys_values: list[tuple[Tensor, Tensor]]  # per layer, the context's keys and values [R, H, U, dh]
+    valid: Tensor  # [R, U] context tokens that are real (history padding is not)
+    hidden: Tensor  # [R, U, d] final context states (after the encoder's final norm)
+    situation: Tensor  # [R, d] the SD representation s of section 1.3
+
+    @property
+    def num_requests(self) -> int:
+        return self.valid.shape[0]
+
+
+class Encoder(nn.Module):
+    """L pre-LN blocks whose weights all tokens share: tasks differ only in what they may see."""
+
+    def __init__(self, config: OneRankConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d, config.num_heads, config.ffn_multiplier * d, config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+
+    def context(self, context: ContextTokens) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        x, mask, cache = context.tokens, context_mask(context).unsqueeze(1), []
+        for block in self.blocks:
+            x, kv = block.self_attend(x, mask)
+            cache.append(kv)
+        return self.norm(x), cache
+
+    def groups(self, groups: Tensor, cache: ContextCache, first_output: int = 0) -> Tensor:
+        """[R, N, S, d] groups -> final states [R, N, S - first_output, d] of their tokens ``first_output:``; every
+        group reads only its request's context and itself."""
+        own = group_mask(groups.shape[2], groups.device)
+        last = len(self.blocks) - 1
+        for layer, (block, kv) in enumerate(zip(self.blocks, cache.keys_values)):
+            groups = block.attend_groups(groups, kv, cache.valid, own, first_output if layer == last else 0)
+        return self.norm(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1.3 - 1.5 Per-task parts, and the cross-task layer
+# ---------------------------------------------------------------------------------------------------------------------
+class TaskChannel(nn.Module):
+    """Everything private to one task: its task token t_k (or projection P_k), situation query f_k, pool attention
+    MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
+
+    def __init__(self, config: OneRankConfig, with_token: bool, with_projection: bool, pool_attention: bool) -> None:
+        super().__init__()
+        d = config.dim
+        self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
+        self.projection = nn.Linear(d, d) if with_projection else None
+        self.query = nn.Linear(d, d)  # f_k
+        self.pool_attention = MultiHeadAttention(d, config.num_heads) if pool_attention else None  # MHCA_k
+        # Our addition: a learnable scale (1/sqrt(d) keeps <z, r> of unit-norm-ish states near logit scale) and a
+        # bias, so point-wise probabilities can be calibrated while the list-wise loss only sees differences.
+        self.scale = nn.Parameter(torch.tensor(d**-0.5))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def contextualize(self, situation: Tensor, r: Tensor, present: Tensor) -> Tensor:
+        """h_k = MHCA_k(query = f_k(s), keys = values = r[k, i] over the request's valid candidates): [R, d]."""
+        query = self.query(situation)
+        if self.pool_attention is None:
+            return query
+        return self.pool_attention(query[:, None], r, present[:, None, None, :]).squeeze(1)
+
+
+class CrossTaskAttention(nn.Module):
+    """One attention layer over the K task vectors under a K x K visibility mask, then z = LN(h + attn),
+    z = LN(z + FFN(z)). With detachment, task k's query reads task j != k through keys and values built from
+    h_j.detach(): information flows forward across tasks, gradients do not flow back into task j."""
+
+    def __init__(self, config: OneRankConfig, visibility: Tensor) -> None:
+        super().__init__()
+        d = config.dim
+        self.detach = config.detach_cross_task
+        self.attention = MultiHeadAttention(d, config.num_heads)
+        self.register_buffer("visibility", visibility, persistent=False)
+        self.norm = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, config.ffn_multiplier * d, config.dropout)
+        self.ffn_norm = nn.LayerNorm(d)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [R, K, d] -> z [R, K, d]"""
+        att = self.attention
+        query = att.queries(h) * att.head_dim**-0.5  # [R, H, K, dh]
+        key, value = att.keys_values(h)
+        if self.detach:
+            # keys[r, h, k, j]: task k's own key keeps its gradient, the others' are detached: [R, H, K, K, dh]
+            own = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)[:, :, None]
+            frozen_key, frozen_value = att.keys_values(h.detach())
+            key = torch.where(own, key[:, :, None], frozen_key[:, :, None])
+            value = torch.where(own, value[:, :, None], frozen_value[:, :, None])
+            scores = torch.einsum("rhqd,rhqkd->rhqk", query, key)
+        else:
+            scores = query @ key.transpose(-1, -2)
+        probs = torch.softmax(scores.masked_fill(~self.visibility, float("-inf")), dim=-1)
+        out = torch.einsum("rhqk,rhqkd->rhqd", probs, value) if self.detach else probs @ value
+        z = self.norm(h + att.out(att.merge_heads(out)))
+        return self.ffn_norm(z + self.ffn(z))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------------
+@register_model("onerank")
+class OneRank(MultiTaskModel):
+    Config = OneRankConfig
+    needs_requests = True
+    # Point-wise BCE / MSE plus multi-positive InfoNCE per task (section 1.5); tau and the lambdas are run options.
+    objective_defaults = {"pointwise": 1.0, "listwise": 1.0, "temperature": 1.0}
+
+    def __init__(self, space: FeatureSpace, config: OneRankConfig) -> None:
+        super().__init__(space, config)
+        config.validate(space)
+        d = config.dim
+        self.tokenizer = Tokenizer(space, config)
+        self.encoder = Encoder(config)
+        self.channels = nn.ModuleDict({
+            t: TaskChannel(
+                config,
+                with_token=config.task_tokens == "per_task",
+                with_projection=config.task_tokens == "projection",
+                pool_attention=config.contextualization != "off",
+            )
+            for t in self.tasks
+        })
+        self.shared_task_token = nn.Parameter(torch.randn(d) * 0.05) if config.task_tokens == "shared" else None
+        num_sd = self.tokenizer.num_sd
+        if config.contextualization == "random_sd":
+            # Untrained, frozen SD: a fixed random projection of the (detached) SD embeddings. It still varies with
+            # the request, but nothing learns what the situation should ask of the candidate pool.
+            self.register_buffer("random_sd", torch.randn(num_sd * d, d) / max(num_sd * d, 1) ** 0.5)
+        elif config.sd_representation == "mlp" and num_sd:
+            self.sd_mlp = MLP(num_sd * d, [d], output_dim=d)
+        self.cross_task = (
+            CrossTaskAttention(config, config.task_visibility(len(self.tasks)))
+            if config.cross_task != "none" or config.cross_task_matrix is not None else None
+        )
+
+    def task_parameter_prefixes(self) -> dict[str, list[str]]:
+        return {t: [f"channels.{t}."] for t in self.tasks}
+
+    # ---- tokens -> encoder --------------------------------------------------------------------------------------------
+    def _groups(self, candidates: Tensor) -> Tensor:
+        """[R, N, d] candidate tokens -> [R, N, S, d] groups [c_i, t_1..t_K] (S = 1 + K; 2 with one shared task
+        token; 1 when per-task projections replace the task tokens)."""
+        if self.config.task_tokens == "projection":
+            return candidates[:, :, None]
+        if self.config.task_tokens == "shared":
+            tokens = self.shared_task_token[None]
+        else:
+            tokens = torch.stack([self.channels[t].token for t in self.tasks])
+        R, N, d = candidates.shape
+        return torch.cat([candidates[:, :, None], tokens.expand(R, N, -1, d)], dim=2)
+
+    @property
+    def _first_output(self) -> int:
+        """The first group token whose final state is read: the candidate's only when projections replace the task
+        tokens (otherwise the last layer need not update it)."""
+        return 0 if self.config.task_tokens == "projection" else 1
+
+    def _task_states(self, outputs: Tensor) -> Tensor:
+        """Final states of the group tokens ``_first_output:`` [R, N, S', d] -> r [R, N, K, d]."""
+        mode = self.config.task_tokens
+        if mode == "projection":
+            return torch.stack([self.channels[t].projection(outputs[:, :, 0]) for t in self.tasks], dim=2)
+        if mode == "shared":
+            return outputs.expand(-1, -1, len(self.tasks), -1)
+        return outputs
+
+    def _situation(self, context: ContextTokens, hidden: Tensor) -> Tensor:
+        """s of section 1.3: [R, d]."""
+        if context.num_sd == 0:
+            return hidden.new_zeros(hidden.shape[0], self.config.dim)
+        sd_inputs = context.tokens[:, -context.num_sd:]
+        if self.config.contextualization == "random_sd":
+            return sd_inputs.detach().flatten(1) @ self.random_sd
+        if self.config.sd_representation == "mlp":
+            return self.sd_mlp(sd_inputs.flatten(1))
+        return hidden[:, -context.num_sd:].mean(1)
+
+    # ---- serving pieces (also the training path) -----------------------------------------------------------------------
+    def encode_context(self, batch: Batch) -> ContextCache:
+        """Encode each request's context once (read from the request's first row): per-layer keys / values, the final
+        context states and s. Reusable for any number of candidates of those requests, in any chunks."""
+        if self.config.attention == "full":
+            raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
+        context = self.tokenizer.context(batch, batch.request_rows())
+        hidden, keys_values = self.encoder.context(context)
+        return ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
+
+    def encode_candidates(self, cache: ContextCache, batch: Batch, chunk_size: int | None = None) -> Tensor:
+        """r [R, N, K, d]: the final task-token states of every candidate of the batch's requests against the cached
+        context, ``chunk_size`` candidates per request at a time (groups are independent, so chunking is exact)."""
+        slot, _ = batch.list_layout()
+        if slot.shape[0] != cache.num_requests:
+            raise ValueError(f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}")
+        candidates = self.tokenizer.candidates(batch)
+        step = max(chunk_size or slot.shape[1], 1)
+        chunks = [
+            self.encoder.groups(self._groups(candidates[slot[:, start:start + step]]), cache, self._first_output)
+            for start in range(0, slot.shape[1], step)
+        ]
+        return self._task_states(torch.cat(chunks, dim=1))
+
+    def score_with_context(self, cache: ContextCache, batch: Batch, chunk_size: int | None = None) -> dict[str, Tensor]:
+        """Logits {task: [B]} of the batch's candidates (grouped in the same requests as ``cache``); groups are encoded
+        chunk by chunk, contextualization and cross-task attention see the whole pool at once."""
+        return self._score(self.encode_candidates(cache, batch, chunk_size), cache.situation, batch)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        if self.config.attention == "full":
+            context, hidden, groups = reference_encode(self, batch, bidirectional=True)
+            r = self._task_states(groups[:, :, self._first_output:])
+            return self._score(r, self._situation(context, hidden), batch)
+        return self.score_with_context(self.encode_context(batch), batch)
+
+    @torch.no_grad()
+    def score_pool(self, batch: Batch, chunk_size: int = 1024) -> dict[str, Tensor]:
+        """One request's whole pool (all rows of ``batch``, whatever its ``request``): the context encoded once,
+        candidate groups ``chunk_size`` at a time; the same scores as one pass."""
+        pool = Batch(batch.categorical, batch.dense, batch.histories, batch.labels, batch.label_mask, batch.user,
+                     request=torch.zeros(batch.size, dtype=torch.long, device=batch.user.device))
+        if self.config.attention == "full":
+            return self(pool)
+        return self.score_with_context(self.encode_context(pool), pool, chunk_size)
+
+    # ---- 1.3 contextualization -> 1.4 cross-task attention -> 1.5 scoring ----------------------------------------------
+    def _score(self, r: Tensor, situation: Tensor, batch: Batch) -> dict[str, Tensor]:
+        slot, present = batch.list_layout()
+        h = torch.stack(
+            [self.channels[t].contextualize(situation, r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=1
+        )
+        z = h if self.cross_task is None else self.cross_task(h)
+        scale = torch.stack([self.channels[t].scale for t in self.tasks])
+        bias = torch.stack([self.channels[t].bias for t in self.tasks])
+        scores = torch.einsum("rkd,rnkd->rnk", z, r) * scale + bias
+        logits = scores.new_zeros(batch.size, len(self.tasks))
+        logits[slot[present]] = scores[present]
+        return {t: logits[:, k] for k, t in enumerate(self.tasks)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference (tests, and the "full" ablation): one masked full attention over [context + all groups]
+# ---------------------------------------------------------------------------------------------------------------------
+def reference_mask(context: ContextTokens, present: Tensor, group_size: int, bidirectional: bool = False) -> Tensor:
+    """The explicit [R, T, T] boolean mask over T = U + N S tokens, [context, G_1, ..., G_N] (section 1.2).
+
+    ``bidirectional``: every token sees every real token (the ablation); otherwise context sees context (causal
+    inside history / anchor segments), groups see the real context plus their own tokens under ``group_mask``.
+    """
+    R, N = present.shape
+    U, S = len(context.blocks), group_size
+    group_valid = present.repeat_interleave(S, dim=1)
+    diagonal = torch.eye(U + N * S, dtype=torch.bool, device=present.device)
+    if bidirectional:
+        return torch.cat([context.valid, group_valid], 1)[:, None, :] | diagonal
+    mask = torch.zeros(R, U + N * S, U + N * S, dtype=torch.bool, device=present.device)
+    mask[:, :U, :U] = context_mask(context)
+    mask[:, U:, :U] = context.valid[:, None, :]
+    eye = torch.eye(N, dtype=torch.bool, device=present.device)
+    mask[:, U:, U:] = (eye[:, None, :, None] & group_mask(S, present.device)[None, :, None, :]).reshape(N * S, N * S)
+    return mask
+
+
+def reference_encode(
+    model: OneRank, batch: Batch, bidirectional: bool = False
+) -> tuple[ContextTokens, Tensor, Tensor]:
+    """(context tokens, context states [R, U, d], group states [R, N, S, d]) from one full attention over the whole
+    sequence with the explicit mask, through the model's own weights. O((U + N S)^2): a specification to test the
+    structured path against, not a serving path."""
+    slot, present = batch.list_layout()
+    context = model.tokenizer.context(batch, batch.request_rows())
+    groups = model._groups(model.tokenizer.candidates(batch)[slot])
+    R, N, S, d = groups.shape
+    x = torch.cat([context.tokens, groups.reshape(R, N * S, d)], dim=1)
+    mask = reference_mask(context, present, S, bidirectional).unsqueeze(1)
+    for block in model.encoder.blocks:
+        x = block(x, mask)
+    x = model.encoder.norm(x)
+    U = context.tokens.shape[1]
+    return context, x[:, :U], x[:, U:].reshape(R, N, S, d)

@@ -1,0 +1,429 @@
+"""Ranking requests: the pydantic request / response models, and the encoding of a raw request into model inputs.
+
+A request holds raw values as in the training data (strings or ids): the user and context fields, the behaviour
+histories (raw item ids, oldest first) and a list of candidates with their fields. Encoding follows the checkpoint's
+schema and the vocabularies and scalers fitted on train, vectorised over candidates:
+
+* categorical values go through the saved vocabularies; unseen values become OOV (code 1), never an error. ``null``
+  stands for a missing value and is encoded as training encoded missing values (``"<NA>"`` for string fields,
+  ``-1`` for integer fields), which is OOV unless the training data held missing values;
+* every user / context categorical field is required (``null`` is allowed), and so is each candidate's item id;
+* a candidate's other item fields are optional: absent or ``null`` values are read from the checkpoint's item table
+  (OOV for items the table does not know);
+* dense fields are optional: an absent or ``null`` value is the schema's ``fill_value`` when declared, else the train
+  mean (0 after scaling);
+* histories are truncated to the schema's ``max_len`` (the most recent items kept) and left-padded; an absent
+  sequence is an empty history.
+
+Every problem raises a :class:`RequestError` whose ``loc`` names the field at fault (FastAPI's error layout), with
+status 422, or 413 for requests past the limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+
+from onerank.data.batching import Batch
+from onerank.data.encoding import OOV, PAD, Encoders, Vocabulary
+from onerank.features.space import FeatureSpace
+
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"expected a string, a number or null, got {type(value).__name__}")
+
+
+def _item_id(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected an item id (a string or an integer), got {value!r}")
+
+
+# One validator per raw value type, so that a wrong value gets one error naming its field (a Union would report one
+# error per member of the union).
+Scalar = Annotated[Any, AfterValidator(_scalar), WithJsonSchema({"type": ["string", "number", "boolean", "null"]})]
+ItemId = Annotated[Any, AfterValidator(_item_id), WithJsonSchema({"type": ["string", "integer"]})]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request and response models
+# ---------------------------------------------------------------------------------------------------------------------
+class FusionSpec(BaseModel):
+    """How per-task predictions become one ranking score.
+
+    ``weighted_sum``: ``sum_t w_t p_t``. ``product``: ``prod_t p_t ** w_t`` (e.g. ``p_click^a * p_cart^b``); tasks
+    absent from ``weights`` have weight 0.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["weighted_sum", "product"] = "weighted_sum"
+    weights: dict[str, float] | None = Field(None, description="task -> weight; default 1 for every task")
+
+
+class RankRequest(BaseModel):
+    """One ranking request in raw values; see the module docstring for what is required and what falls back."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: dict[str, Scalar] = Field(default_factory=dict, description="user fields of the schema")
+    context: dict[str, Scalar] = Field(default_factory=dict, description="context fields of the schema")
+    histories: dict[str, list[ItemId]] = Field(
+        default_factory=dict, description="behaviour sequence -> raw item ids, oldest first"
+    )
+    candidates: list[dict[str, Scalar]] = Field(min_length=1, description="candidates with their item fields")
+    fusion: FusionSpec | None = Field(None, description="overrides the service's fusion for this request")
+    top_k: int | None = Field(None, ge=1, description="return only the best top_k candidates")
+
+
+class RankedCandidate(BaseModel):
+    rank: int
+    index: int = Field(description="position of the candidate in the request")
+    item_id: ItemId | None
+    score: float
+    probabilities: dict[str, float] = Field(description="per task: probability (binary) or value (regression)")
+
+
+class RankResponse(BaseModel):
+    model: str
+    version: str
+    tasks: list[str]
+    fusion: FusionSpec
+    num_candidates: int
+    ranking: list[RankedCandidate]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors and limits
+# ---------------------------------------------------------------------------------------------------------------------
+class RequestError(ValueError):
+    """A request that cannot be ranked. ``errors`` follow FastAPI's layout: ``{"loc", "msg", "type"}``."""
+
+    def __init__(self, loc: tuple, msg: str, kind: str = "value_error", status: int = 422) -> None:
+        super().__init__(f"{'.'.join(str(p) for p in loc)}: {msg}")
+        self.errors = [{"loc": ["body", *loc], "msg": msg, "type": kind}]
+        self.status = status
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> "RequestError":
+        first = exc.errors()[0]
+        err = cls(tuple(first["loc"]), first["msg"], first["type"])
+        err.errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return err
+
+
+class RequestTooLarge(RequestError):
+    def __init__(self, loc: tuple, msg: str) -> None:
+        super().__init__(loc, msg, kind="too_large", status=413)
+
+
+@dataclass
+class RequestLimits:
+    """Past these a request is refused with 413 (histories longer than ``max_len`` but within the limit are
+    truncated to the most recent ``max_len`` items)."""
+
+    max_candidates: int = 4096
+    max_history: int = 1000  # raw items per behaviour sequence
+
+    def __post_init__(self) -> None:
+        if self.max_candidates < 1 or self.max_history < 0:
+            raise ValueError(f"request limits must be positive, got {self}")
+
+
+def parse_request(request: RankRequest | dict) -> RankRequest:
+    if isinstance(request, RankRequest):
+        return request
+    if not isinstance(request, dict):
+        raise RequestError((), f"a request is a JSON object, got {type(request).__name__}", "type_error")
+    try:
+        return RankRequest.model_validate(request)
+    except ValidationError as exc:
+        raise RequestError.from_validation(exc) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncodedRequest:
+    """One request as codes: request-level values once, candidate values per candidate, histories as [L] item codes.
+
+    ``to_batch`` expands the request-level tensors over the candidates without copying.
+    """
+
+    num_candidates: int
+    item_ids: list  # raw item id of each candidate, echoed in the response
+    categorical: dict[str, np.ndarray]  # field -> [N] codes, or a 0-d array for request-level fields
+    dense: dict[str, np.ndarray]  # field -> [N] scaled values, or a 0-d array for request-level fields
+    histories: dict[str, np.ndarray] = field(default_factory=dict)  # sequence -> [L] item codes, left-padded
+
+    def column(self, name: str, kind: str = "categorical") -> np.ndarray:
+        """[N] values of one field (request-level values repeated)."""
+        values = (self.categorical if kind == "categorical" else self.dense)[name]
+        return values if values.ndim else np.full(self.num_candidates, values, dtype=values.dtype)
+
+    def to_batch(self, item_table: dict[str, torch.Tensor], item_id: str | None) -> Batch:
+        n = self.num_candidates
+
+        def expand(values: np.ndarray) -> torch.Tensor:
+            if values.ndim == 0:
+                return torch.as_tensor(values.item(), dtype=torch.from_numpy(values.reshape(1)).dtype).expand(n)
+            return torch.from_numpy(values)
+
+        histories = {}
+        for seq, codes in self.histories.items():
+            items = torch.from_numpy(codes).unsqueeze(0).expand(n, -1)
+            per_field = {item_id: items}
+            for name, table in item_table.items():
+                per_field[name] = table[items]
+            histories[seq] = per_field
+        return Batch(
+            categorical={k: expand(v) for k, v in self.categorical.items()},
+            dense={k: expand(v) for k, v in self.dense.items()},
+            histories=histories,
+            labels={},
+            label_mask={},
+            user=torch.zeros(n, dtype=torch.long),
+            request=torch.zeros(n, dtype=torch.long),
+        )
+
+
+def _vocabulary_kind(vocab: Vocabulary) -> str:
+    """How request values are normalised before lookup: like the training column the vocabulary was fitted on."""
+    kind = vocab.index.dtype.kind
+    if kind in "iub":
+        return "int"
+    if kind == "f":
+        return "float"
+    return "str"
+
+
+class RequestEncoder:
+    """Raw request -> :class:`EncodedRequest`, with the checkpoint's schema, vocabularies, scalers and item table."""
+
+    def __init__(self, space: FeatureSpace, encoders: Encoders, item_table: dict[str, np.ndarray],
+                 limits: RequestLimits | None = None) -> None:
+        self.space = space
+        self.schema = space.schema
+        self.encoders = encoders
+        self.item_table = {k: np.asarray(v, dtype=np.int64) for k, v in item_table.items()}
+        self.limits = limits or RequestLimits()
+        self.kinds = {name: _vocabulary_kind(v) for name, v in encoders.vocabularies.items()}
+        schema = self.schema
+        self.request_categorical = [f for f in schema.categorical if f.group != "item"]
+        self.item_categorical = [f for f in schema.categorical if f.group == "item"]
+        self.request_dense = [f for f in schema.dense if f.group != "item"]
+        self.item_dense = [f for f in schema.dense if f.group == "item"]
+        self.candidate_fields = {f.name for f in self.item_categorical} | {f.name for f in self.item_dense}
+        self.request_fields = {f.name: f.group for f in self.request_categorical + self.request_dense}
+        # Scaled value of a missing dense value: the scaled fill_value when the schema declares one, else the mean.
+        self.dense_fallback = {
+            f.name: float(encoders.scalers[f.name].transform(np.array([f.fill_value]))[0]) if f.fill_value is not None
+            else 0.0
+            for f in schema.dense
+        }
+
+    # ---- public ------------------------------------------------------------------------------------------------------
+    def encode(self, request: RankRequest | dict) -> EncodedRequest:
+        req = parse_request(request)
+        self._check_limits(req)
+        values = self._request_values(req)
+        candidates = req.candidates
+        self._check_candidate_fields(candidates)
+        item_id = self.schema.item_id
+        categorical: dict[str, np.ndarray] = {}
+        dense: dict[str, np.ndarray] = {}
+        for f in self.request_categorical:
+            if f.name not in values:
+                raise RequestError((f.group, f.name), f"field required: {f.group} field {f.name!r} "
+                                   "(send null for an unknown value)", "missing")
+            categorical[f.name] = self._codes(f.name, [values[f.name]], (f.group, f.name)).reshape(())
+        for f in self.request_dense:
+            dense[f.name] = self._dense(f.name, [values.get(f.name)], (f.group, f.name)).reshape(())
+
+        raw_ids: list = []
+        item_codes = None
+        if item_id is not None:
+            raw_ids = [c.get(item_id) for c in candidates]
+            if None in raw_ids:
+                i = raw_ids.index(None)
+                raise RequestError(("candidates", i, item_id), f"field required: the item id {item_id!r}", "missing")
+            item_codes = self._codes(item_id, raw_ids, ("candidates", item_id))
+        for f in self.item_categorical:
+            if f.name == item_id:
+                categorical[f.name] = item_codes
+                continue
+            column = [c.get(f.name) for c in candidates]
+            given = np.array([v is not None for v in column], dtype=bool)
+            from_table = self._from_item_table(f.name, item_codes, len(candidates))
+            if not given.any():
+                categorical[f.name] = from_table
+                continue
+            codes = self._codes(f.name, [v for v in column if v is not None], ("candidates", f.name), given)
+            out = from_table.copy()
+            out[given] = codes
+            categorical[f.name] = out
+        for f in self.item_dense:
+            dense[f.name] = self._dense(f.name, [c.get(f.name) for c in candidates], ("candidates", f.name))
+
+        histories = {seq.name: self._history(seq.name, seq.max_len, req.histories.get(seq.name, []))
+                     for seq in self.schema.sequences}
+        return EncodedRequest(
+            num_candidates=len(candidates),
+            item_ids=raw_ids or list(range(len(candidates))),
+            categorical=categorical,
+            dense=dense,
+            histories=histories,
+        )
+
+    def example_request(self, num_candidates: int = 3) -> dict[str, Any]:
+        """A request this model accepts, built from values seen in training (for ``GET /model`` and the docs)."""
+        def known(name: str, k: int) -> list:
+            values = self.encoders.vocabularies[name].to_list()
+            return [values[i % len(values)] for i in range(k)] if values else [None] * k
+
+        request: dict[str, Any] = {"user": {}, "context": {}, "histories": {}, "candidates": []}
+        for f in self.request_categorical:
+            request[f.group][f.name] = known(f.name, 1)[0]
+        for f in self.request_dense:
+            request[f.group][f.name] = round(self.encoders.scalers[f.name].mean, 3)
+        item_id = self.schema.item_id
+        if item_id is not None:
+            items = known(item_id, num_candidates + 4)
+            for seq in self.schema.sequences:
+                request["histories"][seq.name] = items[num_candidates:]
+            request["candidates"] = [{item_id: v} for v in items[:num_candidates]]
+        else:
+            request["candidates"] = [{} for _ in range(num_candidates)]
+        for f in self.item_categorical:
+            if f.name != item_id:
+                for cand, value in zip(request["candidates"], known(f.name, num_candidates)):
+                    cand[f.name] = value
+        for f in self.item_dense:
+            for cand in request["candidates"]:
+                cand[f.name] = round(float(np.expm1(self.encoders.scalers[f.name].mean))
+                                     if self.encoders.scalers[f.name].log1p else self.encoders.scalers[f.name].mean, 3)
+        return request
+
+    # ---- checks ------------------------------------------------------------------------------------------------------
+    def _check_limits(self, req: RankRequest) -> None:
+        n = len(req.candidates)
+        if n > self.limits.max_candidates:
+            raise RequestTooLarge(("candidates",), f"{n} candidates; at most {self.limits.max_candidates} per request")
+        known = {s.name for s in self.schema.sequences}
+        for seq, items in req.histories.items():
+            if seq not in known:
+                raise RequestError(("histories", seq), f"unknown behaviour sequence {seq!r}; "
+                                   f"the model's sequences are {sorted(known)}", "unknown_field")
+            if len(items) > self.limits.max_history:
+                raise RequestTooLarge(("histories", seq), f"{len(items)} items; at most {self.limits.max_history}")
+
+    def _request_values(self, req: RankRequest) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for group in ("user", "context"):
+            for name, value in getattr(req, group).items():
+                if name not in self.request_fields:
+                    hint = " (an item field: give it per candidate)" if name in self.candidate_fields else ""
+                    raise RequestError((group, name), f"unknown field {name!r}{hint}; the model's user and context "
+                                       f"fields are {sorted(self.request_fields)}", "unknown_field")
+                if name in values:
+                    raise RequestError((group, name), f"field {name!r} is given in both user and context")
+                values[name] = value
+        return values
+
+    def _check_candidate_fields(self, candidates: list[dict]) -> None:
+        seen: set = set()
+        for c in candidates:
+            seen.update(c)
+        unknown = seen - self.candidate_fields
+        if unknown:
+            name = sorted(unknown, key=str)[0]
+            i = next(i for i, c in enumerate(candidates) if name in c)
+            hint = " (a user / context field: give it once in user or context)" if name in self.request_fields else ""
+            raise RequestError(("candidates", i, name), f"unknown candidate field {name!r}{hint}; the model's item "
+                               f"fields are {sorted(self.candidate_fields)}", "unknown_field")
+
+    # ---- values -> codes -----------------------------------------------------------------------------------------------
+    def _codes(self, name: str, values: list, loc: tuple, positions: np.ndarray | None = None) -> np.ndarray:
+        """Vocabulary codes of raw values (vectorised); ``loc`` names the field in errors (``positions`` maps the
+        values back to candidate indices when only some candidates gave the field)."""
+        kind = self.kinds[name]
+        series = pd.Series(values, dtype=object if not values else None)
+        if kind == "str":
+            # As in training: missing -> "<NA>", anything else by its string form.
+            normalised = series.where(series.notna(), "<NA>").astype(str)
+        else:
+            normalised = self._numeric(series, kind, loc, positions)
+        return self.encoders.vocabularies[name].encode(normalised)
+
+    @staticmethod
+    def _numeric(series: pd.Series, kind: str, loc: tuple, positions: np.ndarray | None) -> np.ndarray:
+        if series.dtype.kind in "iub":
+            return series.to_numpy().astype(np.int64)
+        missing = series.isna().to_numpy()
+        is_bool = series.map(lambda v: isinstance(v, bool)).to_numpy() if series.dtype == object else missing & False
+        numbers = pd.to_numeric(series.where(~is_bool), errors="coerce").to_numpy(dtype=np.float64)
+        numbers = np.where(is_bool, series.where(is_bool, 0).to_numpy(dtype=np.float64), numbers)
+        bad = ~missing & ~np.isfinite(numbers)
+        if kind == "int":
+            bad |= ~missing & np.isfinite(numbers) & (numbers != np.floor(np.nan_to_num(numbers)))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            where = _locate(loc, j, positions)
+            expected = "an integer id" if kind == "int" else "a number"
+            raise RequestError(where, f"expected {expected} (the training values of this field are numbers), "
+                               f"got {series.iloc[j]!r}", "type_error")
+        if kind == "int":
+            # As in training: a missing integer id is -1.
+            return np.where(missing, -1, np.nan_to_num(numbers)).astype(np.int64)
+        return numbers
+
+    def _from_item_table(self, name: str, item_codes: np.ndarray | None, n: int) -> np.ndarray:
+        if item_codes is None or name not in self.item_table:
+            return np.full(n, OOV, dtype=np.int64)
+        return self.item_table[name][item_codes]
+
+    def _dense(self, name: str, values: list, loc: tuple) -> np.ndarray:
+        series = pd.Series(values, dtype=object if not values else None)
+        if series.dtype.kind not in "iuf":
+            wrong = series.map(lambda v: v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))))
+            if wrong.any():
+                j = int(np.flatnonzero(wrong.to_numpy())[0])
+                raise RequestError(_locate(loc, j, None), f"expected a number, got {series.iloc[j]!r}", "type_error")
+        raw = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        missing = np.isnan(raw)
+        if np.isinf(raw).any():
+            j = int(np.flatnonzero(np.isinf(raw))[0])
+            raise RequestError(_locate(loc, j, None), f"expected a finite number, got {raw[j]}")
+        scaled = self.encoders.scalers[name].transform(np.where(missing, 0.0, raw))
+        return np.where(missing, np.float32(self.dense_fallback[name]), scaled).astype(np.float32)
+
+    def _history(self, seq: str, max_len: int, items: list) -> np.ndarray:
+        out = np.full(max_len, PAD, dtype=np.int64)
+        if not items:
+            return out
+        recent = items[-max_len:]
+        offset = len(items) - len(recent)
+        positions = np.arange(offset, len(items))  # errors name the position in the request's list
+        codes = self._codes(self.schema.item_id, recent, ("histories", seq), positions)
+        out[max_len - len(codes):] = codes
+        return out
+
+
+def _locate(loc: tuple, j: int, positions: np.ndarray | None) -> tuple:
+    """Error location of the j-th value: ('candidates', 'brand') -> ('candidates', 7, 'brand')."""
+    index = int(positions[j]) if positions is not None and positions.dtype != bool else (
+        int(np.flatnonzero(positions)[j]) if positions is not None else j)
+    if loc and loc[0] == "candidates":
+        return ("candidates", index, *loc[1:])
+    if loc and loc[0] == "histories":
+        return (*loc, index)
+    return loc

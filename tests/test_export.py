@@ -1,0 +1,90 @@
+"""Export parity: every model family's ONNX (ONNX Runtime) and TorchScript exports give PyTorch's logits to 1e-5,
+on requests of other sizes than the export example; the ranker runs on the ONNX export; `onerank export` works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onerank.cli import main
+from onerank.data.batching import tensor_splits
+from onerank.features.space import FeatureSpace
+from onerank.models import build_model, model_names
+from onerank.serving import Ranker
+from onerank.serving.export import (
+    UNSUPPORTED, ExportableModel, export_checkpoint, export_onnx, export_torchscript, flat_inputs, max_abs_diff,
+    run_export,
+)
+
+TOLERANCE = 1e-5
+
+
+def one_request(split, rows: torch.Tensor):
+    """The rows as one request (every row of an exported call belongs to one request)."""
+    return split.gather(rows, request=torch.zeros(len(rows), dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_dataset):
+    return tensor_splits(tiny_dataset)["test"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", model_names())
+def test_export_matches_pytorch(name, fmt, tiny_dataset, test_split, tmp_path):
+    space = FeatureSpace.from_dataset(tiny_dataset)
+    torch.manual_seed(0)
+    model = build_model(name, space).eval()
+    wrapper = ExportableModel(model, tiny_dataset.item_table)
+    example = flat_inputs(one_request(test_split, torch.arange(3)), space)
+    if (name, fmt) in UNSUPPORTED:
+        pytest.fail(f"{name} is listed as not exportable to {fmt} ({UNSUPPORTED[name, fmt]}); "
+                    "the test below documents it by checking the error instead")
+    path = tmp_path / f"{name}.{fmt}"
+    (export_onnx if fmt == "onnx" else export_torchscript)(wrapper, example, path, name)
+    # sizes other than the example's: a traced graph must not have baked the batch size in
+    for rows in (torch.arange(5, 6), torch.arange(7, 30)):
+        batch = one_request(test_split, rows)
+        with torch.no_grad():
+            expected = model.score_pool(batch, chunk_size=4096)
+        got = run_export(path, fmt, flat_inputs(batch, space))
+        assert len(got) == len(space.task_names)
+        diff = max_abs_diff(tuple(expected[t] for t in space.task_names), got)
+        assert diff <= TOLERANCE, f"{name} {fmt}: max |diff| {diff:.2e} on {len(rows)} candidates"
+
+
+def test_unsupported_families_are_refused_with_their_reason(tiny_checkpoint):
+    for (name, fmt), reason in UNSUPPORTED.items():
+        with pytest.raises(ValueError, match="cannot be exported"):
+            export_checkpoint(tiny_checkpoint(name), fmt)
+        assert reason
+
+
+def test_ranker_on_onnx_export_ranks_like_pytorch(tiny_checkpoint, tmp_path):
+    checkpoint = tiny_checkpoint("mmoe")
+    report = export_checkpoint(checkpoint, "onnx", tmp_path / "mmoe.onnx")
+    assert report.max_abs_diff <= TOLERANCE
+    torch_ranker = Ranker(checkpoint)
+    onnx_ranker = Ranker(checkpoint, backend="onnx", onnx_path=report.path)
+    request = torch_ranker.example_request(40)
+    request["histories"]["clicked"].append(10_000_000)  # an unknown id: OOV in both
+    a, b = torch_ranker.rank(request), onnx_ranker.rank(request)
+    for task in a.probabilities:
+        np.testing.assert_allclose(a.probabilities[task], b.probabilities[task], atol=1e-6)
+    np.testing.assert_allclose(a.scores[a.order], b.scores[b.order], atol=1e-6)
+
+
+def test_ranker_onnx_backend_names_a_missing_file(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="onerank export"):
+        Ranker(tiny_checkpoint("mmoe"), backend="onnx", onnx_path=tmp_path / "absent.onnx")
+
+
+def test_cli_export_writes_both_formats(tiny_checkpoint, tmp_path, capsys):
+    checkpoint = tiny_checkpoint("mmoe")
+    out = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)]) == 0
+    assert out.exists() and "max |diff|" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "absent.pt"), "--format", "onnx"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,425 @@
+"""OneRank, property by property (docs/models.md section 1): the structured attention equals the masked reference,
+tasks' private channels receive no other task's gradient, forward information follows the cross-task mask, candidate
+encodings are independent, scores are permutation-equivariant and ignore padding, chunked serving equals one pass,
+history is causal; every ablation switch trains; the model trains end to end, also on Census-like input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from onerank import api
+from onerank.data import CategoricalField, DenseField, RawDataset, RawSplit, Schema, SequenceField, TaskSpec
+from onerank.data.batching import Batch
+from onerank.data.dataset import encode_dataset
+from onerank.data.schema import SchemaError
+from onerank.features.space import FeatureSpace
+from onerank.models import build_model
+from onerank.models.onerank import CrossTaskAttention, OneRank, OneRankConfig, context_mask, reference_encode
+from onerank.objectives.losses import MultiTaskObjective, ObjectiveConfig
+from onerank.training.config import RunConfig, TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+TASKS = ("click", "cart", "order")
+L = 5  # history length of every sequence
+
+
+def make_space(sequences=("clicked", "carted"), items: bool = True, tasks=TASKS) -> FeatureSpace:
+    categorical = [CategoricalField("user_id", "user"), CategoricalField("hour", "context")]
+    dense = [DenseField("age", group="user")]
+    if items:
+        categorical += [CategoricalField("item_id", "item"), CategoricalField("category", "item")]
+        dense.append(DenseField("price", group="item"))
+    schema = Schema(
+        categorical=categorical,
+        dense=dense,
+        sequences=[SequenceField(s, max_len=L) for s in sequences],
+        tasks=[TaskSpec(t) for t in tasks],
+        item_id="item_id" if items else None,
+    )
+    return FeatureSpace(schema, {"user_id": 20, "hour": 10, "item_id": 30, "category": 8})
+
+
+def make_batch(space: FeatureSpace, sizes: list[int], seed: int = 0) -> Batch:
+    """Random requests of the given sizes; request-level fields and histories are the same on all rows of a request,
+    histories are left-padded with random lengths (some empty)."""
+    g = torch.Generator().manual_seed(seed)
+    R, B = len(sizes), sum(sizes)
+    request = torch.repeat_interleave(torch.arange(R), torch.tensor(sizes))
+    per_request = {f.name for f in space.schema.categorical if f.group != "item"}
+    categorical = {}
+    for name in space.categorical_fields:
+        if name in per_request:
+            categorical[name] = torch.randint(2, space.vocab_sizes[name], (R,), generator=g)[request]
+        else:
+            categorical[name] = torch.randint(2, space.vocab_sizes[name], (B,), generator=g)
+    dense = {
+        f.name: (torch.randn(R, generator=g)[request] if f.group != "item" else torch.randn(B, generator=g))
+        for f in space.schema.dense
+    }
+    histories = {}
+    for seq in space.sequences:
+        items = torch.randint(2, space.vocab_sizes["item_id"], (R, L), generator=g)
+        lengths = torch.randint(0, L + 1, (R,), generator=g)
+        lengths[0] = L - 1  # request 0 always has a history with one padded slot
+        items[torch.arange(L)[None, :] < (L - lengths)[:, None]] = 0
+        codes = {"item_id": items, "category": torch.where(items > 0, items % 6 + 2, 0)}
+        histories[seq] = {f: c[request] for f, c in codes.items()}
+    labels = {t: (torch.rand(B, generator=g) < 0.4).float() for t in space.task_names}
+    return Batch(categorical, dense, histories, labels, {t: torch.ones(B, dtype=torch.bool) for t in labels},
+                 user=request.clone(), request=request)
+
+
+def take_rows(batch: Batch, rows: torch.Tensor, request: torch.Tensor | None) -> Batch:
+    def cut(x):
+        return {k: cut(v) for k, v in x.items()} if isinstance(x, dict) else x[rows]
+
+    return Batch(cut(batch.categorical), cut(batch.dense), cut(batch.histories), cut(batch.labels),
+                 cut(batch.label_mask), batch.user[rows], request=request)
+
+
+def model_for(space: FeatureSpace, seed: int = 0, **options) -> OneRank:
+    torch.manual_seed(seed)
+    options = {"dim": 16, "num_layers": 2, "num_heads": 2, "ffn_multiplier": 2, "item_mlp_hidden": (16,), **options}
+    return build_model("onerank", space, options).eval()
+
+
+def losses_of(model: OneRank, batch: Batch) -> dict[str, torch.Tensor]:
+    objective = MultiTaskObjective(model.space.tasks, ObjectiveConfig(**model.objective_defaults))
+    return objective(model(batch), batch)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return make_space()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The structured encoder and its reference
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    {},
+    {"task_tokens": "shared"},
+    {"task_tokens": "projection"},
+    {"anchor_sequences": ("carted",)},
+    {"sd_tokens": "group", "num_layers": 3},
+])
+def test_structured_encoder_equals_the_reference_masked_full_attention(space, options):
+    model = model_for(space, **options)
+    batch = make_batch(space, [4, 1, 7, 3], seed=1)  # ragged requests: padded candidates, empty histories
+    with torch.no_grad():
+        cache = model.encode_context(batch)
+        r = model.encode_candidates(cache, batch)
+        _, ref_context, ref_groups = reference_encode(model, batch)
+        ref_r = model._task_states(ref_groups[:, :, model._first_output:])
+    _, present = batch.list_layout()
+    assert (cache.hidden - ref_context).abs().max() < 1e-5
+    assert (r - ref_r)[present].abs().max() < 1e-5
+
+
+def test_reference_mask_and_context_mask_follow_the_visibility_rules(space):
+    from onerank.models.onerank import reference_mask
+
+    model = model_for(space, anchor_sequences=("carted",))
+    batch = make_batch(space, [3, 2], seed=2)
+    context = model.tokenizer.context(batch, batch.request_rows())
+    _, present = batch.list_layout()
+    K = len(TASKS)
+    S = 1 + K
+    mask = reference_mask(context, present, S)
+    U = context.tokens.shape[1]
+    assert mask.shape == (2, U + 3 * S, U + 3 * S)
+    assert not mask[:, :U, U:].any()  # context never sees candidates or task tokens
+    for i in range(3):
+        c = U + i * S
+        assert torch.equal(mask[0, c, :U], context.valid[0])  # groups see all real context
+        assert mask[0, c, U:].nonzero().flatten().tolist() == [i * S]  # c_i sees itself only
+        for k in range(1, S):
+            assert mask[0, c + k, U:].nonzero().flatten().tolist() == [i * S, i * S + k]  # t_k: c_i and itself
+    # history and anchor tokens: causal inside their segment; SD tokens: all real context
+    allowed = context_mask(context)[0]
+    blocks = context.blocks
+    for q in range(U):
+        for k in range(U):
+            if q != k and allowed[q, k] and blocks[q] >= 0:
+                assert blocks[k] == blocks[q] and k < q
+    sd = blocks == -1
+    assert torch.equal(allowed[sd][:, :], (context.valid[0][None, :] | torch.eye(U, dtype=torch.bool)[sd]))
+
+
+def test_history_tokens_never_attend_to_later_history_tokens(space):
+    model = model_for(space)
+    batch = make_batch(space, [3, 2], seed=3)
+    rows = batch.request == 0
+    changed = make_batch(space, [3, 2], seed=3)
+    slot = L - 2  # a real item, not the most recent
+    changed.histories["clicked"]["item_id"][rows, slot] = 29
+    changed.histories["clicked"]["category"][rows, slot] = 7
+    with torch.no_grad():
+        before, after = model.encode_context(batch).hidden[0], model.encode_context(changed).hidden[0]
+    moved = (before - after).abs().amax(-1) > 1e-6
+    # context layout: [clicked (L), carted (L), SD tokens]
+    assert not moved[:slot].any(), "an earlier history token saw a later one"
+    assert moved[slot:L].all()
+    assert not moved[L:2 * L].any(), "another behaviour segment saw this one"
+    assert moved[2 * L:].all(), "SD tokens see the whole history"
+
+
+def test_a_candidates_encoding_does_not_depend_on_other_candidates(space):
+    model = model_for(space)
+    batch = make_batch(space, [6, 4], seed=4)
+    other = make_batch(space, [6, 4], seed=4)
+    other.categorical["item_id"][2] = 29  # candidate 2 of request 0 changes
+    other.dense["price"][2] += 3.0
+    with torch.no_grad():
+        a = model.encode_candidates(model.encode_context(batch), batch)
+        b = model.encode_candidates(model.encode_context(other), other)
+    moved = (a - b).abs().amax(dim=(-1, -2)) > 0
+    assert moved[0, 2] and moved.sum() == 1
+
+
+def test_scores_are_permutation_equivariant_and_ignore_padded_candidates(space):
+    model = model_for(space)
+    batch = make_batch(space, [6, 9], seed=5)
+    with torch.no_grad():
+        both = model(batch)
+        alone = model(batch.slice(0, 6))  # request 0 without the padding that request 1 forces on it
+        perm = torch.cat([torch.randperm(6, generator=torch.Generator().manual_seed(0)), torch.arange(6, 15)])
+        permuted = model(take_rows(batch, perm, batch.request))
+    for t in TASKS:
+        assert torch.allclose(both[t][:6], alone[t], atol=1e-5)
+        assert torch.allclose(permuted[t], both[t][perm], atol=1e-5)
+
+
+def test_chunked_scoring_with_a_cached_context_equals_one_pass(space):
+    model = model_for(space)
+    pool = make_batch(space, [23], seed=6)
+    with torch.no_grad():
+        one_pass = model(pool)
+        cache = model.encode_context(pool)
+        for chunk in (1, 5, 23, 100):
+            chunked = model.score_with_context(cache, pool, chunk_size=chunk)
+            served = model.score_pool(pool, chunk_size=chunk)
+            for t in TASKS:
+                assert torch.allclose(chunked[t], one_pass[t], atol=1e-5)
+                assert torch.allclose(served[t], one_pass[t], atol=1e-5)
+    # a serving pool comes without request grouping: score_pool treats all its rows as one request
+    unrouped = take_rows(pool, torch.arange(23), None)
+    with torch.no_grad():
+        assert torch.allclose(model.score_pool(unrouped, chunk_size=4)["cart"], one_pass["cart"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks: private gradients, forward information flow
+# ---------------------------------------------------------------------------------------------------------------------
+def private_groups(task: str) -> dict[str, str]:
+    return {"task token": f"channels.{task}.token", "SD projection f_k": f"channels.{task}.query.",
+            "cross-attention MHCA_k": f"channels.{task}.pool_attention.", "scale and bias": f"channels.{task}.scale"}
+
+
+def gradients(model: OneRank, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach):
+    model = model_for(space, cross_task="full", detach_cross_task=detach).train()
+    batch = make_batch(space, [5, 4, 6], seed=7)
+    losses = losses_of(model, batch)
+    for k in TASKS:
+        grads = gradients(model, losses[k])
+
+        def norm(prefix):
+            return sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(prefix))
+
+        for part, prefix in private_groups(k).items():
+            assert norm(prefix) > 0, f"{k}'s loss gives no gradient to its own {part}"
+        assert norm("encoder.") > 0 and norm("tokenizer.") > 0 and norm("cross_task.") > 0
+        for j in TASKS:
+            if j == k:
+                continue
+            leaked = {part: norm(prefix) for part, prefix in private_groups(j).items() if "scale" not in part}
+            if detach:
+                assert all(v == 0.0 for v in leaked.values()), f"{k}'s loss reached {j}'s {leaked}"
+            else:
+                assert all(v > 0 for v in leaked.values()), f"without detachment {k}'s loss should reach {j}: {leaked}"
+
+
+@pytest.mark.parametrize("visibility", ["full", "cascade", "parallel", ((1, 0, 1), (0, 1, 0), (1, 1, 1))])
+def test_cross_task_forward_flow_follows_the_mask(space, visibility):
+    options = {"cross_task_matrix": visibility} if isinstance(visibility, tuple) else {"cross_task": visibility}
+    model = model_for(space, **options)
+    allowed = model.cross_task.visibility
+    batch = make_batch(space, [5, 3], seed=8)
+    with torch.no_grad():
+        base = model(batch)
+        # the layer itself: moving h_j moves z_k exactly where task k may read task j
+        h = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+        z = model.cross_task(h)
+        for j in range(3):
+            moved_h = h.clone()
+            moved_h[:, j] += 1.0
+            moved = (model.cross_task(moved_h) - z).abs().amax(dim=(0, 2)) > 1e-6
+            assert torch.equal(moved, allowed[:, j]), (j, moved, allowed[:, j])
+        # the model: changing task j's request vector (through its SD projection f_j) moves task k's scores likewise
+        for j, task in enumerate(TASKS):
+            weight = model.channels[task].query.weight
+            saved = weight.clone()
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(j)))
+            moved = [bool((model(batch)[t] - base[t]).abs().max() > 1e-6) for t in TASKS]
+            weight.copy_(saved)
+            assert moved == allowed[:, j].tolist(), (task, moved)
+
+
+def test_cascade_mask_follows_the_schema_order_and_rejects_a_blind_diagonal():
+    assert OneRankConfig(cross_task="cascade").task_visibility(3).tolist() == [
+        [True, False, False], [True, True, False], [True, True, True]]
+    with pytest.raises(SchemaError, match="diagonal"):
+        OneRankConfig(cross_task_matrix=((0, 1), (1, 1))).task_visibility(2)
+    with pytest.raises(SchemaError, match="2 x 2"):
+        OneRankConfig(cross_task_matrix=((1,),)).task_visibility(2)
+
+
+def test_without_detachment_the_layer_passes_gradients_across_tasks():
+    config = OneRankConfig(dim=8, num_heads=2, detach_cross_task=True)
+    visibility = config.task_visibility(3)
+    layer = CrossTaskAttention(config, visibility)
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(h)[:, 0].sum(), h)
+    assert grad[:, 1:].abs().max() == 0 and grad[:, 0].abs().max() > 0
+    layer.detach = False
+    (grad,) = torch.autograd.grad(layer(h)[:, 0].sum(), h)
+    assert grad[:, 1:].abs().max() > 0
+
+
+def test_task_parameter_prefixes_name_each_tasks_private_parameters(space):
+    model = model_for(space)
+    prefixes = model.task_parameter_prefixes()
+    assert set(prefixes) == set(TASKS)
+    names = [n for n, _ in model.named_parameters()]
+    for t in TASKS:
+        own = [n for n in names if any(n.startswith(p) for p in prefixes[t])]
+        assert {f"channels.{t}.token", f"channels.{t}.scale", f"channels.{t}.bias"} <= set(own)
+        assert any(".query." in n for n in own) and any(".pool_attention." in n for n in own)
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) not in shared for n, p in model.named_parameters() if n.startswith("channels."))
+    assert any(id(p) in shared for n, p in model.named_parameters() if n.startswith("encoder."))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ablations, training, degenerate inputs
+# ---------------------------------------------------------------------------------------------------------------------
+ABLATIONS = [
+    {"task_tokens": "projection"},
+    {"task_tokens": "shared"},
+    {"cross_task": "none"},
+    {"cross_task": "parallel"},
+    {"cross_task": "cascade"},
+    {"detach_cross_task": False},
+    {"contextualization": "off"},
+    {"contextualization": "random_sd"},
+    {"sd_representation": "mlp"},
+    {"attention": "full"},
+    {"sd_tokens": "group"},
+    {"anchor_sequences": ("carted",)},
+]
+
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_ablation_switch_builds_and_trains_a_step(space, options):
+    model = model_for(space, **options).train()
+    batch = make_batch(space, [4, 6, 2], seed=9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = sum(losses_of(model, batch).values())
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith("encoder."))
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)
+        pool = batch.slice(4, 10)
+        assert torch.allclose(model.score_pool(pool, chunk_size=4)["click"], model(pool)["click"], atol=1e-5)
+    assert all(torch.isfinite(v).all() for v in scores.values())
+
+
+def test_random_sd_is_frozen_and_full_attention_mixes_candidates(space):
+    model = model_for(space, contextualization="random_sd")
+    assert "random_sd" in dict(model.named_buffers()) and "random_sd" not in dict(model.named_parameters())
+    full = model_for(space, attention="full")
+    batch = make_batch(space, [6], seed=10)
+    other = make_batch(space, [6], seed=10)
+    other.categorical["item_id"][2] = 29
+    with torch.no_grad():
+        a = reference_encode(full, batch, bidirectional=True)[2]
+        b = reference_encode(full, other, bidirectional=True)[2]
+        assert ((a - b).abs().amax(dim=(-1, -2)) > 1e-6).all()  # the ablation really removes the isolation
+    with pytest.raises(ValueError, match="full"):
+        full.encode_context(batch)
+
+
+def test_config_errors_name_the_option(space):
+    with pytest.raises(SchemaError, match="task_tokens"):
+        model_for(space, task_tokens="many")
+    with pytest.raises(SchemaError, match="anchor_sequences.*liked"):
+        model_for(space, anchor_sequences=("liked",))
+    with pytest.raises(SchemaError, match="num_heads"):
+        model_for(space, dim=10, num_heads=4)
+
+
+def tiny_run(dataset, epochs: int = 3) -> dict:
+    config = RunConfig.from_yaml(CONFIGS / "onerank_tiny.yaml")
+    config.dataset = dataset.name
+    config.train = TrainConfig(epochs=epochs, batch_size=64, lr=1e-2, patience=epochs, progress=False,
+                               tensorboard=False, seed=3)
+    return api.train(config, dataset=dataset)
+
+
+def test_trains_end_to_end_through_the_api_and_its_loss_decreases(tiny_dataset):
+    result = tiny_run(tiny_dataset, epochs=5)
+    first, last = result["history"][0]["train_loss"], result["history"][-1]["train_loss"]
+    assert sum(last.values()) < sum(first.values())
+    assert result["config"]["model"] == "onerank"
+    assert result["test"]["click"]["auc"] > 0.6
+
+
+def census_like() -> RawDataset:
+    """No requests, no item fields, no sequences: every impression is a request of one."""
+    schema = Schema(
+        categorical=[CategoricalField(f"c{i}", "user") for i in range(4)],
+        dense=[DenseField("age", group="user")],
+        tasks=[TaskSpec("income"), TaskSpec("married")],
+    )
+
+    def split(n: int, seed: int) -> RawSplit:
+        rng = np.random.default_rng(seed)
+        table = pd.DataFrame({f"c{i}": rng.integers(0, 5, n) for i in range(4)})
+        table["age"] = rng.normal(40, 10, n)
+        table["income"] = (rng.random(n) < 0.2 + 0.5 * (table["c0"] < 2)).astype(int)
+        table["married"] = (rng.random(n) < 0.3 + 0.4 * (table["age"] > 40)).astype(int)
+        return RawSplit(table=table)
+
+    return RawDataset("census_like", schema, split(300, 0), split(80, 1), split(80, 2))
+
+
+def test_census_like_input_without_requests_items_or_sequences_runs():
+    dataset = encode_dataset(census_like())
+    result = tiny_run(dataset, epochs=2)
+    assert all(np.isfinite(m["logloss"]) for m in result["test"].values())
+    model = model_for(FeatureSpace.from_dataset(dataset))
+    space = model.space
+    batch = Batch({f: torch.randint(1, 5, (7,)) for f in space.categorical_fields}, {"age": torch.randn(7)}, {},
+                  {t: torch.ones(7) for t in space.task_names}, {t: torch.ones(7, dtype=torch.bool) for t in space.task_names},
+                  user=torch.arange(7))
+    with torch.no_grad():
+        scores = model(batch)
+        # N = 1: each impression is its own request, so scoring one row alone gives the same result
+        assert torch.allclose(model(batch.slice(3, 4))["income"], scores["income"][3:4], atol=1e-6)

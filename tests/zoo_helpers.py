@@ -1,0 +1,94 @@
+"""Helpers of the model-zoo tests: each model's tiny configuration, small slices of the real datasets, a tiny run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from conftest import shared_data
+from onerank import api
+from onerank.data.dataset import EncodedDataset, EncodedSplit
+from onerank.data.registry import load_dataset
+from onerank.training.config import RunConfig, TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def tiny_config(model: str, **overrides: Any) -> RunConfig:
+    """``configs/models/<model>_tiny.yaml``, the configuration CI trains end to end, with ``overrides`` applied."""
+    config = RunConfig.from_yaml(CONFIGS / f"{model}_tiny.yaml")
+    assert config.model == model
+    return dataclasses.replace(config, **overrides)
+
+
+def _sample_split(split: EncodedSplit, n: int, rng: np.random.Generator) -> EncodedSplit:
+    """``n`` random rows in their original order (request indices renumbered, so requests stay contiguous)."""
+    rows = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
+    arrays = {k: v[rows] for k, v in split.arrays().items()}
+    if "request" in arrays:
+        arrays["request"] = pd.factorize(arrays["request"])[0].astype(np.int64)
+    return EncodedSplit.from_arrays(arrays)
+
+
+def sample_dataset(ds: EncodedDataset, train_rows: int = 1500, eval_rows: int = 600, seed: int = 0) -> EncodedDataset:
+    rng = np.random.default_rng(seed)
+    return dataclasses.replace(
+        ds,
+        train=_sample_split(ds.train, train_rows, rng),
+        valid=_sample_split(ds.valid, eval_rows, rng),
+        test=_sample_split(ds.test, eval_rows, rng),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def real_dataset(name: str) -> EncodedDataset:
+    """A small random slice of KuaiRand-Pure or Census-Income (skips when ../shared/data lacks the files).
+
+    Loaded once per test session; the encoded full dataset is cached on disk (``ONERANK_CACHE``).
+    """
+    if name == "kuairand":
+        ds = load_dataset("kuairand", str(shared_data("kuairand-pure")), history_len=8)
+    elif name == "census":
+        ds = load_dataset("census", str(shared_data("census-income")))
+    else:
+        raise ValueError(name)
+    return sample_dataset(ds)
+
+
+@functools.lru_cache(maxsize=None)
+def _synthetic(options: str) -> EncodedDataset:
+    return load_dataset("synthetic", **json.loads(options))
+
+
+def synthetic_dataset(model: str) -> EncodedDataset:
+    """The synthetic dataset of ``model``'s tiny configuration (loaded once per session for equal options)."""
+    config = tiny_config(model)
+    assert config.dataset == "synthetic"
+    return _synthetic(json.dumps(config.dataset_options, sort_keys=True))
+
+
+def train_tiny(model: str, dataset: EncodedDataset | None = None, **overrides: Any) -> dict:
+    """One tiny training run (on the tiny configuration's synthetic data unless ``dataset`` is given); checks it
+    produced finite metrics for every task."""
+    dataset = dataset if dataset is not None else synthetic_dataset(model)
+    result = api.train(tiny_config(model, **overrides), dataset=dataset)
+    assert set(result["test"]) == set(dataset.schema.task_names)
+    for task, metrics in result["test"].items():
+        values = [v for k, v in metrics.items() if k in ("logloss", "mse")]
+        assert values and all(np.isfinite(values)), (model, task, metrics)
+    return result
+
+
+def train_on_tiny_dataset(model: str, dataset: EncodedDataset, epochs: int = 4, **train: Any) -> dict:
+    """``model`` with its tiny options on the hand-made dataset of conftest (learnable in a few epochs)."""
+    options = dict(epochs=epochs, batch_size=64, lr=3e-3, progress=False, tensorboard=False, patience=5, seed=7)
+    options.update(train)
+    config = RunConfig(dataset=dataset.name, model=model, model_options=tiny_config(model).model_options,
+                       train=TrainConfig(**options))
+    return api.train(config, dataset=dataset)
