@@ -108,6 +108,13 @@ def test_item_table_gives_history_items_their_side_features(tiny_dataset):
     assert ds.item_table["category"][PAD] == PAD
 
 
+def test_request_ids_must_match_the_rows():
+    raw = tiny_raw(30)
+    raw.valid.request = raw.valid.request[:-1]
+    with pytest.raises(SchemaError, match="valid split: 299 request ids for 300 rows"):
+        encode_dataset(raw)
+
+
 def test_task_space_mask_and_request_contiguity(tiny_dataset):
     ds = tiny_dataset
     np.testing.assert_array_equal(ds.train.label_mask["buy"], ds.train.labels["click"] > 0.5)
@@ -118,7 +125,9 @@ def test_task_space_mask_and_request_contiguity(tiny_dataset):
 
 def test_items_seen_only_in_train_histories_keep_their_side_features():
     raw = tiny_raw(30)
-    raw.train.table = raw.train.table[raw.train.table["item_id"] != 57].reset_index(drop=True)
+    keep = (raw.train.table["item_id"] != 57).to_numpy()
+    raw.train.table = raw.train.table[keep].reset_index(drop=True)
+    raw.train.request = raw.train.request[keep]
     raw.train.histories["clicked"] = RaggedHistory(
         values=np.array([57] * len(raw.train.table)), offsets=np.arange(len(raw.train.table) + 1)
     )

@@ -168,6 +168,10 @@ def encode_dataset(raw: RawDataset) -> EncodedDataset:
     for split in SPLITS:
         rs: RawSplit = getattr(raw, split)
         encoding.validate_table(rs.table, schema, where=f"{raw.name} {split} split")
+        if rs.request is not None and len(rs.request) != len(rs.table):
+            raise SchemaError(
+                f"{raw.name} {split} split: {len(rs.request)} request ids for {len(rs.table)} rows"
+            )
         for seq in schema.sequences:
             if seq.name not in rs.histories:
                 raise SchemaError(f"{raw.name} {split} split: behaviour sequence {seq.name!r} is missing")

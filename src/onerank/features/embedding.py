@@ -10,32 +10,58 @@ from onerank.features.space import FeatureSpace
 
 
 class FeatureEmbedding(nn.Module):
-    """One table per categorical field (code 0 = padding embeds to zero), one learned vector per dense field.
+    """An embedding table per categorical field (code 0 = padding embeds to zero), one learned vector per dense field.
 
     All fields share one width ``dim`` so that they can also serve as Transformer tokens.
+
+    The per-field tables are stored as one table: field f's code c > 0 is row ``offset[f] + c``, and every field's
+    padding code is the shared row 0 (``padding_idx``: zero, never updated). Looking up F fields is then one gather and
+    one gradient scatter instead of F of each, which measurably speeds up training of the many-field models
+    (``docs/scaling.md``); ``field_table(name)`` is field ``name``'s slice of it.
     """
 
     def __init__(self, space: FeatureSpace, dim: int) -> None:
         super().__init__()
         self.space = space
         self.dim = dim
-        self.tables = nn.ModuleDict(
-            {name: nn.Embedding(space.vocab_sizes[name], dim, padding_idx=0) for name in space.categorical_fields}
-        )
-        for table in self.tables.values():
-            nn.init.normal_(table.weight, std=0.05)
-            with torch.no_grad():
-                table.weight[0].zero_()
+        names = space.categorical_fields
+        sizes = [space.vocab_sizes[name] for name in names]
+        # field f's codes 1..V_f-1 take rows starts[f] .. starts[f] + V_f - 2, after the shared padding row 0
+        starts = [1 + sum(v - 1 for v in sizes[:i]) for i in range(len(sizes))]
+        self.offsets = {name: start - 1 for name, start in zip(names, starts)}
+        self.table = nn.Embedding(1 + sum(v - 1 for v in sizes), dim, padding_idx=0)
+        nn.init.normal_(self.table.weight, std=0.05)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
         num_dense = len(space.dense_fields)
         self.dense_weight = nn.Parameter(torch.randn(num_dense, dim) * 0.05)
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, dim))
+        self._offset_cache: dict[tuple[str, ...], Tensor] = {}
+
+    def field_table(self, name: str) -> Tensor:
+        """Field ``name``'s embedding rows, indexed by its codes ([V, d]; row 0 is the padding row)."""
+        start = self.offsets[name] + 1
+        rows = self.table.weight[start: start + self.space.vocab_sizes[name] - 1]
+        return torch.cat([self.table.weight[:1], rows])
+
+    def _offsets(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        cached = self._offset_cache.get(names)
+        if cached is None or cached.device != device:
+            cached = torch.tensor([self.offsets[n] for n in names], dtype=torch.long, device=device)
+            self._offset_cache[names] = cached
+        return cached
+
+    def lookup(self, codes: Tensor, names: list[str] | tuple[str, ...]) -> Tensor:
+        """codes [..., len(names)] of the named fields (last axis) -> [..., len(names), d]."""
+        offsets = self._offsets(tuple(names), codes.device)
+        return self.table(torch.where(codes > 0, codes + offsets, 0))
 
     # ---- fields -----------------------------------------------------------------------------------------------------
     def fields(self, batch: Batch, names: list[str]) -> Tensor:
         """[B, len(names), d]"""
         if not names:
             return self.dense_weight.new_zeros(batch.size, 0, self.dim)
-        return torch.stack([self.tables[n](batch.categorical[n]) for n in names], dim=1)
+        return self.lookup(torch.stack([batch.categorical[n] for n in names], dim=-1), names)
 
     def context(self, batch: Batch) -> Tensor:
         """User and context fields: [B, F_ctx, d]."""
@@ -58,7 +84,8 @@ class FeatureEmbedding(nn.Module):
     # ---- items and histories -----------------------------------------------------------------------------------------
     def items(self, codes: dict[str, Tensor]) -> Tensor:
         """Item fields of any leading shape -> [..., F_item, d]."""
-        return torch.stack([self.tables[n](codes[n]) for n in self.space.item_fields], dim=-2)
+        names = self.space.item_fields
+        return self.lookup(torch.stack([codes[n] for n in names], dim=-1), names)
 
     def history(self, batch: Batch, sequence: str) -> tuple[Tensor, Tensor]:
         """([B, L, F_item, d] item embeddings, [B, L] validity mask) of one behaviour sequence."""
