@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+from onerank.cli import main
 from onerank.data.batching import BatchLoader, tensor_splits
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 from onerank.nn.hypernetwork import HyperTargetAttention
 from onerank.nn.senet import SENetGate
-from zoo_helpers import real_dataset, train_on_tiny_dataset, train_tiny
+from zoo_helpers import CONFIGS, real_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["dtrn", "dtrn_mmoe", "dtrn_ple"]
 SMALL = dict(embedding_dim=8, hyper_hidden=(16,), attention_rank=2, task_embedding_dim=4, behaviour_embedding_dim=4,
@@ -147,3 +148,13 @@ def test_ablation_switches(tiny_dataset):
     torch.testing.assert_close(reps["click"], reps["buy"])  # nothing task-specific is left in the bottom
     no_histories = build_model("dtrn", space, {**SMALL, "use_histories": False})
     assert no_histories.bottom.interest is None
+
+
+def test_compare_runs_the_dtrn_family_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    code = main(["compare", "--config", str(CONFIGS / "dtrn_tiny.yaml"), "--models", "dtrn,dtrn_mmoe,dtrn_ple",
+                 "--model-option", "dtrn_ple.num_levels=2", "--model-option", "dtrn.attention_rank=2",
+                 "--output", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in MODELS)

@@ -15,6 +15,7 @@ from onerank.models.base import MultiTaskModel, build_model
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
 from onerank.training import checkpoint as ckpt
+from onerank.training import distributed
 from onerank.training.config import RunConfig, objective_config
 from onerank.training.trainer import Trainer, write_json
 
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
-    return load_dataset(config.dataset, config.data_dir, config.cache_dir, **config.dataset_options)
+    import onerank.data.streaming  # noqa: F401  (registers the "encoded" dataset: a train split kept on disk)
+
+    # Under torchrun, rank 0 builds the cache first and the other ranks then read it, instead of all writing it.
+    return distributed.rank_zero_first(
+        lambda: load_dataset(config.dataset, config.data_dir, config.cache_dir, **config.dataset_options)
+    )
 
 
 def count_parameters(model: MultiTaskModel) -> int:
@@ -60,6 +66,7 @@ def train(
     With ``out_dir``: ``checkpoint.pt`` (best epoch, everything needed to score new data), ``last.pt`` (resumable
     state), ``metrics.json`` and TensorBoard logs are written there.
     """
+    distributed.setup(config.train.device)  # joins torchrun's process group; a no-op in a plain process
     dataset = dataset or load_run_dataset(config)
     trainer = build_trainer(config, dataset, out_dir)
     if resume:
@@ -79,12 +86,13 @@ def train(
             "train_seconds": round(state.train_seconds, 3),
             "train_samples_per_s": round(state.train_samples / state.train_seconds, 1) if state.train_seconds else None,
             "params": count_parameters(trainer.model),
+            "world_size": trainer.dist.world_size,
             "history": state.history,
             "config": config.to_dict(),
         }
     finally:
         trainer.close()
-    if out_dir is not None:
+    if out_dir is not None and distributed.info().is_main:
         write_json(result, Path(out_dir) / "metrics.json")
     return result
 
@@ -93,6 +101,7 @@ def compare(
     config: RunConfig, models: list[str], model_options: dict[str, dict] | None = None
 ) -> dict[str, Any]:
     """Train each model on the same dataset (loaded once) and the same trainer settings."""
+    distributed.setup(config.train.device)
     dataset = load_run_dataset(config)
     results = []
     for name in models:

@@ -50,6 +50,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast forward and loss (docs/scaling.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per process")
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -62,11 +66,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     if args.tasks:
         config.dataset_options["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for flag, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
-                       ("patience", "patience"), ("device", "device")):
+                       ("patience", "patience"), ("device", "device"), ("precision", "precision"),
+                       ("streaming", "streaming"), ("threads", "threads")):
         if getattr(args, flag) is not None:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:
         config.train.gradient_diagnostics = True
+    if args.compile:
+        config.train.compile = True
     if args.no_progress:
         config.train.progress = False
     if args.weighting:
@@ -117,8 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config.model_options.update(_key_values(args.model_option, "--model-option"))
     out = Path(args.out)
     result = api.train(config, out_dir=out, resume=args.resume)
-    print(format_table({"dataset": result["dataset"], "results": [result]}))
-    print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    if _is_main_process():  # under torchrun every rank holds the same result; one prints it
+        print(format_table({"dataset": result["dataset"], "results": [result]}))
+        print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
     return 0
 
 
@@ -141,10 +149,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise SchemaError(f"--model-option for compare is MODEL.KEY=VALUE, got {key!r}")
         options.setdefault(model, {})[option] = value
     comparison = api.compare(config, models, options)
+    if not _is_main_process():
+        return 0
     print(format_table(comparison))
     if args.output:
         write_json(comparison, args.output)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    from onerank.training import distributed
+
+    return distributed.info().is_main
+
+
+def cmd_export_encoded(args: argparse.Namespace) -> int:
+    from onerank import api
+    from onerank.data.streaming import save_streaming_dataset
+
+    config = _run_config(args)
+    dataset = api.load_run_dataset(config)
+    out = save_streaming_dataset(dataset, args.out, rows_per_file=args.rows_per_file,
+                                 row_group_rows=args.row_group_rows)
+    print(f"wrote {out}: {len(dataset.train)} train rows as Parquet; train with --dataset encoded --data-dir {out}")
     return 0
 
 
@@ -182,6 +210,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_checkpoint(args.checkpoint, args.format, args.out)
     print(f"wrote {report.path} ({report.model}, {report.format}; max |diff| vs PyTorch on an example request: "
           f"{report.max_abs_diff:.1e})")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from onerank.benchmarking import run_benchmark
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    flags = [("--seeds", args.seeds), ("--out", args.out), ("--models", args.models), ("--device", args.device)]
+    command = " ".join([f"onerank benchmark --suite {args.suite}"] + [f"{f} {v}" for f, v in flags if v is not None])
+    result = run_benchmark(
+        args.suite, out_dir=args.out, seeds=args.seeds, models=models, suites_dir=args.suites_dir,
+        work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
+        command=command, device=args.device,
+    )
+    print(result["report"])
     return 0
 
 
@@ -236,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/NAME.yaml): tables, tests, plots")
+    p.add_argument("--suite", required=True, help="suite name (benchmarks/suites/NAME.yaml) or a YAML path")
+    p.add_argument("--seeds", type=int, help="seeds per model (default: the suite's)")
+    p.add_argument("--out", help="output folder (default benchmarks/results/NAME)")
+    p.add_argument("--models", help="comma-separated subset of the suite's models (names or labels)")
+    p.add_argument("--suites-dir", help="where suites are looked up (default benchmarks/suites)")
+    p.add_argument("--work-dir", help="where test predictions are kept (default runs/benchmark/NAME)")
+    p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.json")
+    p.add_argument("--report-only", action="store_true", help="re-render report.md and plots from OUT/results.json")
+    p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
+    p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("export-encoded", help="write a dataset for streaming: encoded train split as Parquet files")
+    _add_run_flags(p)
+    p.add_argument("--out", required=True, help="output folder (then: train --dataset encoded --data-dir OUT)")
+    p.add_argument("--rows-per-file", type=int, default=1_000_000)
+    p.add_argument("--row-group-rows", type=int, default=65_536, help="rows per row group (the unit of shuffling)")
+    p.set_defaults(func=cmd_export_encoded)
+
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=lambda a: print("\n".join(__import__("onerank.models", fromlist=["x"]).model_names())) or 0)
     return parser
@@ -252,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"onerank: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        from onerank.training import distributed
+
+        distributed.teardown()  # leave torchrun's process group cleanly (nothing to do in a plain process)
 
 
 if __name__ == "__main__":

@@ -239,14 +239,20 @@ class Encoder(nn.Module):
             cache.append(kv)
         return self.norm(x), cache
 
-    def groups(self, groups: Tensor, cache: ContextCache, first_output: int = 0) -> Tensor:
-        """[R, N, S, d] groups -> final states [R, N, S - first_output, d] of their tokens ``first_output:``; every
-        group reads only its request's context and itself."""
-        own = group_mask(groups.shape[2], groups.device)
+    def groups(self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0) -> Tensor:
+        """Groups [c_i, template] (candidates [R, N, d], the task-token template [F, d] or None) -> final states
+        [R, N, 1 + F - first_output, d] of their tokens ``first_output:``. Every group reads only its request's
+        context and itself; before the first layer the task tokens are the same in every group, so that layer
+        handles them once per request."""
         last = len(self.blocks) - 1
+        x = candidates.unsqueeze(2)
         for layer, (block, kv) in enumerate(zip(self.blocks, cache.keys_values)):
-            groups = block.attend_groups(groups, kv, cache.valid, own, first_output if layer == last else 0)
-        return self.norm(groups)
+            first = first_output if layer == last else 0
+            if layer == 0 and template is not None:
+                x = block.attend_template_groups(candidates, template, kv, cache.valid, first)
+            else:
+                x = block.attend_groups(x, kv, cache.valid, first)
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,17 +359,22 @@ class OneRank(MultiTaskModel):
         return {t: [f"channels.{t}."] for t in self.tasks}
 
     # ---- tokens -> encoder --------------------------------------------------------------------------------------------
-    def _groups(self, candidates: Tensor) -> Tensor:
-        """[R, N, d] candidate tokens -> [R, N, S, d] groups [c_i, t_1..t_K] (S = 1 + K; 2 with one shared task
-        token; 1 when per-task projections replace the task tokens)."""
+    def _task_template(self) -> Tensor | None:
+        """The tokens that follow c_i in every group G_i = [c_i, t_1..t_K]: [K, d] task tokens, [1, d] with one
+        shared task token, None when per-task projections replace the task tokens."""
         if self.config.task_tokens == "projection":
-            return candidates[:, :, None]
+            return None
         if self.config.task_tokens == "shared":
-            tokens = self.shared_task_token[None]
-        else:
-            tokens = torch.stack([self.channels[t].token for t in self.tasks])
+            return self.shared_task_token[None]
+        return torch.stack([self.channels[t].token for t in self.tasks])
+
+    def _groups(self, candidates: Tensor) -> Tensor:
+        """[R, N, d] candidate tokens -> the explicit groups [R, N, S, d] (S = 1 + K, 2 or 1)."""
+        template = self._task_template()
+        if template is None:
+            return candidates[:, :, None]
         R, N, d = candidates.shape
-        return torch.cat([candidates[:, :, None], tokens.expand(R, N, -1, d)], dim=2)
+        return torch.cat([candidates[:, :, None], template.expand(R, N, -1, d)], dim=2)
 
     @property
     def _first_output(self) -> int:
@@ -407,10 +418,10 @@ class OneRank(MultiTaskModel):
         slot, _ = batch.list_layout()
         if slot.shape[0] != cache.num_requests:
             raise ValueError(f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}")
-        candidates = self.tokenizer.candidates(batch)
+        candidates, template = self.tokenizer.candidates(batch), self._task_template()
         step = max(chunk_size or slot.shape[1], 1)
         chunks = [
-            self.encoder.groups(self._groups(candidates[slot[:, start:start + step]]), cache, self._first_output)
+            self.encoder.groups(candidates[slot[:, start:start + step]], template, cache, self._first_output)
             for start in range(0, slot.shape[1], step)
         ]
         return self._task_states(torch.cat(chunks, dim=1))

@@ -58,30 +58,71 @@ class FeedForward(nn.Module):
 
 def prefix_group_attention(
     query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_valid: Tensor,
-    own_key: Tensor, own_value: Tensor, own_mask: Tensor,
+    group_key: Tensor, group_value: Tensor,
 ) -> Tensor:
-    """Every group of tokens attends to its request's shared prefix plus its own S tokens.
+    """Token groups [a, b_1, ..., b_m] (an anchor and its followers, e.g. a candidate and its task tokens) attending
+    to their request's shared prefix plus, inside the group, the anchor and themselves: the anchor sees the prefix
+    and itself, b_j sees the prefix, a and b_j. Groups never see each other.
 
-    query: [R, H, N, Sq, dh] (N groups per request; Sq <= S when only some tokens of a group ask); own_key /
-    own_value: [R, H, N, S, dh]; prefix_key / prefix_value: [R, H, P, dh]; prefix_valid: [R, P]; own_mask: [Sq, S].
-    Returns [R, H, N, Sq, dh].
+    query: [R, H, N, Sq, dh], the queries of the group's last Sq tokens (Sq = S, or S - 1 when the anchor's own
+    output is not needed); group_key / group_value: [R, H, N, S, dh]; prefix_key / prefix_value: [R, H, P, dh];
+    prefix_valid: [R, P]. Returns [R, H, N, Sq, dh].
 
-    One softmax over the concatenated scores [prefix, own] gives exactly the attention over the keys
-    ``[prefix, own group]``; the prefix is read once per request instead of being copied into every group, so the
-    cost is O(N S P) rather than O((P + N S)^2) for the equivalent masked full attention.
+    One softmax over [prefix scores, score to the anchor, score to itself] is exactly the masked attention over
+    ``[prefix, own group]``, but the prefix is read once per request instead of once per group: O(N S P) rather
+    than the O((P + N S)^2) of the equivalent masked full attention, and only the two allowed in-group scores are
+    computed (the reference builds the explicit mask; the tests check that they agree).
     """
     R, H, N, Sq, dh = query.shape
-    P, S = prefix_key.shape[-2], own_key.shape[-2]
+    P, S = prefix_key.shape[-2], group_key.shape[-2]
     query = query * dh**-0.5
-    prefix_scores = torch.matmul(query.reshape(R, H, N * Sq, dh), prefix_key.transpose(-1, -2)).view(R, H, N, Sq, P)
-    # Groups are tiny (S = 1 + K): broadcasting beats R H N separate Sq x S matrix products.
-    own_scores = (query.unsqueeze(-2) * own_key.unsqueeze(-3)).sum(-1)
-    allowed = torch.cat(
-        [prefix_valid[:, None, None, None, :].expand(R, 1, 1, Sq, P), own_mask.expand(R, 1, 1, Sq, S)], dim=-1
-    )
-    probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1).masked_fill(~allowed, float("-inf")), dim=-1)
-    from_prefix = torch.matmul(probs[..., :P].reshape(R, H, N * Sq, P), prefix_value).view(R, H, N, Sq, dh)
-    return from_prefix + (probs[..., P:].unsqueeze(-1) * own_value.unsqueeze(-3)).sum(-2)
+    prefix_bias = torch.zeros(prefix_valid.shape, dtype=query.dtype, device=query.device)
+    prefix_bias = prefix_bias.masked_fill(~prefix_valid, float("-inf")).view(R, 1, 1, P)
+    to_prefix = torch.baddbmm(
+        prefix_bias.expand(R, H, 1, P).reshape(R * H, 1, P),
+        query.reshape(R * H, N * Sq, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
+    ).view(R, H, N, Sq, P)
+    anchor_key, anchor_value = group_key[..., :1, :], group_value[..., :1, :]
+    own_key, own_value = group_key[..., S - Sq:, :], group_value[..., S - Sq:, :]
+    to_anchor = (query * anchor_key).sum(-1, keepdim=True)
+    to_self = (query * own_key).sum(-1, keepdim=True)
+    if Sq == S:  # the anchor's "self" is the anchor: count it once
+        to_self = to_self.masked_fill(torch.arange(S, device=query.device).view(S, 1) == 0, float("-inf"))
+    probs = torch.softmax(torch.cat([to_prefix, to_anchor, to_self], dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :P].reshape(R, H, N * Sq, P), prefix_value).view(R, H, N, Sq, dh)
+    return out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
+
+
+def template_attention(
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_valid: Tensor,
+    anchor_key: Tensor, anchor_value: Tensor,
+) -> Tensor:
+    """``prefix_group_attention`` for the followers of groups whose followers are one template shared by all groups
+    (e.g. task tokens before the first layer): follower j of group i attends to the prefix, to anchor i and to itself.
+
+    query / key / value: [H, F, dh] of the F template tokens; prefix_key / prefix_value: [R, H, P, dh];
+    prefix_valid: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
+
+    Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
+    prefix-and-self part (numerator and denominator) once per request, then one rescaled merge per group. Exact;
+    O(R F P + R N F) instead of O(R N F P).
+    """
+    R, H, P, dh = prefix_key.shape
+    query = query * dh**-0.5
+    prefix_bias = torch.zeros(prefix_valid.shape, dtype=query.dtype, device=query.device)
+    prefix_bias = prefix_bias.masked_fill(~prefix_valid, float("-inf"))[:, None, None, :]
+    to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias  # [R, H, F, P]
+    to_self = (query * key).sum(-1).expand(R, -1, -1)  # [R, H, F]
+    shared = torch.cat([to_prefix, to_self.unsqueeze(-1)], dim=-1)
+    top = shared.amax(-1)  # finite: every follower sees itself
+    weights = torch.exp(shared - top.unsqueeze(-1))
+    numerator = torch.matmul(weights[..., :P], prefix_value) + weights[..., P:] * value  # [R, H, F, dh]
+    denominator = weights.sum(-1)  # [R, H, F]
+    to_anchor = torch.einsum("hfd,rhnd->rhnf", query, anchor_key)  # [R, H, N, F]
+    peak = torch.maximum(top.unsqueeze(2), to_anchor)
+    old, new = torch.exp(top.unsqueeze(2) - peak), torch.exp(to_anchor - peak)
+    merged = old.unsqueeze(-1) * numerator.unsqueeze(2) + new.unsqueeze(-1) * anchor_value.unsqueeze(3)
+    return merged / (old * denominator.unsqueeze(2) + new).unsqueeze(-1)
 
 
 class TransformerBlock(nn.Module):
@@ -112,16 +153,40 @@ class TransformerBlock(nn.Module):
         return self.self_attend(x, mask)[0]
 
     def attend_groups(
-        self, x: Tensor, prefix: tuple[Tensor, Tensor], prefix_valid: Tensor, own_mask: Tensor, first_query: int = 0
+        self, x: Tensor, prefix: tuple[Tensor, Tensor], prefix_valid: Tensor, first_query: int = 0
     ) -> Tensor:
-        """x [R, N, S, d]: N groups of S tokens per request, each attending to the request's prefix (keys and values
-        from ``self_attend`` of this block) and to its own tokens under ``own_mask`` [S, S].
+        """x [R, N, S, d]: N groups [anchor, followers] per request attending as in ``prefix_group_attention`` to
+        the request's prefix (keys and values from ``self_attend`` of this block) and inside their group.
 
-        Only tokens ``first_query:`` are updated and returned ([R, N, S - first_query, d]); all S still offer keys.
-        A last layer whose first tokens' outputs nobody reads skips their queries and feed-forward."""
+        Only tokens ``first_query:`` are updated and returned ([R, N, S - first_query, d]); all S still offer keys:
+        a last layer whose anchor output nobody reads skips the anchor's query and feed-forward."""
         h = self.attention_norm(x)
         query = self.attention.queries(h[:, :, first_query:]).transpose(1, 2)  # [R, H, N, Sq, dh]
         key, value = (t.transpose(1, 2) for t in self.attention.keys_values(h))
-        out = prefix_group_attention(query, *prefix, prefix_valid, key, value, own_mask[first_query:])
+        out = prefix_group_attention(query, *prefix, prefix_valid, key, value)
         x = x[:, :, first_query:] + self.dropout(self.attention.out(self.attention.merge_heads(out.transpose(1, 2))))
+        return self._feed_forward(x)
+
+    def attend_template_groups(
+        self, anchors: Tensor, template: Tensor, prefix: tuple[Tensor, Tensor], prefix_valid: Tensor,
+        first_query: int = 0,
+    ) -> Tensor:
+        """``attend_groups`` on the groups [anchor_i, template_1, ..., template_F] (anchors [R, N, d], template
+        [F, d] shared by every group), without materialising the F copies: the template's normalisation, queries,
+        keys, values and prefix scores are computed once (``template_attention``)."""
+        R, N, d = anchors.shape
+        att = self.attention
+        h_anchor, h_template = self.attention_norm(anchors), self.attention_norm(template)
+        anchor_key, anchor_value = att.keys_values(h_anchor)  # [R, H, N, dh]
+        key, value = att.keys_values(h_template)  # [H, F, dh]
+        out = template_attention(att.queries(h_template), key, value, *prefix, prefix_valid, anchor_key, anchor_value)
+        x = template.expand(R, N, -1, -1)
+        if first_query == 0:
+            anchor_out = prefix_group_attention(
+                att.queries(h_anchor).unsqueeze(3), *prefix, prefix_valid,
+                anchor_key.unsqueeze(3), anchor_value.unsqueeze(3),
+            )
+            out = torch.cat([anchor_out, out], dim=3)
+            x = torch.cat([anchors.unsqueeze(2), x], dim=2)
+        x = x + self.dropout(att.out(att.merge_heads(out.transpose(1, 2))))
         return self._feed_forward(x)

@@ -149,6 +149,10 @@ def _metadata(wrapper: ExportableModel, model_name: str) -> dict[str, str]:
 def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path, model_name: str) -> Path:
     import onnx
 
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter builds the graph with it)
+    except ImportError:
+        raise ValueError("ONNX export needs onnxscript: pip install -e '.[serve]'") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)

@@ -356,20 +356,24 @@ class RequestEncoder:
         """Vocabulary codes of raw values (vectorised); ``loc`` names the field in errors (``positions`` maps the
         values back to candidate indices when only some candidates gave the field)."""
         kind = self.kinds[name]
-        series = pd.Series(values, dtype=object if not values else None)
         if kind == "str":
             # As in training: missing -> "<NA>", anything else by its string form.
-            normalised = series.where(series.notna(), "<NA>").astype(str)
+            normalised = np.array(["<NA>" if v is None else v if isinstance(v, str) else str(v) for v in values],
+                                  dtype=object)
         else:
-            normalised = self._numeric(series, kind, loc, positions)
+            normalised = self._numeric(values, kind, loc, positions)
         return self.encoders.vocabularies[name].encode(normalised)
 
     @staticmethod
-    def _numeric(series: pd.Series, kind: str, loc: tuple, positions: np.ndarray | None) -> np.ndarray:
-        if series.dtype.kind in "iub":
-            return series.to_numpy().astype(np.int64)
+    def _numeric(values: list, kind: str, loc: tuple, positions: np.ndarray | None) -> np.ndarray:
+        fast = np.array(values) if values else np.zeros(0, dtype=np.int64)
+        if fast.dtype.kind in "iub":  # the common case: a list of integer ids
+            return fast.astype(np.int64)
+        if kind == "float" and fast.dtype.kind == "f":
+            return fast
+        series = pd.Series(values, dtype=object)
         missing = series.isna().to_numpy()
-        is_bool = series.map(lambda v: isinstance(v, bool)).to_numpy() if series.dtype == object else missing & False
+        is_bool = np.array([isinstance(v, bool) for v in values], dtype=bool)
         numbers = pd.to_numeric(series.where(~is_bool), errors="coerce").to_numpy(dtype=np.float64)
         numbers = np.where(is_bool, series.where(is_bool, 0).to_numpy(dtype=np.float64), numbers)
         bad = ~missing & ~np.isfinite(numbers)
@@ -380,7 +384,7 @@ class RequestEncoder:
             where = _locate(loc, j, positions)
             expected = "an integer id" if kind == "int" else "a number"
             raise RequestError(where, f"expected {expected} (the training values of this field are numbers), "
-                               f"got {series.iloc[j]!r}", "type_error")
+                               f"got {values[j]!r}", "type_error")
         if kind == "int":
             # As in training: a missing integer id is -1.
             return np.where(missing, -1, np.nan_to_num(numbers)).astype(np.int64)
@@ -392,13 +396,15 @@ class RequestEncoder:
         return self.item_table[name][item_codes]
 
     def _dense(self, name: str, values: list, loc: tuple) -> np.ndarray:
-        series = pd.Series(values, dtype=object if not values else None)
-        if series.dtype.kind not in "iuf":
-            wrong = series.map(lambda v: v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))))
-            if wrong.any():
-                j = int(np.flatnonzero(wrong.to_numpy())[0])
-                raise RequestError(_locate(loc, j, None), f"expected a number, got {series.iloc[j]!r}", "type_error")
-        raw = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        raw = np.array(values) if values else np.zeros(0)
+        if raw.dtype.kind not in "iuf":  # None (missing), or a value of the wrong type somewhere
+            wrong = [j for j, v in enumerate(values)
+                     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+            if wrong:
+                j = wrong[0]
+                raise RequestError(_locate(loc, j, None), f"expected a number, got {values[j]!r}", "type_error")
+            raw = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        raw = raw.astype(np.float64)
         missing = np.isnan(raw)
         if np.isinf(raw).any():
             j = int(np.flatnonzero(np.isinf(raw))[0])

@@ -33,6 +33,12 @@ class TrainConfig:
     tensorboard: bool = True
     threads: int | None = None  # torch intra-op threads (None: leave PyTorch's default)
     gradient_diagnostics: bool = False  # log per-epoch cosines between task gradients on shared parameters
+    # speed and scale (docs/scaling.md)
+    precision: str = "fp32"  # "fp32" or "bf16": autocast of forward and loss (parameters and optimiser stay fp32)
+    compile: bool = False  # torch.compile the model (in place; checkpoints keep their parameter names)
+    streaming: str = "auto"  # "auto", "on", "off": train from a Parquet stream of the train split
+    streaming_threshold_mb: float = 4096.0  # auto: stream when the train split's tensors would exceed this
+    stream_buffer_rows: int = 262_144  # shuffle buffer of the stream, in impressions
 
 
 @dataclass

@@ -7,6 +7,7 @@ the model's shared parameters through the common interface.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from onerank.data.batching import Batch, BatchLoader, TensorSplit, tensor_splits
-from onerank.data.dataset import EncodedDataset
+from onerank.data.batching import Batch, BatchLoader, TensorSplit
+from onerank.data.dataset import SPLITS, EncodedDataset
+from onerank.data.streaming import StreamingBatchLoader, stream_source_for
 from onerank.metrics.ranking import evaluate_predictions, monitor_value
 from onerank.models.base import MultiTaskModel
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import WeightingStrategy
 from onerank.training import checkpoint as ckpt
+from onerank.training import distributed
 from onerank.training.config import TrainConfig
 from onerank.training.diagnostics import gradient_cosines
 
@@ -44,6 +47,7 @@ class TrainingInterrupted(RuntimeError):
 class TrainState:
     epoch: int = 0  # the epoch in progress (or next to start)
     step: int = 0  # batches of ``epoch`` already done
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # per task, the loss summed over those batches
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
@@ -66,9 +70,10 @@ class Trainer:
         meta: dict | None = None,
     ) -> None:
         self.config = config
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-        )
+        if config.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {config.precision!r}")
+        self.dist = distributed.info()  # a world of one unless launched by torchrun
+        self.device = distributed.resolve_device(config.device, self.dist)
         if config.threads:
             torch.set_num_threads(config.threads)
         ckpt.seed_everything(config.seed)
@@ -79,12 +84,36 @@ class Trainer:
         self.weighting = weighting.to(self.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
-        self.splits: dict[str, TensorSplit] = tensor_splits(dataset)
         self.by_request = bool(model.needs_requests or objective.needs_requests)
-        self.train_loader = BatchLoader(
-            self.splits["train"], config.batch_size, shuffle=True, seed=config.seed, by_request=self.by_request
+        # rank 0 writes the Parquet copy of the train split, if streaming needs one, before the others read it
+        stream_from = distributed.rank_zero_first(
+            lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
         )
+        self.streaming = stream_from is not None
+        in_memory = [s for s in SPLITS if not (self.streaming and s == "train")]
+        self.splits: dict[str, TensorSplit] = {
+            s: TensorSplit(dataset.split(s), dataset.item_table, dataset.schema.item_id) for s in in_memory
+        }
+        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader: BatchLoader | StreamingBatchLoader
+        if self.streaming:
+            self.train_loader = StreamingBatchLoader(
+                stream_from, config.batch_size, dataset.item_table, dataset.schema.item_id, shuffle=True,
+                seed=config.seed, by_request=self.by_request, buffer_rows=config.stream_buffer_rows,
+                all_ranks=distributed.all_ranks, **shard,
+            )
+        else:
+            self.train_loader = BatchLoader(
+                self.splits["train"], config.batch_size, shuffle=True, seed=config.seed, by_request=self.by_request,
+                **shard,
+            )
         self.optimizers = self._build_optimizers()
+        # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
+        self.grad_sync = distributed.GradientSync(
+            self.model, list(self.weighting.parameters()), distributed.plain_backward(self.weighting), self.device
+        )
+        if config.compile:
+            self.model.compile()
         total_steps = max(1, config.epochs * len(self.train_loader))
         self.schedulers = [self._schedule(opt, total_steps) for opt in self.optimizers]
         self.state = TrainState()
@@ -107,11 +136,20 @@ class Trainer:
         if cfg.embedding_lr is None:
             # No weight decay on embeddings: rare ids would be pulled to zero between their few updates.
             groups = [{"params": dense, "weight_decay": cfg.weight_decay}, {"params": sparse, "weight_decay": 0.0}]
-            return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)]
-        optimizers = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+            return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **self._fused())]
+        optimizers = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, **self._fused())]
         if sparse:
-            optimizers.append(torch.optim.Adam(sparse, lr=cfg.embedding_lr))
+            optimizers.append(torch.optim.Adam(sparse, lr=cfg.embedding_lr, **self._fused()))
         return optimizers
+
+    def _fused(self) -> dict[str, bool]:
+        # one fused kernel per step instead of a loop over parameter tensors: about 3x faster optimiser steps on CPU
+        return {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int):
         if self.config.lr_schedule == "none":
@@ -124,7 +162,7 @@ class Trainer:
 
     @property
     def writer(self):
-        if self._writer is None and self.out_dir is not None and self.config.tensorboard:
+        if self._writer is None and self.out_dir is not None and self.config.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
@@ -145,8 +183,11 @@ class Trainer:
         }
 
     def save_resume_state(self) -> None:
-        if self.out_dir is not None:
-            ckpt.save_atomic(self._resume_state(), self.out_dir / "last.pt")
+        if self.out_dir is None:
+            return
+        rng_per_rank = distributed.gather_objects(ckpt.rng_state())  # every rank's, so that a resume is exact
+        if self.dist.is_main:  # one writer; every rank reads it on resume
+            ckpt.save_atomic({**self._resume_state(), "rng_per_rank": rng_per_rank}, self.out_dir / "last.pt")
 
     def resume(self, path: str | Path | None = None) -> None:
         path = Path(path) if path else (self.out_dir / "last.pt" if self.out_dir else None)
@@ -163,12 +204,14 @@ class Trainer:
             self.weighting.load_extra_state(state["weighting_extra"])
         self.state = TrainState(**state["train_state"])
         self.best_model_state = state["best_model"]
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        same_world = per_rank is not None and len(per_rank) == self.dist.world_size
+        ckpt.set_rng_state(per_rank[self.dist.rank] if same_world else state["rng"])
         log.info("resumed at epoch %d step %d", self.state.epoch, self.state.step)
 
     def _save_best(self) -> None:
         self.best_model_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             ckpt.save_atomic(
                 {"model": self.best_model_state, "meta": self.meta, "epoch": self.state.epoch},
                 self.out_dir / "checkpoint.pt",
@@ -181,8 +224,10 @@ class Trainer:
         while self.state.epoch < cfg.epochs and not self.state.finished:
             epoch = self.state.epoch
             self.model.train()
-            loss_sums = {t.name: 0.0 for t in self.tasks}
-            steps_done = 0
+            # a resumed epoch continues its sums, so epoch-level strategies (DWA) see the whole epoch's mean loss
+            if self.state.step == 0 or not self.state.epoch_loss_sums:
+                self.state.epoch_loss_sums = {t.name: 0.0 for t in self.tasks}
+            loss_sums = self.state.epoch_loss_sums
             start = time.perf_counter()
             batches = self.train_loader.epoch(epoch, start_step=self.state.step)
             bar = self._progress(batches, total=len(self.train_loader) - self.state.step, desc=f"epoch {epoch + 1}")
@@ -190,9 +235,14 @@ class Trainer:
                 batch = batch.to(self.device)
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
-                logits = self.model(batch)
-                losses = self.objective(logits, batch, self.model.auxiliary_losses(batch, logits))
-                self.weighting.backward(losses, shared)
+                with self.grad_sync.step():
+                    with self._autocast():
+                        logits = self.grad_sync.module(batch)
+                        losses = self.objective(logits, batch, self.model.auxiliary_losses(batch, logits))
+                    # under DDP each rank's mean loss is rescaled to its share of the global-batch mean
+                    scales, global_size = distributed.global_loss_scales(batch.size, batch.label_mask)
+                    self.weighting.backward(_rescaled(losses, scales), shared)
+                self.grad_sync.finish()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 for opt in self.optimizers:
@@ -201,10 +251,9 @@ class Trainer:
                     sch.step()
                 for t in loss_sums:
                     loss_sums[t] += float(losses[t].detach())
-                steps_done += 1
                 self.state.step += 1
                 self.state.global_step += 1
-                self.state.train_samples += batch.size
+                self.state.train_samples += global_size
                 if self.writer is not None and self.state.global_step % 50 == 0:
                     for t, v in losses.items():
                         self.writer.add_scalar(f"train_loss/{t}", float(v.detach()), self.state.global_step)
@@ -215,7 +264,7 @@ class Trainer:
                 if stop_after_steps is not None and self.state.global_step >= stop_after_steps:
                     raise TrainingInterrupted(f"stopped after {self.state.global_step} steps")
             self.state.train_seconds += time.perf_counter() - start
-            self._end_epoch({t: v / max(steps_done, 1) for t, v in loss_sums.items()}, on_epoch)
+            self._end_epoch({t: v / max(self.state.step, 1) for t, v in loss_sums.items()}, on_epoch)
         if self.best_model_state is not None:
             self.model.load_state_dict(self.best_model_state)
         return self.state
@@ -223,6 +272,7 @@ class Trainer:
     def _end_epoch(self, mean_losses: dict[str, float], on_epoch: Callable[[dict], None] | None) -> None:
         cfg = self.config
         epoch = self.state.epoch
+        mean_losses = distributed.mean_over_ranks(mean_losses)  # every rank's strategy sees the same epoch losses
         valid = self.evaluate("valid")
         score = monitor_value(valid, cfg.monitor, self.monitor_weights)
         signed = -score if cfg.monitor in LOWER_IS_BETTER else score
@@ -265,7 +315,7 @@ class Trainer:
             self.writer.flush()
 
     def _progress(self, iterable, total: int, desc: str):
-        if not self.config.progress or not sys.stderr.isatty():
+        if not self.config.progress or not sys.stderr.isatty() or not self.dist.is_main:
             return iterable
         from tqdm import tqdm
 
@@ -274,15 +324,24 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, split: str) -> dict[str, np.ndarray]:
-        """Predictions (probabilities / values) for every row of ``split``, in row order."""
+        """Predictions (probabilities / values) for every row of ``split``, in row order.
+
+        Under DDP each rank predicts a contiguous block of the batches and every rank receives all predictions, so
+        metrics are exact on the whole split (not averaged over ranks)."""
+        if split not in self.splits:
+            raise ValueError(f"split {split!r} is streamed from disk; only valid and test can be predicted")
         self.model.eval()
+        distributed.sync_buffers(self.model)
         loader = BatchLoader(self.splits[split], self.config.eval_batch_size, by_request=self.by_request)
+        lo, hi = distributed.block(len(loader), self.dist)
         parts: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
-        for batch in loader.epoch(0):
-            preds = self.model.predict(batch.to(self.device))
-            for t in parts:
-                parts[t].append(preds[t].float().cpu().numpy())
-        return {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in parts.items()}
+        with self._autocast():
+            for batch in itertools.islice(loader.epoch(0, start_step=lo), hi - lo):
+                preds = self.model.predict(batch.to(self.device))
+                for t in parts:
+                    parts[t].append(preds[t].float().cpu().numpy())
+        local = {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in parts.items()}
+        return distributed.gather_predictions(local)
 
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
         enc = self.dataset.split(split)
@@ -292,6 +351,12 @@ class Trainer:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _rescaled(losses: dict[str, Any], scales: dict[str, float]) -> dict[str, Any]:
+    if all(s == 1.0 for s in scales.values()):
+        return losses
+    return {t: loss * scales.get(t, 1.0) for t, loss in losses.items()}
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -1,0 +1,287 @@
+"""Aggregate a suite's runs and render them: mean +- std tables, gains over the best baseline, paired tests, the
+negative-transfer (seesaw) table, the ablation table and the task-correlation sweep."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from onerank.benchmarking.stats import paired_bootstrap_auc, paired_t, significance_mark
+
+
+def _nan_stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if not len(arr):
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def final_runs(results: dict[str, Any], variant: str, label: str) -> list[dict]:
+    """The runs of ``label`` at its chosen hyper-parameters, one per seed, in seed order."""
+    chosen = results["tuning"].get(variant, {}).get(label, {}).get("chosen")
+    runs = [
+        r for r in results["runs"]
+        if str(r["variant"]) == variant and r["label"] == label and r["hparams"] == chosen
+        and r["seed"] < results["seeds"]
+    ]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labels: dict[str, dict]) -> dict:
+    summary: dict[str, Any] = {}
+    order = [e.label for e in suite.models if any(r["label"] == e.label for r in results["runs"])]
+    for variant in [str(v) for v in suite.variant_values]:
+        if variant not in results["tuning"]:
+            continue
+        models: dict[str, Any] = {}
+        tasks: list[str] = []
+        for label in order:
+            runs = final_runs(results, variant, label)
+            ok = [r for r in runs if not r.get("error")]
+            errors = [r["error"] for r in runs if r.get("error")]
+            entry: dict[str, Any] = {"seeds": len(ok), "errors": errors, "ablation": runs[0]["ablation"] if runs else False,
+                                     "hparams": results["tuning"][variant].get(label, {}).get("chosen")}
+            if ok:
+                tasks = tasks or list(ok[0]["test"])
+                entry["tasks"] = {}
+                for t in ok[0]["test"]:
+                    per = {}
+                    for metric in ("auc", "gauc", "logloss"):
+                        mean, std = _nan_stats([r["test"][t].get(metric, float("nan")) for r in ok])
+                        per[metric] = {"mean": mean, "std": std}
+                    entry["tasks"][t] = per
+                for field in ("params", "flops_per_sample", "train_samples_per_s", "infer_candidates_per_s",
+                              "epochs", "best_epoch", "train_seconds"):
+                    entry[field] = _nan_stats([float(r[field]) for r in ok if r.get(field) is not None])[0]
+            models[label] = entry
+        block = {"models": models, "tasks": tasks}
+        block["significance"] = _significance(results, suite, variant, models, tasks, predictions, labels)
+        block["negative_transfer"] = _negative_transfer(suite, models, tasks)
+        summary[variant] = block
+    return summary
+
+
+def _baselines(suite, models: dict[str, Any]) -> list[str]:
+    return [m for m, e in models.items() if m != suite.proposed and not e["ablation"] and "tasks" in e]
+
+
+def _significance(results, suite, variant, models, tasks, predictions, labels) -> dict[str, Any]:
+    """Per task: the proposed model against the baseline with the best mean test AUC (the strongest competitor)."""
+    out: dict[str, Any] = {}
+    if suite.proposed not in models or "tasks" not in models[suite.proposed]:
+        return out
+    baselines = _baselines(suite, models)
+    if not baselines:
+        return out
+    proposed_runs = {r["seed"]: r for r in final_runs(results, variant, suite.proposed) if not r.get("error")}
+    for t in tasks:
+        best = max(baselines, key=lambda m: models[m]["tasks"][t]["auc"]["mean"])
+        base_runs = {r["seed"]: r for r in final_runs(results, variant, best) if not r.get("error")}
+        seeds = sorted(set(proposed_runs) & set(base_runs))
+        p_auc = models[suite.proposed]["tasks"][t]["auc"]["mean"]
+        b_auc = models[best]["tasks"][t]["auc"]["mean"]
+        entry: dict[str, Any] = {
+            "best_baseline": best,
+            "proposed_auc": p_auc,
+            "baseline_auc": b_auc,
+            "delta_auc": p_auc - b_auc,
+            "relative_gain_auc_pct": 100.0 * (p_auc - b_auc) / b_auc if b_auc else float("nan"),
+            "seeds": seeds,
+            "t_test_auc": paired_t([proposed_runs[s]["test"][t]["auc"] for s in seeds],
+                                   [base_runs[s]["test"][t]["auc"] for s in seeds]),
+        }
+        if "gauc" in models[best]["tasks"][t] and not math.isnan(models[best]["tasks"][t]["gauc"]["mean"]):
+            entry["t_test_gauc"] = paired_t([proposed_runs[s]["test"][t].get("gauc", float("nan")) for s in seeds],
+                                            [base_runs[s]["test"][t].get("gauc", float("nan")) for s in seeds])
+        keys_p = [proposed_runs[s]["key"] for s in seeds]
+        keys_b = [base_runs[s]["key"] for s in seeds]
+        data = labels.get(variant)
+        if data is not None and all(k in predictions for k in keys_p + keys_b) and seeds:
+            mask = data["mask"][t]
+            users = data["user"][mask] if data["user"] is not None else None
+            entry["bootstrap_auc"] = paired_bootstrap_auc(
+                data["labels"][t][mask], [predictions[k][t][mask] for k in keys_p],
+                [predictions[k][t][mask] for k in keys_b], clusters=users, resamples=suite.bootstrap,
+            )
+            entry["bootstrap_auc"]["clusters"] = "users" if users is not None else "impressions"
+        out[t] = entry
+    return out
+
+
+def _negative_transfer(suite, models, tasks) -> dict[str, Any]:
+    """Per multi-task model and task: mean test AUC minus the single-task reference's (negative = negative transfer)."""
+    ref = models.get(suite.reference)
+    if not ref or "tasks" not in ref:
+        return {}
+    out = {}
+    for m, e in models.items():
+        if m == suite.reference or "tasks" not in e or e["ablation"]:
+            continue
+        gains = {t: e["tasks"][t]["auc"]["mean"] - ref["tasks"][t]["auc"]["mean"] for t in tasks}
+        out[m] = {"auc_gain": gains, "seesaw": any(g > 0 for g in gains.values()) and any(g < 0 for g in gains.values())}
+    return out
+
+
+# ---- Markdown ---------------------------------------------------------------------------------------------------------
+def _fmt(mean: float, std: float | None = None, digits: int = 4) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if std is None or math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.1f} k"
+    return f"{x:,.{digits}f}"
+
+
+def _p(x: float | None) -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    return f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def main_table(block: dict, proposed: str, include_ablations: bool = False) -> list[str]:
+    """Mean ± std over seeds of each task's test AUC and GAUC; the best mean per column in bold."""
+    models, tasks = block["models"], block["tasks"]
+    labels = [m for m, e in models.items() if include_ablations or not e["ablation"]]
+    metrics = [(t, m) for t in tasks for m in ("auc", "gauc")
+               if any("tasks" in models[l] and not math.isnan(models[l]["tasks"][t][m]["mean"]) for l in labels)]
+    best = {}
+    for t, m in metrics:
+        vals = [models[l]["tasks"][t][m]["mean"] for l in labels if "tasks" in models[l]]
+        best[(t, m)] = max(v for v in vals if not math.isnan(v))
+    header = ["model"] + [f"{t} {m.upper()}" for t, m in metrics] + [
+        "params", "FLOPs/sample", "train samples/s", "infer cand./s", "epochs (best)"]
+    rows = []
+    for l in labels:
+        e = models[l]
+        name = f"**{l}**" if l == proposed else l
+        if "tasks" not in e:
+            rows.append([name] + ["failed: " + "; ".join(e["errors"])[:120]] + [""] * (len(header) - 2))
+            continue
+        row = [name]
+        for t, m in metrics:
+            s = e["tasks"][t][m]
+            cell = _fmt(s["mean"], s["std"])
+            row.append(f"**{cell}**" if s["mean"] == best[(t, m)] else cell)
+        row += [_num(e["params"]), _num(e["flops_per_sample"]), _num(e["train_samples_per_s"]),
+                _num(e["infer_candidates_per_s"]), f"{e['epochs']:.1f} ({e['best_epoch']:.1f})"]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def significance_table(block: dict, proposed: str) -> list[str]:
+    sig = block["significance"]
+    if not sig:
+        return []
+    header = ["task", "best baseline", f"{proposed} AUC", "baseline AUC", "ΔAUC", "rel. gain",
+              "t-test p (AUC, seeds)", "t-test p (GAUC, seeds)", "bootstrap ΔAUC [95 % CI]", "bootstrap p"]
+    rows = []
+    for t, s in sig.items():
+        boot = s.get("bootstrap_auc") or {}
+        bp = boot.get("p", float("nan"))
+        rows.append([
+            t, s["best_baseline"], _fmt(s["proposed_auc"]), _fmt(s["baseline_auc"]),
+            f"{s['delta_auc']:+.4f}", f"{s['relative_gain_auc_pct']:+.2f} %",
+            _p(s["t_test_auc"]["p"]), _p((s.get("t_test_gauc") or {}).get("p")),
+            f"{boot['delta']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]" if boot else "-",
+            (_p(bp) + significance_mark(bp)) if boot else "-",
+        ])
+    return _table(header, rows)
+
+
+def negative_transfer_table(block: dict, reference: str) -> list[str]:
+    nt = block["negative_transfer"]
+    if not nt:
+        return []
+    tasks = block["tasks"]
+    header = ["model"] + [f"{t} ΔAUC vs {reference}" for t in tasks] + ["seesaw"]
+    rows = [[m] + [f"{e['auc_gain'][t]:+.4f}" for t in tasks] + ["yes" if e["seesaw"] else ""] for m, e in nt.items()]
+    return _table(header, rows)
+
+
+def ablation_table(block: dict, proposed: str) -> list[str]:
+    models, tasks = block["models"], block["tasks"]
+    ablations = [m for m, e in models.items() if e["ablation"]]
+    if not ablations or proposed not in models or "tasks" not in models[proposed]:
+        return []
+    full = models[proposed]["tasks"]
+    header = ["variant"] + [f"{t} AUC" for t in tasks] + [f"{t} ΔAUC" for t in tasks]
+    rows = [[f"{proposed} (full)"] + [_fmt(full[t]["auc"]["mean"], full[t]["auc"]["std"]) for t in tasks]
+            + ["" for _ in tasks]]
+    for m in ablations:
+        e = models[m]
+        if "tasks" not in e:
+            rows.append([m, "failed: " + "; ".join(e["errors"])[:120]] + [""] * (2 * len(tasks) - 1))
+            continue
+        rows.append([m] + [_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) for t in tasks]
+                    + [f"{e['tasks'][t]['auc']['mean'] - full[t]['auc']['mean']:+.4f}" for t in tasks])
+    return _table(header, rows)
+
+
+def sweep_tables(results: dict) -> list[str]:
+    summary = results["summary"]
+    variants = list(summary)
+    if len(variants) < 2:
+        return []
+    tasks = summary[variants[0]]["tasks"]
+    labels = list(summary[variants[0]]["models"])
+    lines = []
+    for t in tasks:
+        lines += [f"Test AUC of `{t}` (mean ± std over seeds) by task correlation:", ""]
+        rows = []
+        for l in labels:
+            row = [l]
+            for v in variants:
+                e = summary[v]["models"].get(l, {})
+                row.append(_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) if "tasks" in e else "-")
+            rows.append(row)
+        lines += _table(["model"] + [f"c = {v}" for v in variants], rows) + [""]
+    return lines
+
+
+def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str:
+    """The suite's section of BENCHMARKS.md."""
+    out = [f"### Suite `{results['suite']}` (dataset `{results['dataset']}`)", ""]
+    if results.get("description"):
+        out += [results["description"], ""]
+    out += [
+        f"* suite file `{results['suite_file']}`, sha256 `{results['suite_sha256']}`",
+        f"* command: `{results.get('command')}`",
+        f"* seeds: {results['seeds']}; tuning grid (seed 0, validation monitor): "
+        f"{suite.tuning or 'none'}; shared trainer settings: {suite.train}",
+        f"* wall time: {results.get('wall_seconds', 0) / 60:.1f} min on {results['machine']['cpu_count']} CPU cores "
+        f"(torch {results['machine']['torch']}, {results['machine']['cuda'] or 'no GPU'})",
+        "",
+    ]
+    for variant, block in results["summary"].items():
+        title = f"{suite.variant_option} = {variant}" if suite.variant_option else "test split"
+        out += [f"#### {title}", "", *main_table(block, suite.proposed), ""]
+        chosen = {m: e["hparams"] for m, e in block["models"].items() if not e["ablation"]}
+        out += ["Chosen on validation: " + ", ".join(f"{m} {h}" for m, h in chosen.items()), ""]
+        sig = significance_table(block, suite.proposed)
+        if sig:
+            out += [f"{suite.proposed} against the best baseline per task (by mean test AUC):", "", *sig, ""]
+        nt = negative_transfer_table(block, suite.reference)
+        if nt:
+            out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]
+        ab = ablation_table(block, suite.proposed)
+        if ab:
+            out += ["Ablations (each at the full model's chosen learning rate):", "", *ab, ""]
+    out += sweep_tables(results)
+    for p in plots or []:
+        out += [f"![{p}]({p})", ""]
+    return "\n".join(out)

@@ -1,0 +1,155 @@
+"""Benchmark suites: one YAML file per suite under ``benchmarks/suites/``, loaded into a ``Suite``.
+
+A suite names one dataset (optionally swept over one loader option, e.g. the synthetic ``task_correlation``), the
+models, the trainer settings every model shares, a small tuning grid (the same for every model), the number of seeds,
+the proposed model and its ablations. The SHA-256 of the YAML file is stored with the results, so a result can be
+traced to the exact suite definition that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onerank.data.schema import SchemaError
+from onerank.training.config import TrainConfig
+
+DEFAULT_SUITES_DIR = Path("benchmarks/suites")
+
+
+@dataclass
+class ModelEntry:
+    label: str  # name in tables and plots (the model name, or e.g. "onerank[cross_task=none]" for an ablation)
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+    ablation: bool = False
+
+
+@dataclass
+class Suite:
+    name: str
+    dataset: str
+    path: Path
+    sha256: str
+    description: str = ""
+    data_dir: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    variant_option: str | None = None  # a loader option swept over `variant_values` (None: one variant)
+    variant_values: list[Any] = field(default_factory=lambda: [None])
+    models: list[ModelEntry] = field(default_factory=list)
+    proposed: str = "onerank"
+    reference: str = "single_task"  # the single-task reference of the negative-transfer table
+    seeds: int = 3
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
+    tuning: dict[str, list[Any]] = field(default_factory=dict)  # TrainConfig field -> values, chosen with seed 0
+    objective: dict[str, Any] = field(default_factory=dict)
+    gradient_diagnostics: bool = False
+    bootstrap: int = 1000  # resamples of the paired bootstrap
+
+    def entries(self, only: list[str] | None = None) -> list[ModelEntry]:
+        """The suite's model entries, restricted to ``only`` (model names or labels) when given."""
+        if not only:
+            return list(self.models)
+        known = {e.label for e in self.models} | {e.model for e in self.models}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise SchemaError(f"suite {self.name!r} has no model {unknown}; it has {[e.label for e in self.models]}")
+        return [e for e in self.models if e.label in only or e.model in only]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def suite_path(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Path:
+    """A suite by name (``benchmarks/suites/NAME.yaml``) or by path to a YAML file."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.exists():
+        return as_path
+    path = Path(suites_dir) / f"{name}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in Path(suites_dir).glob("*.yaml")) if Path(suites_dir).is_dir() else []
+        raise FileNotFoundError(f"no benchmark suite {name!r}: {path} does not exist (available: {available})")
+    return path
+
+
+def load_suite(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Suite:
+    path = suite_path(name, suites_dir)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{path}: expected a mapping at the top level")
+    return parse_suite(raw, path)
+
+
+SUITE_KEYS = {
+    "name", "description", "dataset", "data_dir", "dataset_options", "variants", "models", "model_options",
+    "ablations", "proposed", "reference", "seeds", "train", "tuning", "objective", "gradient_diagnostics", "bootstrap",
+}
+
+
+def parse_suite(raw: dict[str, Any], path: Path) -> Suite:
+    unknown = sorted(set(raw) - SUITE_KEYS)
+    if unknown:
+        raise SchemaError(f"{path}: unknown suite keys {unknown}; valid: {sorted(SUITE_KEYS)}")
+    for key in ("name", "dataset", "models"):
+        if key not in raw:
+            raise SchemaError(f"{path}: suite key {key!r} is required")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section in ("train", "tuning"):
+        bad = sorted(set(raw.get(section) or {}) - train_fields)
+        if bad:
+            raise SchemaError(f"{path}: {section} has unknown TrainConfig keys {bad}")
+    for key, values in (raw.get("tuning") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"{path}: tuning.{key} must be a non-empty list of values")
+
+    from onerank.models import model_class
+
+    model_options = raw.get("model_options") or {}
+    entries = []
+    for name in raw["models"]:
+        model_class(name)  # a misspelled model fails here, before any training
+        entries.append(ModelEntry(label=name, model=name, options=dict(model_options.get(name) or {})))
+    proposed = raw.get("proposed", "onerank")
+    for ablation in raw.get("ablations") or []:
+        if not isinstance(ablation, dict) or "options" not in ablation:
+            raise SchemaError(f"{path}: each ablation needs 'options' (and optionally 'label', 'model')")
+        model = ablation.get("model", proposed)
+        options = {**(model_options.get(model) or {}), **ablation["options"]}
+        label = ablation.get("label") or f"{model}[" + ",".join(f"{k}={v}" for k, v in ablation["options"].items()) + "]"
+        entries.append(ModelEntry(label=label, model=model, options=options, ablation=True))
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise SchemaError(f"{path}: model labels must be unique, got {labels}")
+
+    variants = raw.get("variants") or {}
+    if variants and (set(variants) != {"option", "values"} or not variants["values"]):
+        raise SchemaError(f"{path}: variants needs 'option' (a loader option) and a non-empty 'values' list")
+    return Suite(
+        name=str(raw["name"]),
+        dataset=str(raw["dataset"]),
+        path=path,
+        sha256=file_sha256(path),
+        description=str(raw.get("description", "")).strip(),
+        data_dir=raw.get("data_dir"),
+        dataset_options=dict(raw.get("dataset_options") or {}),
+        variant_option=variants.get("option"),
+        variant_values=list(variants.get("values") or [None]),
+        models=entries,
+        proposed=proposed,
+        reference=raw.get("reference", "single_task"),
+        seeds=int(raw.get("seeds", 3)),
+        train=dict(raw.get("train") or {}),
+        tuning={k: list(v) for k, v in (raw.get("tuning") or {}).items()},
+        objective=dict(raw.get("objective") or {}),
+        gradient_diagnostics=bool(raw.get("gradient_diagnostics", False)),
+        bootstrap=int(raw.get("bootstrap", 1000)),
+    )

@@ -1,0 +1,242 @@
+"""The HTTP service, started for real (uvicorn on 127.0.0.1, a free port): rankings equal the Python ranker's, bad
+input gets a 4xx naming the problem (never a 500) and the service keeps serving, inference does not block the event
+loop, and `onerank serve` starts it from the command line."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from onerank.serving import Ranker, RequestLimits
+from onerank.serving.app import create_app
+
+
+class LiveServer:
+    """uvicorn serving ``app`` in a thread on a socket bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, app) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def ranker(tiny_checkpoint):
+    return Ranker(tiny_checkpoint("mmoe"), limits=RequestLimits(max_candidates=300, max_history=50))
+
+
+@pytest.fixture(scope="module")
+def live(ranker):
+    with LiveServer(create_app(ranker, workers=2, max_body_bytes=200_000)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            yield client
+
+
+def requests_for(ranker: Ranker) -> list[dict]:
+    base = ranker.example_request(60)
+    unknown = json.loads(json.dumps(base))
+    unknown["candidates"][3]["item_id"] = 123_456_789
+    unknown["histories"]["clicked"] = [5, 999_999, 7]
+    unknown["user"]["user_id"] = None
+    product = {**base, "fusion": {"kind": "product", "weights": {"click": 1.0, "buy": 0.3}}, "top_k": 10}
+    single = {**base, "candidates": base["candidates"][:1], "histories": {}}
+    return [base, unknown, product, single]
+
+
+def test_rankings_over_http_equal_the_python_ranker(live, ranker):
+    for request in requests_for(ranker):
+        response = live.post("/rank", json=request)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = ranker.respond(request)
+        assert [r["index"] for r in body["ranking"]] == [r["index"] for r in expected["ranking"]]
+        assert [r["item_id"] for r in body["ranking"]] == [r["item_id"] for r in expected["ranking"]]
+        for got, want in zip(body["ranking"], expected["ranking"]):
+            assert got["score"] == pytest.approx(want["score"], abs=1e-9)
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-9)
+        assert body["model"] == "mmoe" and body["version"] == ranker.version
+
+
+def test_model_description_and_its_example_request(live):
+    assert live.get("/healthz").json()["status"] == "ok"
+    description = live.get("/model").json()
+    assert description["name"] == "mmoe" and [t["name"] for t in description["tasks"]] == ["click", "buy"]
+    assert description["schema"]["item_id"] == "item_id" and description["version"]
+    assert live.get("/openapi.json").status_code == 200
+    response = live.post("/rank", json=description["example_request"])
+    assert response.status_code == 200
+    assert len(response.json()["ranking"]) == len(description["example_request"]["candidates"])
+
+
+def _chunks(data: bytes, size: int):
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+BAD = [
+    # (what, body bytes or JSON, expected status, a fragment the loc or message must hold)
+    ("malformed JSON", b'{"candidates": [', 422, "json"),
+    ("not an object", b"[1, 2, 3]", 422, "body"),
+    ("empty body", b"", 422, "body"),
+    ("no candidates", {"user": {"user_id": 1}}, 422, "candidates"),
+    ("empty candidate list", {"candidates": []}, 422, "candidates"),
+    ("candidate not an object", {"candidates": ["a"]}, 422, "candidates"),
+    ("unknown top-level key", {"candidates": [{"item_id": 1}], "cadidates": []}, 422, "cadidates"),
+    ("missing user field", {"context": {"hour": 1}, "candidates": [{"item_id": 1}]}, 422, "user_id"),
+    ("unknown context field", "unknown_context", 422, "devcie"),
+    ("wrong type of a dense value", "bad_price", 422, "price"),
+    ("infinite dense value", "infinite_price", 422, "price"),
+    ("list as a field value", "list_value", 422, "category"),
+    ("non-numeric id of an integer field", "text_id", 422, "item_id"),
+    ("history item of the wrong type", "bad_history", 422, "clicked"),
+    ("unknown behaviour sequence", "unknown_sequence", 422, "viewed"),
+    ("fusion weight of an unknown task", "bad_fusion", 422, "fusion"),
+    ("top_k of 0", "bad_top_k", 422, "top_k"),
+    ("too many candidates", "many_candidates", 413, "candidates"),
+    ("history too long", "long_history", 413, "clicked"),
+    ("body too large", "huge_body", 413, "body"),
+]
+
+
+def bad_body(kind, valid: dict) -> bytes:
+    if isinstance(kind, bytes):
+        return kind
+    if isinstance(kind, dict):
+        return json.dumps(kind).encode()
+    request = json.loads(json.dumps(valid))
+    if kind == "unknown_context":
+        request["context"]["devcie"] = "ios"
+    elif kind == "bad_price":
+        request["candidates"][0]["price"] = "cheap"
+    elif kind == "infinite_price":
+        request["candidates"][0]["price"] = 123456.789  # JSON has no infinity; Python's parser takes the literal
+        return json.dumps(request).replace("123456.789", "Infinity").encode()
+    elif kind == "list_value":
+        request["candidates"][0]["category"] = [1, 2]
+    elif kind == "text_id":
+        request["candidates"][1]["item_id"] = "abc"
+    elif kind == "bad_history":
+        request["histories"]["clicked"] = [1, {"id": 2}]
+    elif kind == "unknown_sequence":
+        request["histories"]["viewed"] = [1]
+    elif kind == "bad_fusion":
+        request["fusion"] = {"weights": {"like": 1}}
+    elif kind == "bad_top_k":
+        request["top_k"] = 0
+    elif kind == "many_candidates":
+        request["candidates"] = [{"item_id": 1}] * 301
+    elif kind == "long_history":
+        request["histories"]["clicked"] = [1] * 51
+    elif kind == "huge_body":
+        request["padding"] = "x" * 250_000
+    return json.dumps(request).encode()
+
+
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_service_keeps_serving(live, ranker):
+    valid = ranker.example_request(5)
+    for what, kind, status, fragment in BAD:
+        response = live.post("/rank", content=bad_body(kind, valid), headers={"content-type": "application/json"})
+        assert response.status_code == status, f"{what}: {response.status_code} {response.text[:300]}"
+        detail = response.json()["detail"]
+        assert isinstance(detail, list) and detail, what
+        text = json.dumps(detail).lower()
+        assert fragment.lower() in text, f"{what}: {fragment!r} not in {text[:300]}"
+    # a body streamed without a content-length is cut off at the limit too
+    streamed = live.post("/rank", content=_chunks(bad_body("huge_body", valid), 16_384),
+                         headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+    assert live.post("/rank", json=valid).status_code == 200
+    assert live.get("/healthz").status_code == 200
+
+
+def test_concurrent_requests_are_all_served(live, ranker):
+    requests = requests_for(ranker) * 6
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda r: live.post("/rank", json=r), requests))
+    assert [r.status_code for r in responses] == [200] * len(requests)
+    for request, response in zip(requests, responses):
+        expected = [r["index"] for r in ranker.respond(request)["ranking"]]
+        assert [r["index"] for r in response.json()["ranking"]] == expected
+
+
+class SlowRanker:
+    """A ranker whose inference takes 1 s: the event loop must stay free meanwhile."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self._ranker = ranker
+
+    def respond(self, request):
+        time.sleep(1.0)
+        return self._ranker.respond(request)
+
+    def __getattr__(self, name):
+        return getattr(self._ranker, name)
+
+
+def test_inference_does_not_block_the_event_loop(ranker):
+    with LiveServer(create_app(SlowRanker(ranker), workers=2)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(client.post, "/rank", json=ranker.example_request(3))
+            time.sleep(0.2)
+            start = time.perf_counter()
+            health = client.get("/healthz")
+            waited = time.perf_counter() - start
+            assert health.status_code == 200 and waited < 0.5 and not slow.done()
+            assert slow.result().status_code == 200
+
+
+def test_cli_serve_starts_the_service(tiny_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "onerank.cli", "serve", "--checkpoint", str(tiny_checkpoint("mmoe")),
+         "--port", str(port), "--workers", "1", "--fusion", "product", "--weight", "click=1", "--weight", "buy=0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"onerank serve did not start: {process.stdout.read() if process.poll() else ''}")
+            time.sleep(0.2)
+        description = httpx.get(f"{url}/model", timeout=10).json()
+        assert description["fusion"] == {"kind": "product", "weights": {"click": 1.0, "buy": 0.5}}
+        response = httpx.post(f"{url}/rank", json=description["example_request"], timeout=30)
+        assert response.status_code == 200 and response.json()["fusion"]["kind"] == "product"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
