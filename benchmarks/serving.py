@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onerank.serving.ranker import DEFAULT_CHUNK_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 HISTORY = 50
 SIZES = (100, 1000, 4096)
@@ -142,7 +144,9 @@ def time_ranker(ranker, n: int, repeats: int, warmup: int = 2) -> dict:
     return stats
 
 
-def ranker_rows(checkpoints: dict[str, Path], chunk_size: int, quick: bool, threads: int) -> tuple[list[dict], list[str]]:
+def ranker_rows(
+    checkpoints: dict[str, Path], chunk_size: int, quick: bool, threads: int
+) -> tuple[list[dict], list[str]]:
     from onerank.serving import Ranker
 
     notes = []
@@ -270,7 +274,8 @@ def main() -> None:
                         help="folder for the dataset cache, checkpoints and exports (reused between runs)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the ranker / the service")
-    parser.add_argument("--chunk-size", type=int, default=256, help="candidates per chunk of the torch backend")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="candidates per chunk of the torch backend (default: the ranker's)")
     parser.add_argument("--load-candidates", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load-test level")
     parser.add_argument("--workers", type=int, default=2, help="inference threads of the service")
@@ -288,8 +293,10 @@ def main() -> None:
     seconds = min(args.seconds, 4.0) if args.quick else args.seconds
     load_results = load_rows(checkpoints["onerank"], args.load_candidates, seconds, args.workers, args.threads)
 
+    # other jobs on the machine slow every figure down: the load average says how much
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{args.threads} intra-op thread(s), chunk {args.chunk_size}"
+              f"{args.threads} intra-op thread(s), chunk {args.chunk_size}, load average at the end " \
+              f"{os.getloadavg()[1]:.1f} (5 min)"
     print(f"\nRanker latency per request ({machine})")
     print(table(rows, [("model", "model", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
                        ("N", "candidates", "{:d}"), ("p50 ms", "p50", "{:.2f}"), ("p95 ms", "p95", "{:.2f}"),

@@ -38,11 +38,14 @@ def test_export_matches_pytorch(name, fmt, tiny_dataset, test_split, tmp_path):
     model = build_model(name, space).eval()
     wrapper = ExportableModel(model, tiny_dataset.item_table)
     example = flat_inputs(one_request(test_split, torch.arange(3)), space)
-    if (name, fmt) in UNSUPPORTED:
-        pytest.fail(f"{name} is listed as not exportable to {fmt} ({UNSUPPORTED[name, fmt]}); "
-                    "the test below documents it by checking the error instead")
     path = tmp_path / f"{name}.{fmt}"
-    (export_onnx if fmt == "onnx" else export_torchscript)(wrapper, example, path, name)
+    export = export_onnx if fmt == "onnx" else export_torchscript
+    if (name, fmt) in UNSUPPORTED:
+        # a documented limitation, checked: the day the exporter succeeds, the entry must go
+        with pytest.raises(ValueError):
+            export(wrapper, example, path, name)
+        return
+    export(wrapper, example, path, name)
     # sizes other than the example's: a traced graph must not have baked the batch size in
     for rows in (torch.arange(5, 6), torch.arange(7, 30)):
         batch = one_request(test_split, rows)
@@ -54,11 +57,11 @@ def test_export_matches_pytorch(name, fmt, tiny_dataset, test_split, tmp_path):
         assert diff <= TOLERANCE, f"{name} {fmt}: max |diff| {diff:.2e} on {len(rows)} candidates"
 
 
-def test_unsupported_families_are_refused_with_their_reason(tiny_checkpoint):
-    for (name, fmt), reason in UNSUPPORTED.items():
-        with pytest.raises(ValueError, match="cannot be exported"):
-            export_checkpoint(tiny_checkpoint(name), fmt)
-        assert reason
+def test_families_listed_as_unsupported_are_refused_with_their_reason(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(UNSUPPORTED, ("mmoe", "onnx"), "a documented reason")
+    with pytest.raises(ValueError, match="'mmoe' cannot be exported to onnx: a documented reason"):
+        export_checkpoint(tiny_checkpoint("mmoe"), "onnx", tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
 
 
 def test_ranker_on_onnx_export_ranks_like_pytorch(tiny_checkpoint, tmp_path):

@@ -108,6 +108,8 @@ def space():
     {"task_tokens": "projection"},
     {"anchor_sequences": ("carted",)},
     {"sd_tokens": "group", "num_layers": 3},
+    {"num_layers": 1},
+    {"num_layers": 1, "task_tokens": "projection"},
 ])
 def test_structured_encoder_equals_the_reference_masked_full_attention(space, options):
     model = model_for(space, **options)
@@ -123,11 +125,11 @@ def test_structured_encoder_equals_the_reference_masked_full_attention(space, op
 
 
 def test_reference_mask_and_context_mask_follow_the_visibility_rules(space):
-    from onerank.models.onerank import reference_mask
+    from onerank.models.onerank import reference_mask, request_inputs
 
     model = model_for(space, anchor_sequences=("carted",))
     batch = make_batch(space, [3, 2], seed=2)
-    context = model.tokenizer.context(batch, batch.request_rows())
+    context = model.tokenizer.context(request_inputs(batch))
     _, present = batch.list_layout()
     K = len(TASKS)
     S = 1 + K
@@ -209,9 +211,9 @@ def test_chunked_scoring_with_a_cached_context_equals_one_pass(space):
                 assert torch.allclose(chunked[t], one_pass[t], atol=1e-5)
                 assert torch.allclose(served[t], one_pass[t], atol=1e-5)
     # a serving pool comes without request grouping: score_pool treats all its rows as one request
-    unrouped = take_rows(pool, torch.arange(23), None)
+    ungrouped = take_rows(pool, torch.arange(23), None)
     with torch.no_grad():
-        assert torch.allclose(model.score_pool(unrouped, chunk_size=4)["cart"], one_pass["cart"], atol=1e-5)
+        assert torch.allclose(model.score_pool(ungrouped, chunk_size=4)["cart"], one_pass["cart"], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,22 +376,39 @@ def test_config_errors_name_the_option(space):
         model_for(space, anchor_sequences=("liked",))
     with pytest.raises(SchemaError, match="num_heads"):
         model_for(space, dim=10, num_heads=4)
+    with pytest.raises(SchemaError, match="num_layers"):
+        model_for(space, num_layers=0)
 
 
-def tiny_run(dataset, epochs: int = 3) -> dict:
+def tiny_run(dataset, epochs: int = 3, out_dir=None) -> dict:
     config = RunConfig.from_yaml(CONFIGS / "onerank_tiny.yaml")
     config.dataset = dataset.name
     config.train = TrainConfig(epochs=epochs, batch_size=64, lr=1e-2, patience=epochs, progress=False,
                                tensorboard=False, seed=3)
-    return api.train(config, dataset=dataset)
+    return api.train(config, out_dir=out_dir, dataset=dataset)
 
 
-def test_trains_end_to_end_through_the_api_and_its_loss_decreases(tiny_dataset):
-    result = tiny_run(tiny_dataset, epochs=5)
+def test_trains_end_to_end_through_the_api_and_its_loss_decreases(tiny_dataset, tmp_path):
+    result = tiny_run(tiny_dataset, epochs=5, out_dir=tmp_path)
     first, last = result["history"][0]["train_loss"], result["history"][-1]["train_loss"]
     assert sum(last.values()) < sum(first.values())
     assert result["config"]["model"] == "onerank"
     assert result["valid"]["click"]["auc"] > 0.6  # the best epoch (the tiny test split has only 300 rows)
+    # the checkpoint rebuilds the same model, and its serving path scores a request like the training path
+    model, _ = api.load_checkpoint(tmp_path / "checkpoint.pt")
+    from onerank.data.batching import tensor_splits
+
+    split = tensor_splits(tiny_dataset)["test"]
+    pool = split.gather(torch.arange(5), request=torch.zeros(5, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.allclose(model.score_pool(pool, chunk_size=2)["buy"], model(pool)["buy"], atol=1e-5)
+
+
+def test_the_benchmark_config_builds(space):
+    config = RunConfig.from_yaml(CONFIGS / "onerank.yaml")
+    model = build_model(config.model, space, config.model_options)
+    assert model.config.dim == 64 and model.config.task_tokens == "per_task" and model.config.detach_cross_task
+    assert config.objective == {"pointwise": 1.0, "listwise": 1.0, "temperature": 1.0} == OneRank.objective_defaults
 
 
 def census_like() -> RawDataset:
@@ -417,9 +436,9 @@ def test_census_like_input_without_requests_items_or_sequences_runs():
     assert all(np.isfinite(m["logloss"]) for m in result["test"].values())
     model = model_for(FeatureSpace.from_dataset(dataset))
     space = model.space
+    ones = {t: torch.ones(7) for t in space.task_names}
     batch = Batch({f: torch.randint(1, 5, (7,)) for f in space.categorical_fields}, {"age": torch.randn(7)}, {},
-                  {t: torch.ones(7) for t in space.task_names}, {t: torch.ones(7, dtype=torch.bool) for t in space.task_names},
-                  user=torch.arange(7))
+                  ones, {t: v.bool() for t, v in ones.items()}, user=torch.arange(7))
     with torch.no_grad():
         scores = model(batch)
         # N = 1: each impression is its own request, so scoring one row alone gives the same result

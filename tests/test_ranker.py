@@ -104,7 +104,8 @@ def test_dense_values_are_scaled_and_missing_ones_fall_back_to_the_mean(mmoe, ra
     request["candidates"][1]["price"] = None
     del request["candidates"][2]["price"]
     encoded = mmoe.encode(request)
-    assert encoded.dense["price"][0] == pytest.approx(float(scaler.transform(np.array([request["candidates"][0]["price"]]))[0]))
+    given = scaler.transform(np.array([request["candidates"][0]["price"]]))[0]
+    assert encoded.dense["price"][0] == pytest.approx(float(given))
     assert encoded.dense["price"][1] == 0.0 and encoded.dense["price"][2] == 0.0
 
 

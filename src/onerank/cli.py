@@ -217,12 +217,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from onerank.benchmarking import run_benchmark
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    flags = [("--seeds", args.seeds), ("--out", args.out), ("--models", args.models), ("--device", args.device)]
+    flags = [("--seeds", args.seeds), ("--out", args.out), ("--models", args.models), ("--device", args.device),
+             ("--workers", args.workers if args.workers != 1 else None)]
     command = " ".join([f"onerank benchmark --suite {args.suite}"] + [f"{f} {v}" for f, v in flags if v is not None])
     result = run_benchmark(
         args.suite, out_dir=args.out, seeds=args.seeds, models=models, suites_dir=args.suites_dir,
         work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
-        command=command, device=args.device,
+        command=command, device=args.device, workers=args.workers,
     )
     print(result["report"])
     return 0
@@ -265,12 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how task predictions become one score")
     p.add_argument("--weight", action="append", metavar="TASK=W", help="fusion weight of a task (repeatable; "
                    "default 1 for every task, 0 for tasks left out once one is given)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="candidates scored at a time")
+    p.add_argument("--chunk-size", type=int, default=256,
+                   help="candidates scored at a time (the scores do not depend on it)")
     p.add_argument("--max-candidates", type=int, default=4096, help="larger requests get 413")
     p.add_argument("--max-history", type=int, default=1000, help="longer histories get 413")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
     p.add_argument("--workers", type=int, default=2, help="inference threads (requests scored at once)")
-    p.add_argument("--threads", type=int, help="intra-op threads per inference (default: library default)")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads per inference (default: the cores divided by the workers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
@@ -290,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="re-render report.md and plots from OUT/results.json")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
+    p.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes (default 1)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("export-encoded", help="write a dataset for streaming: encoded train split as Parquet files")

@@ -120,6 +120,28 @@ def ablation_bars(results: dict, variant: str, proposed: str, out_dir: Path) -> 
     return _save(fig, out_dir / "ablations.png")
 
 
+def negative_transfer(results: dict, variant: str, reference: str, out_dir: Path, suffix: str = "") -> str | None:
+    """Per task, each multi-task model's mean test AUC minus the single-task reference's: the seesaw at a glance."""
+    block = results["summary"][variant]
+    gains, tasks = block["negative_transfer"], block["tasks"]
+    if not gains:
+        return None
+    models = list(gains)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(tasks) + 0.3 * len(models), 3.4))
+    for i, m in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [gains[m]["auc_gain"][t] for t in tasks], width, label=m)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks)
+    ax.set_ylabel(f"test AUC - {reference}")
+    ax.set_title("gain over single-task models (below 0: negative transfer)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir / f"negative_transfer{suffix}.png")
+
+
 def make_plots(results: dict, suite, out_dir: str | Path) -> list[str]:
     """Every figure that applies to the suite; returns the file names (relative to ``out_dir``)."""
     out_dir = Path(out_dir)
@@ -132,5 +154,6 @@ def make_plots(results: dict, suite, out_dir: str | Path) -> list[str]:
         suffix = "" if len(variants) == 1 else f"_{suite.variant_option}={variant}"
         made.append(training_curves(results, variant, out_dir, suffix))
         made.append(gradient_cosine(results, variant, out_dir, suffix))
+        made.append(negative_transfer(results, variant, suite.reference, out_dir, suffix))
     made.append(ablation_bars(results, variants[0], suite.proposed, out_dir) if variants else None)
     return [m for m in made if m]

@@ -8,7 +8,6 @@ with ``resume=True`` and the paired tests can be recomputed.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import itertools
 import logging
@@ -67,7 +66,68 @@ def run_key(variant: Any, label: str, hparams: dict[str, Any], seed: int) -> str
     return f"v={variant}|{label}|{hp}|seed={seed}"
 
 
+_DATASETS: dict[str, EncodedDataset] = {}
+
+
+def _dataset(config: RunConfig) -> EncodedDataset:
+    """The run's dataset, loaded once per process (workers keep theirs between runs)."""
+    import json
+
+    key = json.dumps([config.dataset, config.data_dir, config.dataset_options, config.cache_dir], sort_keys=True,
+                     default=str)
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one variant at a time: the datasets are large
+        _DATASETS[key] = api.load_run_dataset(config)
+    return _DATASETS[key]
+
+
+def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Train one run, test once: (record fields, test predictions). A failure is returned as ``error``, so a broken
+    model is reported in the results and the suite goes on."""
+    t0 = time.time()
+    try:
+        dataset = _dataset(config)
+        trainer = api.build_trainer(config, dataset)
+        if not trainer.model.shared_parameters():
+            trainer.config.gradient_diagnostics = False  # nothing shared (single_task): no cosine to measure
+        try:
+            first = next(iter(trainer.train_loader.epoch(0))).to(trainer.device)
+            flops = flops_per_sample(trainer.model, first)
+            state = trainer.fit()
+            t1 = time.perf_counter()
+            preds = trainer.predict("test")
+            infer_seconds = time.perf_counter() - t1
+            enc = dataset.split("test")
+            test = evaluate_predictions(dataset.schema.tasks, preds, enc.labels, enc.label_mask, enc.user)
+            params = api.count_parameters(trainer.model)
+        finally:
+            trainer.close()
+    except Exception as exc:
+        log.exception("run of %s failed", config.model)
+        return {"error": f"{type(exc).__name__}: {exc}", "wall_seconds": round(time.time() - t0, 1)}, None
+    best = state.history[state.best_epoch - 1] if state.best_epoch > 0 else None
+    record = {
+        "test": test,
+        "valid": best["valid"] if best else {},
+        "valid_monitor": best["monitor"] if best else float("nan"),
+        "epochs": len(state.history),
+        "best_epoch": state.best_epoch,
+        "train_seconds": round(state.train_seconds, 2),
+        "train_samples_per_s": round(state.train_samples / state.train_seconds, 1) if state.train_seconds else None,
+        "infer_candidates_per_s": round(len(enc) / infer_seconds, 1) if infer_seconds > 0 else None,
+        "params": params,
+        "flops_per_sample": round(flops, 1),
+        "history": _compact_history(state.history),
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    return record, {t: p.astype(np.float32) for t, p in preds.items()}
+
+
 class SuiteRunner:
+    """Phase 1: every model's tuning runs (seed 0, each grid point). Phase 2: the other seeds at each model's chosen
+    values (ablations at the proposed model's). Runs of a phase are independent, so ``workers`` > 1 runs them in
+    parallel processes (one torch thread each, as the suites set ``threads: 1``)."""
+
     def __init__(
         self,
         suite: Suite,
@@ -79,6 +139,7 @@ class SuiteRunner:
         cache_dir: str | None = None,
         command: str | None = None,
         device: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.suite = suite
         self.out_dir = Path(out_dir)
@@ -87,6 +148,8 @@ class SuiteRunner:
         self.entries = suite.entries(models)
         self.cache_dir = cache_dir
         self.device = device
+        self.workers = max(1, int(workers))
+        self.started = time.time()
         self.results: dict[str, Any] = {
             "suite": suite.name,
             "suite_file": str(suite.path),
@@ -96,12 +159,12 @@ class SuiteRunner:
             "command": command,
             "seeds": self.seeds,
             "models_filter": models,
+            "workers": self.workers,
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             },
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -109,7 +172,6 @@ class SuiteRunner:
             "tuning": {},
         }
         self.predictions: dict[str, dict[str, np.ndarray]] = {}
-        self.labels: dict[str, dict] = {}  # variant -> test labels, masks, users
         if resume and (self.out_dir / "results.json").exists():
             self._load_previous()
 
@@ -123,12 +185,10 @@ class SuiteRunner:
             return
         for run in previous.get("runs", []):
             path = self._prediction_path(run["key"])
-            if path.exists() or run.get("error"):
+            if path.exists():
                 self.results["runs"].append(run)
-                if path.exists():
-                    with np.load(path) as npz:
-                        self.predictions[run["key"]] = {t: npz[t] for t in npz.files}
-        self.results["tuning"] = previous.get("tuning", {})
+                with np.load(path) as npz:
+                    self.predictions[run["key"]] = {t: npz[t] for t in npz.files}
         self.results["started"] = previous.get("started", self.results["started"])
         self.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
 
@@ -139,9 +199,20 @@ class SuiteRunner:
     def _done(self, key: str) -> dict | None:
         return next((r for r in self.results["runs"] if r["key"] == key), None)
 
-    def _save(self, started: float) -> None:
-        self.results["wall_seconds"] = round(self.results.get("previous_wall_seconds", 0.0) + time.time() - started, 1)
+    def _save(self) -> None:
+        elapsed = time.time() - self.started
+        self.results["wall_seconds"] = round(self.results.get("previous_wall_seconds", 0.0) + elapsed, 1)
         write_json(self.results, self.out_dir / "results.json")
+
+    def _record(self, spec: dict, fields: dict, preds: dict[str, np.ndarray] | None) -> None:
+        if preds is not None:
+            path = self._prediction_path(spec["key"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, **preds)
+            self.predictions[spec["key"]] = preds
+        self.results["runs"].append({**spec, **fields})
+        log.info("benchmark %s: %s done (%s)", self.suite.name, spec["key"], fields.get("error", "ok"))
+        self._save()
 
     # ---- runs -------------------------------------------------------------------------------------------------------
     def run_config(self, entry: ModelEntry, variant: Any, hparams: dict[str, Any], seed: int) -> RunConfig:
@@ -160,102 +231,83 @@ class SuiteRunner:
             cache_dir=self.cache_dir,
         )
 
-    def _run(self, entry: ModelEntry, variant: Any, dataset: EncodedDataset, hparams: dict, seed: int,
-             started: float) -> dict:
-        key = run_key(variant, entry.label, hparams, seed)
-        done = self._done(key)
-        if done is not None:
-            return done
-        config = self.run_config(entry, variant, hparams, seed)
-        record: dict[str, Any] = {
-            "key": key, "variant": variant, "label": entry.label, "model": entry.model, "options": entry.options,
-            "ablation": entry.ablation, "hparams": hparams, "seed": seed,
-        }
-        log.info("benchmark %s: %s", self.suite.name, key)
-        t0 = time.time()
-        try:
-            record.update(self._train(config, dataset, key))
-        except Exception as exc:  # a broken model is reported in the results, and the suite goes on
-            log.exception("run %s failed", key)
-            record["error"] = f"{type(exc).__name__}: {exc}"
-        record["wall_seconds"] = round(time.time() - t0, 1)
-        self.results["runs"].append(record)
-        self._save(started)
-        return record
-
-    def _train(self, config: RunConfig, dataset: EncodedDataset, key: str) -> dict[str, Any]:
-        trainer = api.build_trainer(config, dataset)
-        try:
-            first = next(iter(trainer.train_loader.epoch(0))).to(trainer.device)
-            flops = flops_per_sample(trainer.model, first)
-            state = trainer.fit()
-            t0 = time.perf_counter()
-            preds = trainer.predict("test")
-            infer_seconds = time.perf_counter() - t0
-            enc = dataset.split("test")
-            test = evaluate_predictions(dataset.schema.tasks, preds, enc.labels, enc.label_mask, enc.user)
-        finally:
-            trainer.close()
-        path = self._prediction_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **{t: p.astype(np.float32) for t, p in preds.items()})
-        self.predictions[key] = preds
-        best = state.history[state.best_epoch - 1] if state.best_epoch > 0 else None
+    def _spec(self, entry: ModelEntry, variant: Any, hparams: dict, seed: int) -> dict[str, Any]:
         return {
-            "test": test,
-            "valid": best["valid"] if best else {},
-            "valid_monitor": best["monitor"] if best else float("nan"),
-            "epochs": len(state.history),
-            "best_epoch": state.best_epoch,
-            "train_seconds": round(state.train_seconds, 2),
-            "train_samples_per_s": round(state.train_samples / state.train_seconds, 1) if state.train_seconds else None,
-            "infer_candidates_per_s": round(len(enc) / infer_seconds, 1) if infer_seconds > 0 else None,
-            "params": api.count_parameters(trainer.model),
-            "flops_per_sample": round(flops, 1),
-            "history": _compact_history(state.history),
+            "key": run_key(variant, entry.label, hparams, seed), "variant": variant, "label": entry.label,
+            "model": entry.model, "options": entry.options, "ablation": entry.ablation, "hparams": hparams,
+            "seed": seed,
         }
+
+    def _execute(self, jobs: list[tuple[ModelEntry, Any, dict, int]]) -> None:
+        """Run every job not already done; in ``workers`` processes when more than one."""
+        todo = []
+        for entry, variant, hparams, seed in jobs:
+            spec = self._spec(entry, variant, hparams, seed)
+            if self._done(spec["key"]) is None and all(spec["key"] != s["key"] for s, _ in todo):
+                todo.append((spec, self.run_config(entry, variant, hparams, seed)))
+        if self.workers == 1:
+            for spec, config in todo:
+                self._record(spec, *execute_run(config))
+            return
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(execute_run, config): spec for spec, config in todo}
+            for future in cf.as_completed(futures):
+                self._record(futures[future], *future.result())
 
     def _grid(self) -> list[dict[str, Any]]:
         keys = sorted(self.suite.tuning)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.suite.tuning[k] for k in keys))]
 
-    def _choose(self, runs: list[dict]) -> dict:
-        ok = [r for r in runs if not r.get("error") and not np.isnan(r.get("valid_monitor", float("nan")))]
+    def _choose(self, variant: Any, entry: ModelEntry, grid: list[dict]) -> dict[str, Any]:
+        runs = [self._done(run_key(variant, entry.label, hp, 0)) for hp in grid]
+        ok = [r for r in runs if r and not r.get("error") and not np.isnan(r.get("valid_monitor", float("nan")))]
         if not ok:
-            return runs[0]["hparams"]
+            return grid[0]
         sign = -1.0 if self.suite.train.get("monitor", "auc") in LOWER_IS_BETTER else 1.0
         return max(ok, key=lambda r: sign * r["valid_monitor"])["hparams"]
 
-    def run(self) -> dict[str, Any]:
-        started = time.time()
-        grid = self._grid()
-        proposed_entry = next((e for e in self.entries if e.label == self.suite.proposed), None)
+    def _tune(self, grid: list[dict]) -> list[tuple[ModelEntry, Any, dict, int]]:
+        """Fill ``results["tuning"]`` from the seed-0 runs done so far; the seed runs at the chosen values."""
+        jobs = []
         for variant in self.suite.variant_values:
-            config = self.run_config(self.entries[0], variant, {}, 0)
-            dataset = api.load_run_dataset(config)
-            enc = dataset.split("test")
-            self.labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user}
             tuning = self.results["tuning"].setdefault(str(variant), {})
-            # tuning first (seed 0, every grid point); ablations reuse the proposed model's choice
             for entry in [e for e in self.entries if not e.ablation]:
-                runs = [self._run(entry, variant, dataset, hp, 0, started) for hp in grid]
                 tuning[entry.label] = {
-                    "chosen": self._choose(runs),
-                    "grid": [{"hparams": r["hparams"], "valid_monitor": r.get("valid_monitor")} for r in runs],
+                    "chosen": self._choose(variant, entry, grid),
+                    "grid": [{"hparams": hp, "valid_monitor": (self._done(run_key(variant, entry.label, hp, 0))
+                                                               or {}).get("valid_monitor")} for hp in grid],
                 }
+            proposed = tuning.get(self.suite.proposed, {}).get("chosen", grid[0])
             for entry in self.entries:
-                source = proposed_entry.label if entry.ablation and proposed_entry else entry.label
-                chosen = tuning.get(source, {}).get("chosen", grid[0])
                 if entry.ablation:
-                    tuning[entry.label] = {"chosen": chosen, "grid": [], "from": source}
-                for seed in range(self.seeds):
-                    self._run(entry, variant, dataset, chosen, seed, started)
-            del dataset
-        self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.results["summary"] = summarize(self.results, self.suite, self.predictions, self.labels)
-        self._save(started)
-        return self.results
+                    tuning[entry.label] = {"chosen": proposed, "grid": [], "from": self.suite.proposed}
+                jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
+        return jobs
 
+    def run(self) -> dict[str, Any]:
+        grid = self._grid()
+        for variant in self.suite.variant_values:
+            # build each variant's cache here, once: workers building the same cache at once would race
+            api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
+        tuned = [e for e in self.entries if not e.ablation]
+        self._execute([(e, v, hp, 0) for v in self.suite.variant_values for e in tuned for hp in grid])
+        self._execute(self._tune(grid))
+        return self.finalize()
+
+    def finalize(self) -> dict[str, Any]:
+        """Tables' numbers and paired tests from the runs done so far (also on a partial, resumed suite)."""
+        self._tune(self._grid())
+        labels = {}
+        for variant in self.suite.variant_values:
+            enc = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0)).split("test")
+            labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user}
+        self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels)
+        self._save()
+        return self.results
 
 def run_benchmark(
     name: str,
@@ -269,6 +321,7 @@ def run_benchmark(
     cache_dir: str | None = None,
     command: str | None = None,
     device: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
     ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown)."""
@@ -280,14 +333,18 @@ def run_benchmark(
 
     suite = load_suite(name, suites_dir or DEFAULT_SUITES_DIR)
     out = Path(out_dir) if out_dir else Path("benchmarks/results") / suite.name
+    if report_only and not (out / "results.json").exists():
+        raise FileNotFoundError(f"--report-only: no results at {out / 'results.json'}")
+    if report_only:  # keep the command and wall time of the run that made the results
+        previous = json.loads((out / "results.json").read_text())
+        command, seeds = previous.get("command"), previous.get("seeds", seeds)
+    runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
+                         cache_dir=cache_dir, command=command, device=device, workers=workers)
     if report_only:
-        path = out / "results.json"
-        if not path.exists():
-            raise FileNotFoundError(f"--report-only: no results at {path}")
-        results = json.loads(path.read_text())
+        runner.started = time.time()
+        runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
+        results = runner.finalize()
     else:
-        runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume,
-                             cache_dir=cache_dir, command=command, device=device)
         results = runner.run()
     plots = make_plots(results, suite, out)
     report = render_markdown(results, suite, plots)

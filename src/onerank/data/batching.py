@@ -30,7 +30,8 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return len(self.user)
+        # shape[0] rather than len(): graph capture (torch.export, jit.trace) keeps it symbolic, len() bakes it in
+        return self.user.shape[0]
 
     @property
     def num_requests(self) -> int:

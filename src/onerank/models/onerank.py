@@ -25,7 +25,7 @@ from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
 from onerank.models.base import MultiTaskModel, register_model
 from onerank.nn.mlp import MLP
-from onerank.nn.transformer import FeedForward, MultiHeadAttention, TransformerBlock
+from onerank.nn.transformer import FeedForward, MultiHeadAttention, TransformerBlock, attention_bias
 
 
 @dataclass
@@ -59,6 +59,9 @@ class OneRankConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SchemaError(f"onerank: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_layers < 1 or self.dim < 1 or self.num_heads < 1:
+            raise SchemaError(f"onerank: dim, num_layers and num_heads must be >= 1, got dim={self.dim}, "
+                              f"num_layers={self.num_layers}, num_heads={self.num_heads}")
         if self.dim % self.num_heads:
             raise SchemaError(f"onerank: dim={self.dim} is not divisible by num_heads={self.num_heads}")
         unknown = sorted(set(self.anchor_sequences) - set(space.sequences))
@@ -70,7 +73,9 @@ class OneRankConfig:
         if self.cross_task_matrix is not None:
             matrix = torch.tensor([[bool(v) for v in row] for row in self.cross_task_matrix])
             if matrix.shape != (num_tasks, num_tasks):
-                raise SchemaError(f"onerank: cross_task_matrix must be {num_tasks} x {num_tasks}, got {list(matrix.shape)}")
+                raise SchemaError(
+                    f"onerank: cross_task_matrix must be {num_tasks} x {num_tasks}, got {list(matrix.shape)}"
+                )
             if not bool(matrix.diagonal().all()):
                 raise SchemaError("onerank: cross_task_matrix must let every task read itself (diagonal all true)")
             return matrix
@@ -83,6 +88,18 @@ class OneRankConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 # 1.1 Tokens
 # ---------------------------------------------------------------------------------------------------------------------
+def request_inputs(batch: Batch) -> Batch:
+    """The request-level inputs (user / context fields, dense fields, histories) of each request, read at its first
+    row: a batch of R rows, so the context is embedded once per request, not once per candidate."""
+    rows = batch.request_rows()
+
+    def pick(columns: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v[rows] for k, v in columns.items()}
+
+    histories = {seq: pick(codes) for seq, codes in batch.histories.items()}
+    return Batch(pick(batch.categorical), pick(batch.dense), histories, {}, {}, batch.user[rows])
+
+
 class ContextTokens(NamedTuple):
     """A request's context: ``[history segments, anchor groups, SD tokens]``, the SD tokens last."""
 
@@ -129,9 +146,11 @@ class Tokenizer(nn.Module):
             self.anchor_delimiters = nn.Parameter(torch.randn(len(self.anchors), 2, d) * 0.05)  # BOS, EOS per group
         # SD tokens: fields are [context categorical..., SD dense...]; "group" concatenates a schema group's fields
         # and projects them to one token (fewer, wider tokens for datasets with many user fields).
-        groups = [f.group for f in space.schema.categorical if f.group != "item"] + [dense[i].group for i in self.sd_dense]
-        names = list(dict.fromkeys(groups))
-        self.sd_groups = [[i for i, g in enumerate(groups) if g == name] for name in names] if config.sd_tokens == "group" else []
+        groups = [f.group for f in space.schema.categorical if f.group != "item"]
+        groups += [dense[i].group for i in self.sd_dense]
+        self.sd_groups = []
+        if config.sd_tokens == "group":
+            self.sd_groups = [[i for i, g in enumerate(groups) if g == name] for name in dict.fromkeys(groups)]
         self.group_projections = nn.ModuleList(nn.Linear(len(m) * d, d) for m in self.sd_groups)
         self.num_sd = len(self.sd_groups) if self.sd_groups else len(groups)
 
@@ -139,32 +158,36 @@ class Tokenizer(nn.Module):
         """Item field codes of any leading shape -> [..., d] through the shared item projection."""
         return self.item_projection(self.embedding.items(codes).flatten(-2))
 
-    def situational(self, batch: Batch, rows: Tensor) -> Tensor:
-        """[R, U_sd, d] SD tokens of the request rows."""
-        fields = torch.cat([self.embedding.context(batch)[rows], self.embedding.dense_tokens(batch)[rows][:, self.sd_dense]], 1)
+    def situational(self, requests: Batch) -> Tensor:
+        """[R, U_sd, d] SD tokens."""
+        dense = self.embedding.dense_tokens(requests)[:, self.sd_dense]
+        fields = torch.cat([self.embedding.context(requests), dense], dim=1)
         if not self.sd_groups:
             return fields
-        return torch.stack([proj(fields[:, m].flatten(1)) for proj, m in zip(self.group_projections, self.sd_groups)], 1)
+        groups = zip(self.group_projections, self.sd_groups)
+        return torch.stack([project(fields[:, members].flatten(1)) for project, members in groups], dim=1)
 
-    def context(self, batch: Batch, rows: Tensor) -> ContextTokens:
+    def context(self, requests: Batch) -> ContextTokens:
+        """The context tokens of each request, from ``request_inputs(batch)`` (one row per request)."""
         tokens, valid, blocks = [], [], []
         for segment, seq in enumerate(self.history + self.anchors):
-            codes = {f: c[rows] for f, c in batch.histories[seq].items()}
+            codes = requests.histories[seq]
             items = self.items(codes) + self.behaviour.weight[self.space.sequences.index(seq)]
             present = codes[self.space.schema.item_id] != 0
             L = present.shape[1]
-            recency = torch.arange(L - 1, -1, -1, device=present.device)  # left-padded: the last slot is the most recent
+            recency = torch.arange(L - 1, -1, -1, device=present.device)  # left-padded: the last slot is the newest
             if seq in self.history:
                 tokens.append(items + self.recency(recency))
             else:
                 # A preference-anchor group: [BOS, items, EOS], position counted from the group's end.
-                bos, eos = self.anchor_delimiters[self.anchors.index(seq)].unsqueeze(1).expand(-1, len(rows), -1).unbind(0)
+                delimiters = self.anchor_delimiters[self.anchors.index(seq)]
+                bos, eos = delimiters[:, None].expand(-1, requests.size, -1)
                 tokens.append(torch.cat([bos[:, None], items + self.anchor_position(recency), eos[:, None]], 1))
-                edge = present.new_ones(len(rows), 1)
+                edge = present.new_ones(requests.size, 1)
                 present = torch.cat([edge, present, edge], 1)
             valid.append(present)
             blocks.append(torch.full((present.shape[1],), segment, device=present.device))
-        sd = self.situational(batch, rows)
+        sd = self.situational(requests)
         tokens.append(sd)
         valid.append(torch.ones(sd.shape[:2], dtype=torch.bool, device=sd.device))
         blocks.append(torch.full((sd.shape[1],), -1, device=sd.device))
@@ -179,6 +202,12 @@ class Tokenizer(nn.Module):
         if self.item_dense:
             token = token + self.embedding.dense_tokens(batch)[:, self.item_dense].sum(1)
         return token
+
+
+def as_one_request(batch: Batch) -> Batch:
+    """The batch's rows as the candidates of one request (a serving pool usually comes without request grouping)."""
+    request = torch.zeros(batch.size, dtype=torch.long, device=batch.user.device)
+    return Batch(batch.categorical, batch.dense, batch.histories, batch.labels, batch.label_mask, batch.user, request)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,19 +268,22 @@ class Encoder(nn.Module):
             cache.append(kv)
         return self.norm(x), cache
 
-    def groups(self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0) -> Tensor:
+    def groups(
+        self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0
+    ) -> Tensor:
         """Groups [c_i, template] (candidates [R, N, d], the task-token template [F, d] or None) -> final states
         [R, N, 1 + F - first_output, d] of their tokens ``first_output:``. Every group reads only its request's
-        context and itself; before the first layer the task tokens are the same in every group, so that layer
-        handles them once per request."""
+        context and, inside itself, what ``group_mask`` allows (``prefix_group_attention`` implements that rule
+        structurally). Before the first layer the task tokens are the same in every group, so that layer handles
+        them once per request."""
         last = len(self.blocks) - 1
-        x = candidates.unsqueeze(2)
+        x, bias = candidates.unsqueeze(2), attention_bias(cache.valid, candidates.dtype)
         for layer, (block, kv) in enumerate(zip(self.blocks, cache.keys_values)):
             first = first_output if layer == last else 0
             if layer == 0 and template is not None:
-                x = block.attend_template_groups(candidates, template, kv, cache.valid, first)
+                x = block.attend_template_groups(candidates, template, kv, bias, first)
             else:
-                x = block.attend_groups(x, kv, cache.valid, first)
+                x = block.attend_groups(x, kv, bias, first)
         return self.norm(x)
 
 
@@ -269,8 +301,9 @@ class TaskChannel(nn.Module):
         self.projection = nn.Linear(d, d) if with_projection else None
         self.query = nn.Linear(d, d)  # f_k
         self.pool_attention = MultiHeadAttention(d, config.num_heads) if pool_attention else None  # MHCA_k
-        # Our addition: a learnable scale (1/sqrt(d) keeps <z, r> of unit-norm-ish states near logit scale) and a
-        # bias, so point-wise probabilities can be calibrated while the list-wise loss only sees differences.
+        # Our addition: a learnable scale and bias per task. z and r leave LayerNorms with norms near sqrt(d), so
+        # a_k = 1/sqrt(d) starts <z, r> a_k at logit scale (attention's usual scaling); b_k lets the point-wise
+        # probabilities calibrate, while the list-wise softmax ignores it.
         self.scale = nn.Parameter(torch.tensor(d**-0.5))
         self.bias = nn.Parameter(torch.zeros(()))
 
@@ -358,7 +391,7 @@ class OneRank(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"channels.{t}."] for t in self.tasks}
 
-    # ---- tokens -> encoder --------------------------------------------------------------------------------------------
+    # ---- tokens -> encoder ----------------------------------------------------------------------------------------
     def _task_template(self) -> Tensor | None:
         """The tokens that follow c_i in every group G_i = [c_i, t_1..t_K]: [K, d] task tokens, [1, d] with one
         shared task token, None when per-task projections replace the task tokens."""
@@ -402,13 +435,13 @@ class OneRank(MultiTaskModel):
             return self.sd_mlp(sd_inputs.flatten(1))
         return hidden[:, -context.num_sd:].mean(1)
 
-    # ---- serving pieces (also the training path) -----------------------------------------------------------------------
+    # ---- serving pieces (also the training path) ------------------------------------------------------------------
     def encode_context(self, batch: Batch) -> ContextCache:
         """Encode each request's context once (read from the request's first row): per-layer keys / values, the final
         context states and s. Reusable for any number of candidates of those requests, in any chunks."""
         if self.config.attention == "full":
             raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
-        context = self.tokenizer.context(batch, batch.request_rows())
+        context = self.tokenizer.context(request_inputs(batch))
         hidden, keys_values = self.encoder.context(context)
         return ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
 
@@ -417,16 +450,22 @@ class OneRank(MultiTaskModel):
         context, ``chunk_size`` candidates per request at a time (groups are independent, so chunking is exact)."""
         slot, _ = batch.list_layout()
         if slot.shape[0] != cache.num_requests:
-            raise ValueError(f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}")
+            raise ValueError(
+                f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}; "
+                "group a serving pool with as_one_request(batch)"
+            )
         candidates, template = self.tokenizer.candidates(batch), self._task_template()
-        step = max(chunk_size or slot.shape[1], 1)
+        if chunk_size is None:  # one pass, and no Python loop over a data-dependent N (graph export follows it)
+            return self._task_states(self.encoder.groups(candidates[slot], template, cache, self._first_output))
         chunks = [
-            self.encoder.groups(candidates[slot[:, start:start + step]], template, cache, self._first_output)
-            for start in range(0, slot.shape[1], step)
+            self.encoder.groups(candidates[slot[:, start:start + chunk_size]], template, cache, self._first_output)
+            for start in range(0, slot.shape[1], max(chunk_size, 1))
         ]
         return self._task_states(torch.cat(chunks, dim=1))
 
-    def score_with_context(self, cache: ContextCache, batch: Batch, chunk_size: int | None = None) -> dict[str, Tensor]:
+    def score_with_context(
+        self, cache: ContextCache, batch: Batch, chunk_size: int | None = None
+    ) -> dict[str, Tensor]:
         """Logits {task: [B]} of the batch's candidates (grouped in the same requests as ``cache``); groups are encoded
         chunk by chunk, contextualization and cross-task attention see the whole pool at once."""
         return self._score(self.encode_candidates(cache, batch, chunk_size), cache.situation, batch)
@@ -442,13 +481,12 @@ class OneRank(MultiTaskModel):
     def score_pool(self, batch: Batch, chunk_size: int = 1024) -> dict[str, Tensor]:
         """One request's whole pool (all rows of ``batch``, whatever its ``request``): the context encoded once,
         candidate groups ``chunk_size`` at a time; the same scores as one pass."""
-        pool = Batch(batch.categorical, batch.dense, batch.histories, batch.labels, batch.label_mask, batch.user,
-                     request=torch.zeros(batch.size, dtype=torch.long, device=batch.user.device))
+        pool = as_one_request(batch)
         if self.config.attention == "full":
             return self(pool)
         return self.score_with_context(self.encode_context(pool), pool, chunk_size)
 
-    # ---- 1.3 contextualization -> 1.4 cross-task attention -> 1.5 scoring ----------------------------------------------
+    # ---- 1.3 contextualization -> 1.4 cross-task attention -> 1.5 scoring -----------------------------------------
     def _score(self, r: Tensor, situation: Tensor, batch: Batch) -> dict[str, Tensor]:
         slot, present = batch.list_layout()
         h = torch.stack(
@@ -493,7 +531,7 @@ def reference_encode(
     sequence with the explicit mask, through the model's own weights. O((U + N S)^2): a specification to test the
     structured path against, not a serving path."""
     slot, present = batch.list_layout()
-    context = model.tokenizer.context(batch, batch.request_rows())
+    context = model.tokenizer.context(request_inputs(batch))
     groups = model._groups(model.tokenizer.candidates(batch)[slot])
     R, N, S, d = groups.shape
     x = torch.cat([context.tokens, groups.reshape(R, N * S, d)], dim=1)

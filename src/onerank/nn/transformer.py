@@ -1,8 +1,10 @@
 """Pre-LN Transformer pieces: multi-head attention with separate query and key/value sets, a feed-forward layer, a
-block, and the attention of small token groups over a shared, cached prefix plus their own tokens.
+block, and the attention of small token groups over a shared, cached prefix plus their own tokens (the structured
+attention of OneRank; ``models/onerank.py`` keeps the plain masked reference it is tested against).
 
-Masks are boolean and follow ``scaled_dot_product_attention``: True means "may attend". Callers keep at least one
-allowed key per query (e.g. the query itself), so no softmax row is empty.
+Boolean masks follow ``scaled_dot_product_attention``: True means "may attend". A prefix's validity is passed to the
+group attentions as an additive bias (``attention_bias``). Every query keeps at least one allowed key (itself), so
+no softmax row is empty.
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def attention_bias(valid: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean key validity -> additive scores: 0 where a key may be read, -inf where not."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+
+
 def prefix_group_attention(
-    query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_valid: Tensor,
+    query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor,
     group_key: Tensor, group_value: Tensor,
 ) -> Tensor:
     """Token groups [a, b_1, ..., b_m] (an anchor and its followers, e.g. a candidate and its task tokens) attending
@@ -66,7 +73,7 @@ def prefix_group_attention(
 
     query: [R, H, N, Sq, dh], the queries of the group's last Sq tokens (Sq = S, or S - 1 when the anchor's own
     output is not needed); group_key / group_value: [R, H, N, S, dh]; prefix_key / prefix_value: [R, H, P, dh];
-    prefix_valid: [R, P]. Returns [R, H, N, Sq, dh].
+    prefix_bias: [R, P] (``attention_bias`` of the prefix's validity). Returns [R, H, N, Sq, dh].
 
     One softmax over [prefix scores, score to the anchor, score to itself] is exactly the masked attention over
     ``[prefix, own group]``, but the prefix is read once per request instead of once per group: O(N S P) rather
@@ -76,10 +83,8 @@ def prefix_group_attention(
     R, H, N, Sq, dh = query.shape
     P, S = prefix_key.shape[-2], group_key.shape[-2]
     query = query * dh**-0.5
-    prefix_bias = torch.zeros(prefix_valid.shape, dtype=query.dtype, device=query.device)
-    prefix_bias = prefix_bias.masked_fill(~prefix_valid, float("-inf")).view(R, 1, 1, P)
     to_prefix = torch.baddbmm(
-        prefix_bias.expand(R, H, 1, P).reshape(R * H, 1, P),
+        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
         query.reshape(R * H, N * Sq, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
     ).view(R, H, N, Sq, P)
     anchor_key, anchor_value = group_key[..., :1, :], group_value[..., :1, :]
@@ -94,14 +99,14 @@ def prefix_group_attention(
 
 
 def template_attention(
-    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_valid: Tensor,
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor,
     anchor_key: Tensor, anchor_value: Tensor,
 ) -> Tensor:
     """``prefix_group_attention`` for the followers of groups whose followers are one template shared by all groups
     (e.g. task tokens before the first layer): follower j of group i attends to the prefix, to anchor i and to itself.
 
     query / key / value: [H, F, dh] of the F template tokens; prefix_key / prefix_value: [R, H, P, dh];
-    prefix_valid: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
+    prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
 
     Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
     prefix-and-self part (numerator and denominator) once per request, then one rescaled merge per group. Exact;
@@ -109,9 +114,7 @@ def template_attention(
     """
     R, H, P, dh = prefix_key.shape
     query = query * dh**-0.5
-    prefix_bias = torch.zeros(prefix_valid.shape, dtype=query.dtype, device=query.device)
-    prefix_bias = prefix_bias.masked_fill(~prefix_valid, float("-inf"))[:, None, None, :]
-    to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias  # [R, H, F, P]
+    to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias[:, None, None, :]  # [R, H, F, P]
     to_self = (query * key).sum(-1).expand(R, -1, -1)  # [R, H, F]
     shared = torch.cat([to_prefix, to_self.unsqueeze(-1)], dim=-1)
     top = shared.amax(-1)  # finite: every follower sees itself
@@ -126,8 +129,8 @@ def template_attention(
 
 
 class TransformerBlock(nn.Module):
-    """x + Attn(LN(x)), then x + FFN(LN(x)) (pre-LN); dropout on the two residual branches only, so the structured
-    and the reference attention paths stay the same function even in training mode."""
+    """x + Attn(LN(x)), then x + FFN(LN(x)) (pre-LN). Dropout acts on the residual branches and inside the FFN, never
+    on attention probabilities, so the structured and the reference attention stay the same function in training."""
 
     def __init__(self, dim: int, num_heads: int, ffn_hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -153,7 +156,7 @@ class TransformerBlock(nn.Module):
         return self.self_attend(x, mask)[0]
 
     def attend_groups(
-        self, x: Tensor, prefix: tuple[Tensor, Tensor], prefix_valid: Tensor, first_query: int = 0
+        self, x: Tensor, prefix: tuple[Tensor, Tensor], prefix_bias: Tensor, first_query: int = 0
     ) -> Tensor:
         """x [R, N, S, d]: N groups [anchor, followers] per request attending as in ``prefix_group_attention`` to
         the request's prefix (keys and values from ``self_attend`` of this block) and inside their group.
@@ -163,12 +166,12 @@ class TransformerBlock(nn.Module):
         h = self.attention_norm(x)
         query = self.attention.queries(h[:, :, first_query:]).transpose(1, 2)  # [R, H, N, Sq, dh]
         key, value = (t.transpose(1, 2) for t in self.attention.keys_values(h))
-        out = prefix_group_attention(query, *prefix, prefix_valid, key, value)
+        out = prefix_group_attention(query, *prefix, prefix_bias, key, value)
         x = x[:, :, first_query:] + self.dropout(self.attention.out(self.attention.merge_heads(out.transpose(1, 2))))
         return self._feed_forward(x)
 
     def attend_template_groups(
-        self, anchors: Tensor, template: Tensor, prefix: tuple[Tensor, Tensor], prefix_valid: Tensor,
+        self, anchors: Tensor, template: Tensor, prefix: tuple[Tensor, Tensor], prefix_bias: Tensor,
         first_query: int = 0,
     ) -> Tensor:
         """``attend_groups`` on the groups [anchor_i, template_1, ..., template_F] (anchors [R, N, d], template
@@ -179,11 +182,11 @@ class TransformerBlock(nn.Module):
         h_anchor, h_template = self.attention_norm(anchors), self.attention_norm(template)
         anchor_key, anchor_value = att.keys_values(h_anchor)  # [R, H, N, dh]
         key, value = att.keys_values(h_template)  # [H, F, dh]
-        out = template_attention(att.queries(h_template), key, value, *prefix, prefix_valid, anchor_key, anchor_value)
+        out = template_attention(att.queries(h_template), key, value, *prefix, prefix_bias, anchor_key, anchor_value)
         x = template.expand(R, N, -1, -1)
         if first_query == 0:
             anchor_out = prefix_group_attention(
-                att.queries(h_anchor).unsqueeze(3), *prefix, prefix_valid,
+                att.queries(h_anchor).unsqueeze(3), *prefix, prefix_bias,
                 anchor_key.unsqueeze(3), anchor_value.unsqueeze(3),
             )
             out = torch.cat([anchor_out, out], dim=3)

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import onerank
-from onerank.serving.ranker import Fusion, Ranker
+from onerank.serving.ranker import DEFAULT_CHUNK_SIZE, Fusion, Ranker
 from onerank.serving.request import RankRequest, RankResponse, RequestError, RequestLimits
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def serve(
     backend: str = "torch",
     onnx_path: str | Path | None = None,
     fusion: Fusion | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_candidates: int = 4096,
     max_history: int = 1000,
     max_body_bytes: int = 8 * 2**20,

@@ -180,11 +180,9 @@ class EncodedRequest:
 
         histories = {}
         for seq, codes in self.histories.items():
-            items = torch.from_numpy(codes).unsqueeze(0).expand(n, -1)
-            per_field = {item_id: items}
-            for name, table in item_table.items():
-                per_field[name] = table[items]
-            histories[seq] = per_field
+            items = torch.from_numpy(codes).unsqueeze(0)
+            per_field = {item_id: items, **{name: table[items] for name, table in item_table.items()}}
+            histories[seq] = {name: x.expand(n, -1) for name, x in per_field.items()}
         return Batch(
             categorical={k: expand(v) for k, v in self.categorical.items()},
             dense={k: expand(v) for k, v in self.dense.items()},
@@ -267,7 +265,8 @@ class RequestEncoder:
             if not given.any():
                 categorical[f.name] = from_table
                 continue
-            codes = self._codes(f.name, [v for v in column if v is not None], ("candidates", f.name), given)
+            codes = self._codes(f.name, [v for v in column if v is not None], ("candidates", f.name),
+                                np.flatnonzero(given))
             out = from_table.copy()
             out[given] = codes
             categorical[f.name] = out
@@ -294,7 +293,7 @@ class RequestEncoder:
         for f in self.request_categorical:
             request[f.group][f.name] = known(f.name, 1)[0]
         for f in self.request_dense:
-            request[f.group][f.name] = round(self.encoders.scalers[f.name].mean, 3)
+            request[f.group][f.name] = self._typical(f.name)
         item_id = self.schema.item_id
         if item_id is not None:
             items = known(item_id, num_candidates + 4)
@@ -309,9 +308,13 @@ class RequestEncoder:
                     cand[f.name] = value
         for f in self.item_dense:
             for cand in request["candidates"]:
-                cand[f.name] = round(float(np.expm1(self.encoders.scalers[f.name].mean))
-                                     if self.encoders.scalers[f.name].log1p else self.encoders.scalers[f.name].mean, 3)
+                cand[f.name] = self._typical(f.name)
         return request
+
+    def _typical(self, dense_field: str) -> float:
+        """The raw value the scaler maps to 0 (the train mean, before log1p where the schema asks for it)."""
+        scaler = self.encoders.scalers[dense_field]
+        return round(float(np.expm1(scaler.mean) if scaler.log1p else scaler.mean), 3)
 
     # ---- checks ------------------------------------------------------------------------------------------------------
     def _check_limits(self, req: RankRequest) -> None:
@@ -351,7 +354,7 @@ class RequestEncoder:
             raise RequestError(("candidates", i, name), f"unknown candidate field {name!r}{hint}; the model's item "
                                f"fields are {sorted(self.candidate_fields)}", "unknown_field")
 
-    # ---- values -> codes -----------------------------------------------------------------------------------------------
+    # ---- values -> codes ---------------------------------------------------------------------------------------------
     def _codes(self, name: str, values: list, loc: tuple, positions: np.ndarray | None = None) -> np.ndarray:
         """Vocabulary codes of raw values (vectorised); ``loc`` names the field in errors (``positions`` maps the
         values back to candidate indices when only some candidates gave the field)."""
@@ -425,9 +428,9 @@ class RequestEncoder:
 
 
 def _locate(loc: tuple, j: int, positions: np.ndarray | None) -> tuple:
-    """Error location of the j-th value: ('candidates', 'brand') -> ('candidates', 7, 'brand')."""
-    index = int(positions[j]) if positions is not None and positions.dtype != bool else (
-        int(np.flatnonzero(positions)[j]) if positions is not None else j)
+    """Error location of the j-th value (``positions[j]``: its index in the request's list, when they differ):
+    ('candidates', 'brand') -> ('candidates', 7, 'brand'); ('histories', 'clicked') -> ('histories', 'clicked', 7)."""
+    index = j if positions is None else int(positions[j])
     if loc and loc[0] == "candidates":
         return ("candidates", index, *loc[1:])
     if loc and loc[0] == "histories":

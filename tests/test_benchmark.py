@@ -1,0 +1,121 @@
+"""The benchmark suite machinery: the smoke suite end to end, the statistics, suite validation, and the check that
+the published numbers (benchmarks/results, BENCHMARKS.md) were made by the current suite definitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onerank import cli
+from onerank.benchmarking import file_sha256, load_suite
+from onerank.benchmarking.stats import _SortedAUC, paired_bootstrap_auc, paired_t
+from onerank.data.schema import SchemaError
+from onerank.metrics.ranking import auc
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ROOT / "benchmarks" / "suites"
+RESULTS = ROOT / "benchmarks" / "results"
+PUBLISHED = ("census", "kuairand", "synthetic")
+
+
+def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # suites and their data_dir are relative to the repository root
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["benchmark", "--suite", "smoke", "--out", str(out), "--work-dir", str(work)]
+    assert cli.main(args) == 0  # about 15 s on an idle core (no wall-time assertion: the test machine is shared)
+    report = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    suite = load_suite("smoke")
+    assert results["suite_sha256"] == file_sha256(SUITES / "smoke.yaml") == suite.sha256
+    # 2 variants x (2 tuned models x (2 grid points + 1 more seed) + 1 ablation x 2 seeds)
+    assert len(results["runs"]) == 2 * (2 * 3 + 2)
+    assert not [r for r in results["runs"] if r.get("error")]
+    for variant, block in results["summary"].items():
+        assert set(block["models"]) == {"single_task", "onerank", "onerank[cross_task=none]"}
+        onerank = block["models"]["onerank"]
+        assert onerank["seeds"] == 2 and onerank["flops_per_sample"] > 0 and onerank["infer_candidates_per_s"] > 0
+        for task, sig in block["significance"].items():
+            assert sig["best_baseline"] == "single_task"
+            assert 0 < sig["bootstrap_auc"]["p"] <= 1 and sig["bootstrap_auc"]["clusters"] == "users"
+            assert sig["t_test_auc"]["n"] == 2
+        assert set(block["negative_transfer"]) == {"onerank"}
+        chosen = results["tuning"][variant]
+        assert chosen["onerank[cross_task=none]"]["chosen"] == chosen["onerank"]["chosen"]
+    history = next(r for r in results["runs"] if r["label"] == "onerank")["history"]
+    assert "gradient_cosine" in history[0] and "auc" in history[0]["valid"]["click"]
+    for png in ("auc_vs_correlation.png", "ablations.png", "training_curves_task_correlation=0.9.png",
+                "gradient_cosine_task_correlation=0.9.png"):
+        assert (out / png).stat().st_size > 0 and f"({png})" in report
+    assert (out / "report.md").read_text().strip() == report.strip()
+    assert "| **onerank** |" in report and "bootstrap p" in report and "seesaw" in report
+
+    # resuming a finished suite trains nothing; --report-only re-renders from the stored runs
+    before = (out / "results.json").read_text()
+    assert cli.main(args + ["--resume"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == len(json.loads(before)["runs"])
+    assert cli.main(args + ["--report-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["summary"].keys() == results["summary"].keys()
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_results_come_from_the_current_suite_definitions(name):
+    """BENCHMARKS.md and benchmarks/results/NAME/results.json must name the sha256 of benchmarks/suites/NAME.yaml:
+    editing a suite without re-running it (and re-publishing) fails here."""
+    digest = file_sha256(SUITES / f"{name}.yaml")
+    results = json.loads((RESULTS / name / "results.json").read_text())
+    assert results["suite_sha256"] == digest, f"benchmarks/results/{name} was made by another version of {name}.yaml"
+    assert results.get("summary"), f"benchmarks/results/{name}/results.json holds no finished summary"
+    document = (ROOT / "BENCHMARKS.md").read_text()
+    assert digest in document, f"BENCHMARKS.md does not show the current sha256 of {name}.yaml"
+    for png in (RESULTS / name).glob("*.png"):
+        assert png.stat().st_size < 1_000_000
+
+
+def test_every_suite_file_is_valid():
+    for path in SUITES.glob("*.yaml"):
+        suite = load_suite(str(path))
+        assert suite.name == path.stem and suite.models and suite.seeds >= 1
+
+
+def test_suite_errors_name_the_fault(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: bad\ndataset: synthetic\nmodels: [mmoe]\nepochs: 3\n")
+    with pytest.raises(SchemaError, match="unknown suite keys \\['epochs'\\]"):
+        load_suite("bad", tmp_path)
+    (tmp_path / "typo.yaml").write_text("name: typo\ndataset: synthetic\nmodels: [mmeo]\n")
+    with pytest.raises(Exception, match="mmeo"):
+        load_suite("typo", tmp_path)
+    (tmp_path / "lr.yaml").write_text("name: lr\ndataset: synthetic\nmodels: [mmoe]\ntuning: {learning_rate: [1]}\n")
+    with pytest.raises(SchemaError, match="learning_rate"):
+        load_suite("lr", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no benchmark suite 'nope'"):
+        load_suite("nope", tmp_path)
+    with pytest.raises(SchemaError, match="has no model"):
+        load_suite("smoke", SUITES).entries(["dtrn"])
+
+
+def test_weighted_auc_matches_the_rank_statistic_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(size=500) + labels, 1)  # rounding makes ties
+    sorted_auc = _SortedAUC(labels, scores)
+    assert sorted_auc(np.ones(500)) == pytest.approx(auc(labels, scores))
+    counts = np.bincount(rng.integers(0, 500, 500), minlength=500).astype(float)
+    expanded = np.repeat(np.arange(500), counts.astype(int))
+    assert sorted_auc(counts) == pytest.approx(auc(labels[expanded], scores[expanded]))
+
+
+def test_paired_tests_see_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 2000)
+    good = [labels + rng.normal(0, 0.8, 2000) for _ in range(3)]
+    weak = [labels + rng.normal(0, 1.6, 2000) for _ in range(3)]
+    users = rng.integers(0, 300, 2000)
+    better = paired_bootstrap_auc(labels, good, weak, clusters=users, resamples=200)
+    assert better["delta"] > 0 and better["ci_low"] > 0 and better["p"] <= 0.01
+    same = paired_bootstrap_auc(labels, good, good, resamples=50)
+    assert same["delta"] == 0 and same["p"] == 1.0
+    t = paired_t([0.80, 0.81, 0.82], [0.70, 0.70, 0.72])
+    assert t["n"] == 3 and t["p"] < 0.05 and t["mean_diff"] == pytest.approx(0.1033, abs=1e-3)
