@@ -1,0 +1,247 @@
+"""Training and inference throughput of every model on Census-Income and KuaiRand, the share of a training step
+spent loading data, and the achieved FLOP/s of training as a share of this machine's matrix-multiply peak.
+
+    .venv/bin/python benchmarks/throughput.py                                  # every model, both datasets
+    .venv/bin/python benchmarks/throughput.py --quick --models mmoe,onerank    # a few steps each
+    .venv/bin/python benchmarks/throughput.py --models mmoe --profile          # where a step's time goes
+
+Training samples/s are measured on the real ``Trainer.fit`` loop (batch gathering, forward, losses, weighting,
+backward, clipping, optimiser) over ``--steps`` steps after ``--warmup`` steps, inside the first epoch so that no
+validation pass is timed; "data %" is the share of that wall time spent producing batches. Inference samples/s is
+``Trainer.predict`` over the whole test split (batches of ``eval_batch_size``). FLOPs are counted by
+``torch.utils.flop_counter.FlopCounterMode`` on one training step (matrix products, convolutions and attention;
+element-wise work is not counted), and the peak is the best FLOP/s of a large square matrix product measured in the
+same run with the same threads. "busy" is process CPU time over wall time: with one thread, a value well under 1.0
+means other jobs shared the cores and the wall-clock figures understate the code's speed.
+
+Datasets are read from ``--data-root`` (default ``../shared/data``); a dataset that is not there is skipped with a
+message. Results: ``--json FILE``; figures and commands are recorded in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = {"census": "census-income", "kuairand": "kuairand-pure"}
+
+
+class TimedLoader:
+    """Wraps a batch loader and adds up the wall time spent producing batches."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator:
+        batches = self.loader.epoch(epoch, start_step=start_step)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.0, n: int = 2048) -> float:
+    """Best FLOP/s of an n x n x n matrix product with the current thread settings."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_sample(trainer) -> float:
+    """FLOPs of one training step (forward, losses, the strategy's backward) on the first training batch, per
+    sample of that batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(iter(trainer.train_loader.epoch(0))).to(trainer.device)
+    model = trainer.model
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        with trainer._autocast():
+            logits = model(batch)
+            losses = trainer.objective(logits, batch, model.auxiliary_losses(batch, logits))
+        trainer.weighting.backward(losses, model.shared_parameters())
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / max(batch.size, 1)
+
+
+def fit_steps(trainer, steps: int) -> None:
+    from onerank.training.trainer import TrainingInterrupted
+
+    try:
+        trainer.fit(stop_after_steps=trainer.state.global_step + steps)
+    except TrainingInterrupted:
+        pass
+
+
+def measure(trainer, steps: int, warmup: int) -> dict:
+    steps = min(steps, len(trainer.train_loader) - warmup - 1)  # stay inside the first epoch: no validation pass
+    if steps < 1:
+        raise ValueError("the training split is too small for the requested warm-up")
+    timed = TimedLoader(trainer.train_loader)
+    trainer.train_loader = timed
+    fit_steps(trainer, warmup)
+    samples, timed.seconds = trainer.state.train_samples, 0.0
+    wall, cpu = time.perf_counter(), time.process_time()
+    fit_steps(trainer, steps)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    trainer.train_loader = timed.loader
+    samples = trainer.state.train_samples - samples
+
+    rows = trainer.splits["test"].n
+    start = time.perf_counter()
+    trainer.predict("test")
+    infer = time.perf_counter() - start
+    flops = flops_per_sample(trainer)
+    return {
+        "train_samples_per_s": round(samples / wall, 1),
+        "train_steps": steps,
+        "data_share": round(timed.seconds / wall, 4),
+        "busy": round(cpu / wall / torch.get_num_threads(), 3),
+        "infer_samples_per_s": round(rows / infer, 1),
+        "train_flops_per_sample": flops,
+        "train_flops_per_s": flops * samples / wall,
+    }
+
+
+def profile(trainer, steps: int) -> str:
+    """A training step split into phases, then the costliest operators (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    model, shared = trainer.model, trainer.model.shared_parameters()
+    batches = trainer.train_loader.epoch(0)
+    phases = ("data", "forward+loss", "backward", "clip", "optimizer")
+    totals = dict.fromkeys(phases, 0.0)
+
+    def step(timed: bool) -> None:
+        marks = [time.perf_counter()]
+        with record_function("data"):
+            batch = next(batches).to(trainer.device)
+        marks.append(time.perf_counter())
+        for opt in trainer.optimizers:
+            opt.zero_grad(set_to_none=True)
+        with record_function("forward+loss"), trainer._autocast():
+            logits = model(batch)
+            losses = trainer.objective(logits, batch, model.auxiliary_losses(batch, logits))
+        marks.append(time.perf_counter())
+        with record_function("backward"):
+            trainer.weighting.backward(losses, shared)
+        marks.append(time.perf_counter())
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.config.grad_clip or 1e9)
+        marks.append(time.perf_counter())
+        with record_function("optimizer"):
+            for opt in trainer.optimizers:
+                opt.step()
+        marks.append(time.perf_counter())
+        if timed:
+            for name, a, b in zip(phases, marks, marks[1:]):
+                totals[name] += b - a
+
+    model.train()
+    for _ in range(3):
+        step(False)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(True)
+    total = sum(totals.values())
+    lines = ["  phase shares: " + ", ".join(f"{k} {v / total:.1%}" for k, v in totals.items())
+             + f"  ({total / steps * 1e3:.1f} ms/step, profiler on)"]
+    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="census,kuairand")
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--models", help="comma-separated (default: every registered model)")
+    p.add_argument("--quick", action="store_true", help="a few steps per model (a smoke run, noisier figures)")
+    p.add_argument("--steps", type=int, help="timed training steps per model (default 60, quick 8)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5, quick 2)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (adds compile time)")
+    p.add_argument("--profile", action="store_true", help="also print a per-phase and per-operator profile")
+    p.add_argument("--json", help="write all figures here")
+    args = p.parse_args()
+    steps = args.steps or (8 if args.quick else 60)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+
+    from onerank import api
+    from onerank.models import model_names
+    from onerank.training.config import RunConfig, TrainConfig
+
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",")] if args.models else model_names()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_peak(dtype)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{args.precision}; measured matrix-multiply peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    report = {"peak_flops_per_s": peak, "threads": args.threads, "precision": args.precision,
+              "batch_size": args.batch_size, "torch": torch.__version__, "results": []}
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        data_dir = Path(args.data_root) / DATASETS.get(name, name)
+        if not data_dir.is_dir():
+            print(f"skipping {name}: no data at {data_dir}", flush=True)
+            continue
+        ds = api.load_run_dataset(RunConfig(dataset=name, data_dir=str(data_dir)))
+        print(f"\n{name}: {len(ds.train):,} train rows, {len(ds.test):,} test rows, batch {args.batch_size}")
+        header = (f"{'model':18} {'train/s':>9} {'data %':>7} {'busy':>5} {'infer/s':>9} {'MFLOP/sample':>13} "
+                  f"{'GFLOP/s':>8} {'% peak':>7}")
+        print(header + "\n" + "-" * len(header), flush=True)
+        for model in models:
+            config = RunConfig(
+                dataset=name, data_dir=str(data_dir), model=model,
+                train=TrainConfig(epochs=1, batch_size=args.batch_size, threads=args.threads, progress=False,
+                                  tensorboard=False, precision=args.precision, compile=args.compile),
+            )
+            try:
+                trainer = api.build_trainer(config, ds)
+                figures = measure(trainer, steps, warmup)
+            except Exception as exc:  # one model failing must not hide the others' figures
+                print(f"{model:18} failed: {type(exc).__name__}: {exc}", flush=True)
+                report["results"].append({"dataset": name, "model": model, "error": str(exc)})
+                continue
+            share = figures["train_flops_per_s"] / peak
+            print(f"{model:18} {figures['train_samples_per_s']:9,.0f} {figures['data_share']:7.1%} "
+                  f"{figures['busy']:5.2f} {figures['infer_samples_per_s']:9,.0f} "
+                  f"{figures['train_flops_per_sample'] / 1e6:13.2f} {figures['train_flops_per_s'] / 1e9:8.2f} "
+                  f"{share:7.1%}", flush=True)
+            report["results"].append({"dataset": name, "model": model, **figures, "peak_share": share})
+            if args.profile:
+                print(profile(trainer, steps=min(steps, 10)), flush=True)
+    onerank = [r for r in report["results"] if r["model"] == "onerank" and "error" not in r]
+    for r in onerank:
+        print(f"\nOneRank training on {r['dataset']}: {r['train_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+              f"{r['peak_share']:.1%} of the measured {peak / 1e9:.1f} GFLOP/s matrix-multiply peak")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
