@@ -153,7 +153,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def main_table(block: dict, proposed: str, include_ablations: bool = False) -> list[str]:
+def _name(label: str, entry: dict, seeds: int, proposed: str) -> str:
+    """The row name; a model with fewer finished seeds than the suite asks for says so."""
+    name = f"**{label}**" if label == proposed else label
+    return name if entry.get("seeds", seeds) >= seeds or "tasks" not in entry else f"{name} (n = {entry['seeds']} seeds)"
+
+
+def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool = False) -> list[str]:
     """Mean ± std over seeds of each task's test AUC and GAUC; the best mean per column in bold."""
     models, tasks = block["models"], block["tasks"]
     labels = [m for m, e in models.items() if include_ablations or not e["ablation"]]
@@ -168,9 +174,10 @@ def main_table(block: dict, proposed: str, include_ablations: bool = False) -> l
     rows = []
     for l in labels:
         e = models[l]
-        name = f"**{l}**" if l == proposed else l
+        name = _name(l, e, seeds, proposed)
         if "tasks" not in e:
-            rows.append([name] + ["failed: " + "; ".join(e["errors"])[:120]] + [""] * (len(header) - 2))
+            status = ("failed: " + "; ".join(e["errors"])[:120]) if e["errors"] else "not run"
+            rows.append([name] + [status] + [""] * (len(header) - 2))
             continue
         row = [name]
         for t, m in metrics:
@@ -213,7 +220,7 @@ def negative_transfer_table(block: dict, reference: str) -> list[str]:
     return _table(header, rows)
 
 
-def ablation_table(block: dict, proposed: str) -> list[str]:
+def ablation_table(block: dict, proposed: str, seeds: int) -> list[str]:
     models, tasks = block["models"], block["tasks"]
     ablations = [m for m, e in models.items() if e["ablation"]]
     if not ablations or proposed not in models or "tasks" not in models[proposed]:
@@ -225,9 +232,10 @@ def ablation_table(block: dict, proposed: str) -> list[str]:
     for m in ablations:
         e = models[m]
         if "tasks" not in e:
-            rows.append([m, "failed: " + "; ".join(e["errors"])[:120]] + [""] * (2 * len(tasks) - 1))
+            status = ("failed: " + "; ".join(e["errors"])[:120]) if e["errors"] else "not run"
+            rows.append([m, status] + [""] * (2 * len(tasks) - 1))
             continue
-        rows.append([m] + [_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) for t in tasks]
+        rows.append([_name(m, e, seeds, proposed)] + [_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) for t in tasks]
                     + [f"{e['tasks'][t]['auc']['mean'] - full[t]['auc']['mean']:+.4f}" for t in tasks])
     return _table(header, rows)
 
@@ -269,7 +277,7 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str
     ]
     for variant, block in results["summary"].items():
         title = f"{suite.variant_option} = {variant}" if suite.variant_option else "test split"
-        out += [f"#### {title}", "", *main_table(block, suite.proposed), ""]
+        out += [f"#### {title}", "", *main_table(block, suite.proposed, results["seeds"]), ""]
         chosen = {m: e["hparams"] for m, e in block["models"].items() if not e["ablation"]}
         out += ["Chosen on validation: " + ", ".join(f"{m} {h}" for m, h in chosen.items()), ""]
         sig = significance_table(block, suite.proposed)
@@ -278,7 +286,7 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str
         nt = negative_transfer_table(block, suite.reference)
         if nt:
             out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]
-        ab = ablation_table(block, suite.proposed)
+        ab = ablation_table(block, suite.proposed, results["seeds"])
         if ab:
             out += ["Ablations (each at the full model's chosen learning rate):", "", *ab, ""]
     out += sweep_tables(results)

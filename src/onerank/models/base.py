@@ -91,10 +91,13 @@ class MultiTaskModel(nn.Module):
 class TaskTowers(nn.Module):
     """One small MLP per task mapping its representation to a logit."""
 
-    def __init__(self, tasks: list[str], input_dim: int | dict[str, int], hidden: tuple[int, ...], dropout: float = 0.0):
+    def __init__(self, tasks: list[str], input_dim: int | dict[str, int], hidden: tuple[int, ...], dropout: float = 0.0,
+                 batch_norm: bool = False):
         super().__init__()
         dims = input_dim if isinstance(input_dim, dict) else {t: input_dim for t in tasks}
-        self.towers = nn.ModuleDict({t: MLP(dims[t], list(hidden), output_dim=1, dropout=dropout) for t in tasks})
+        self.towers = nn.ModuleDict({
+            t: MLP(dims[t], list(hidden), output_dim=1, dropout=dropout, batch_norm=batch_norm) for t in tasks
+        })
 
     def forward(self, reps: dict[str, Tensor]) -> dict[str, Tensor]:
         return {t: tower(reps[t]).squeeze(-1) for t, tower in self.towers.items()}

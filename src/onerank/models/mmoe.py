@@ -19,6 +19,7 @@ class MMoEConfig(DNNEncoderConfig):
     expert_hidden: tuple[int, ...] = (64,)
     tower_hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
+    batch_norm: bool = False  # BatchNorm after each hidden layer of the experts and towers (as torch-rechub's MLPs)
 
 
 @register_model("mmoe")
@@ -31,9 +32,11 @@ class MMoE(MultiTaskModel):
         self.encoder = DNNEncoder(space, config)
         self.experts = MixtureOfExperts(
             self.encoder.output_dim, self.tasks, config.num_experts, config.expert_hidden,
-            per_task_gates=self.per_task_gates, dropout=config.dropout,
+            per_task_gates=self.per_task_gates, dropout=config.dropout, batch_norm=config.batch_norm,
         )
-        self.towers = TaskTowers(self.tasks, self.experts.output_dim, config.tower_hidden, config.dropout)
+        self.towers = TaskTowers(
+            self.tasks, self.experts.output_dim, config.tower_hidden, config.dropout, batch_norm=config.batch_norm
+        )
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         gates = {t: [f"experts.gates.{t}."] for t in self.tasks} if self.per_task_gates else {t: [] for t in self.tasks}

@@ -262,11 +262,39 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def context(self, context: ContextTokens) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        x, mask, cache = context.tokens, context_mask(context).unsqueeze(1), []
+        x, cache = context.tokens, []
+        mask = attention_bias(context_mask(context), x.dtype).unsqueeze(1)  # additive: built once, not per layer
         for block in self.blocks:
             x, kv = block.self_attend(x, mask)
             cache.append(kv)
         return self.norm(x), cache
+
+    def joint(
+        self, context: ContextTokens, groups: Tensor, first_output: int = 0, template: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """Context and candidate groups in one pass (training, and scoring a pool at once): ``context`` then
+        ``groups`` as one function, but every layer runs its norms, projections and feed-forward once over the
+        concatenation [context tokens, group tokens] and splits only the attention (``attend_joint``): the context
+        attends to itself under ``context_mask``, each group to this layer's context keys / values and inside itself.
+        groups [R, N, S, d] (explicit, ``OneRank._groups``) -> (final context states [R, U, d], final states of the
+        group tokens ``first_output:`` [R, N, S - first_output, d], per-layer context keys / values for a cache).
+        With ``template`` ([S - 1, d], the tokens after c_i in every group) the first layer projects the template once
+        per request instead of once per group (``attend_joint_template``)."""
+        R, N, S, d = groups.shape
+        U = context.tokens.shape[1]
+        x = torch.cat([context.tokens, groups.reshape(R, N * S, d)], dim=1)
+        mask = attention_bias(context_mask(context), x.dtype).unsqueeze(1)
+        bias = attention_bias(context.valid, x.dtype)
+        last, cache = len(self.blocks) - 1, []
+        for layer, block in enumerate(self.blocks):
+            first = first_output if layer == last else 0
+            if layer == 0 and template is not None:
+                x, kv = block.attend_joint_template(x, groups[:, :, 0], template, mask, bias, first)
+            else:
+                x, kv = block.attend_joint(x, U, S, mask, bias, first)
+            cache.append(kv)
+        x = self.norm(x)
+        return x[:, :U], x[:, U:].unflatten(1, (N, -1)), cache
 
     def groups(
         self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0
@@ -445,6 +473,20 @@ class OneRank(MultiTaskModel):
         hidden, keys_values = self.encoder.context(context)
         return ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
 
+    def encode(self, batch: Batch) -> tuple[ContextCache, Tensor]:
+        """Context and candidates in one pass (``Encoder.joint``; what training and ``score_pool`` of a pool within
+        one chunk run): (the requests' ContextCache, r [R, N, K, d]). The same as ``encode_context`` followed by
+        ``encode_candidates``, with the token-wise work of context and groups done in shared operator calls."""
+        if self.config.attention == "full":
+            raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
+        context = self.tokenizer.context(request_inputs(batch))
+        slot, _ = batch.list_layout()
+        groups = self._groups(self.tokenizer.candidates(batch)[slot])
+        template = self._task_template()
+        hidden, states, keys_values = self.encoder.joint(context, groups, self._first_output, template)
+        cache = ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
+        return cache, self._task_states(states)
+
     def encode_candidates(self, cache: ContextCache, batch: Batch, chunk_size: int | None = None) -> Tensor:
         """r [R, N, K, d]: the final task-token states of every candidate of the batch's requests against the cached
         context, ``chunk_size`` candidates per request at a time (groups are independent, so chunking is exact)."""
@@ -475,14 +517,15 @@ class OneRank(MultiTaskModel):
             context, hidden, groups = reference_encode(self, batch, bidirectional=True)
             r = self._task_states(groups[:, :, self._first_output:])
             return self._score(r, self._situation(context, hidden), batch)
-        return self.score_with_context(self.encode_context(batch), batch)
+        cache, r = self.encode(batch)
+        return self._score(r, cache.situation, batch)
 
     @torch.no_grad()
     def score_pool(self, batch: Batch, chunk_size: int = 1024) -> dict[str, Tensor]:
         """One request's whole pool (all rows of ``batch``, whatever its ``request``): the context encoded once,
         candidate groups ``chunk_size`` at a time; the same scores as one pass."""
         pool = as_one_request(batch)
-        if self.config.attention == "full":
+        if self.config.attention == "full" or pool.size <= chunk_size:  # one chunk: the one-pass encoder
             return self(pool)
         return self.score_with_context(self.encode_context(pool), pool, chunk_size)
 

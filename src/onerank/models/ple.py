@@ -21,6 +21,7 @@ class PLEConfig(DNNEncoderConfig):
     expert_hidden: tuple[int, ...] = (64,)
     tower_hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
+    batch_norm: bool = False  # BatchNorm after each hidden layer of the experts and towers (as torch-rechub's MLPs)
 
 
 @register_model("ple")
@@ -32,9 +33,11 @@ class PLE(MultiTaskModel):
         self.encoder = DNNEncoder(space, config)
         self.extraction = PLELayers(
             self.encoder.output_dim, self.tasks, config.num_levels, config.num_task_experts,
-            config.num_shared_experts, config.expert_hidden, config.dropout,
+            config.num_shared_experts, config.expert_hidden, config.dropout, batch_norm=config.batch_norm,
         )
-        self.towers = TaskTowers(self.tasks, self.extraction.output_dim, config.tower_hidden, config.dropout)
+        self.towers = TaskTowers(
+            self.tasks, self.extraction.output_dim, config.tower_hidden, config.dropout, batch_norm=config.batch_norm
+        )
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {

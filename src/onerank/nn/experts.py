@@ -76,10 +76,13 @@ class MixtureOfExperts(nn.Module):
         expert_hidden: tuple[int, ...] = (64,),
         per_task_gates: bool = True,
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = tasks
-        self.experts = nn.ModuleList(MLP(input_dim, list(expert_hidden), dropout=dropout) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            MLP(input_dim, list(expert_hidden), dropout=dropout, batch_norm=batch_norm) for _ in range(num_experts)
+        )
         gate_names = tasks if per_task_gates else ["shared"]
         self.gates = nn.ModuleDict({g: nn.Linear(input_dim, num_experts) for g in gate_names})
         self.per_task_gates = per_task_gates
@@ -118,12 +121,15 @@ class CGCLayer(nn.Module):
         expert_hidden: tuple[int, ...] = (64,),
         with_shared_output: bool = False,
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = tasks
 
         def experts(n: int) -> nn.ModuleList:
-            return nn.ModuleList(MLP(input_dim, list(expert_hidden), dropout=dropout) for _ in range(n))
+            return nn.ModuleList(
+                MLP(input_dim, list(expert_hidden), dropout=dropout, batch_norm=batch_norm) for _ in range(n)
+            )
 
         self.task_experts = nn.ModuleDict({t: experts(num_task_experts) for t in tasks})
         self.shared_experts = experts(num_shared_experts)
@@ -166,6 +172,7 @@ class PLE(nn.Module):
         num_shared_experts: int = 1,
         expert_hidden: tuple[int, ...] = (64,),
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_levels < 1:
@@ -176,7 +183,7 @@ class PLE(nn.Module):
         for level in range(num_levels):
             cgc = CGCLayer(
                 width, tasks, num_task_experts, num_shared_experts, expert_hidden,
-                with_shared_output=level < num_levels - 1, dropout=dropout,
+                with_shared_output=level < num_levels - 1, dropout=dropout, batch_norm=batch_norm,
             )
             levels.append(cgc)
             width = cgc.output_dim

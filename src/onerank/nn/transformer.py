@@ -105,7 +105,7 @@ def template_attention(
     """``prefix_group_attention`` for the followers of groups whose followers are one template shared by all groups
     (e.g. task tokens before the first layer): follower j of group i attends to the prefix, to anchor i and to itself.
 
-    query / key / value: [H, F, dh] of the F template tokens; prefix_key / prefix_value: [R, H, P, dh];
+    query / key / value: [H, F, dh] (or [R, H, F, dh]) of the F template tokens; prefix_key / prefix_value: [R, H, P, dh];
     prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
 
     Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
@@ -115,13 +115,13 @@ def template_attention(
     R, H, P, dh = prefix_key.shape
     query = query * dh**-0.5
     to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias[:, None, None, :]  # [R, H, F, P]
-    to_self = (query * key).sum(-1).expand(R, -1, -1)  # [R, H, F]
+    to_self = (query * key).sum(-1).expand(R, H, -1)  # [R, H, F]
     shared = torch.cat([to_prefix, to_self.unsqueeze(-1)], dim=-1)
     top = shared.amax(-1)  # finite: every follower sees itself
     weights = torch.exp(shared - top.unsqueeze(-1))
     numerator = torch.matmul(weights[..., :P], prefix_value) + weights[..., P:] * value  # [R, H, F, dh]
     denominator = weights.sum(-1)  # [R, H, F]
-    to_anchor = torch.einsum("hfd,rhnd->rhnf", query, anchor_key)  # [R, H, N, F]
+    to_anchor = torch.matmul(anchor_key, query.transpose(-1, -2))  # [R, H, N, F]
     peak = torch.maximum(top.unsqueeze(2), to_anchor)
     old, new = torch.exp(top.unsqueeze(2) - peak), torch.exp(to_anchor - peak)
     merged = old.unsqueeze(-1) * numerator.unsqueeze(2) + new.unsqueeze(-1) * anchor_value.unsqueeze(3)
@@ -170,6 +170,63 @@ class TransformerBlock(nn.Module):
         x = x[:, :, first_query:] + self.dropout(self.attention.out(self.attention.merge_heads(out.transpose(1, 2))))
         return self._feed_forward(x)
 
+    def attend_joint(
+        self, x: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor, prefix_bias: Tensor,
+        first_query: int = 0,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``self_attend`` of a prefix and ``attend_groups`` of its groups in one call: x [R, P + N S, d] is
+        [prefix, G_1, ..., G_N] (groups of S tokens). The token-wise parts (norms, projections, feed-forward) run once
+        on all tokens; only the attention is split (the prefix under ``prefix_mask`` [R, 1, P, P], the groups over this
+        layer's prefix keys / values, ``prefix_bias`` [R, P], and inside their group). The same function as
+        ``self_attend`` followed by ``attend_groups``, with half the operator launches.
+
+        Returns ([R, P + N (S - first_query), d]: the prefix and the group tokens ``first_query:``, the prefix's
+        (keys, values) [R, H, P, dh])."""
+        R, T, d = x.shape
+        attended, prefix_kv = _joint_attention(
+            self.attention, self.attention_norm(x), num_prefix, group_size, prefix_mask, prefix_bias, first_query
+        )
+        if first_query:
+            groups = x[:, num_prefix:].unflatten(1, (-1, group_size))[:, :, first_query:]
+            x = torch.cat([x[:, :num_prefix], groups.reshape(R, -1, d)], dim=1)
+        x = x + self.dropout(self.attention.out(attended.flatten(2)))
+        return self._feed_forward(x), prefix_kv
+
+    def attend_joint_template(
+        self, x: Tensor, candidates: Tensor, template: Tensor, prefix_mask: Tensor, prefix_bias: Tensor,
+        first_query: int = 0,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``attend_joint`` when every group is [anchor_i, template_1, ..., template_F] (x [R, P + N (1 + F), d] the
+        explicit sequence, candidates [R, N, d] the anchors, template [F, d]): the normalisation, queries, keys and
+        values run once over [prefix, anchors, template] (P + N + F tokens, not P + N (1 + F)), the followers'
+        attention is ``template_attention``; the output projection and feed-forward run over all tokens."""
+        R, T, d = x.shape
+        N, F_ = candidates.shape[1], template.shape[0]
+        P = T - N * (1 + F_)
+        att, H, dh = self.attention, self.attention.num_heads, self.attention.head_dim
+        h = self.attention_norm(torch.cat([x[:, :P], candidates, template.expand(R, F_, d)], dim=1))
+        query = att.query(h).view(R, -1, H, dh).transpose(1, 2)  # [R, H, P + N + F, dh]
+        key, value = att.key_value(h).view(R, -1, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, ., dh]
+        prefix_key, prefix_value = key[:, :, :P], value[:, :, :P]
+        prefix_out = F.scaled_dot_product_attention(query[:, :, :P], prefix_key, prefix_value, attn_mask=prefix_mask)
+        anchor_key, anchor_value = key[:, :, P:P + N], value[:, :, P:P + N]  # [R, H, N, dh]
+        out = template_attention(
+            query[:, :, P + N:], key[:, :, P + N:], value[:, :, P + N:], prefix_key, prefix_value, prefix_bias,
+            anchor_key, anchor_value,
+        )  # [R, H, N, F, dh]
+        if first_query == 0:
+            anchor_out = prefix_group_attention(
+                query[:, :, P:P + N].unsqueeze(3), prefix_key, prefix_value, prefix_bias,
+                anchor_key.unsqueeze(3), anchor_value.unsqueeze(3),
+            )
+            out = torch.cat([anchor_out, out], dim=3)
+        else:
+            groups = x[:, P:].unflatten(1, (N, -1))[:, :, first_query:]
+            x = torch.cat([x[:, :P], groups.reshape(R, -1, d)], dim=1)
+        attended = torch.cat([prefix_out.transpose(1, 2), out.permute(0, 2, 3, 1, 4).flatten(1, 2)], dim=1)
+        x = x + self.dropout(att.out(attended.flatten(2)))
+        return self._feed_forward(x), (prefix_key, prefix_value)
+
     def attend_template_groups(
         self, anchors: Tensor, template: Tensor, prefix: tuple[Tensor, Tensor], prefix_bias: Tensor,
         first_query: int = 0,
@@ -193,3 +250,41 @@ class TransformerBlock(nn.Module):
             x = torch.cat([anchors.unsqueeze(2), x], dim=2)
         x = x + self.dropout(att.out(att.merge_heads(out.transpose(1, 2))))
         return self._feed_forward(x)
+
+
+def _joint_attention(
+    attention: MultiHeadAttention, h: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor,
+    prefix_bias: Tensor, first_query: int,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The attention of ``TransformerBlock.attend_joint`` (before the output projection): h [R, P + N S, d] normed
+    tokens [prefix, G_1, ..., G_N]. The queries, keys and values of all tokens come from one projection each; the
+    prefix attends to itself under ``prefix_mask``, the groups as in ``prefix_group_attention`` to this layer's prefix
+    keys / values and inside their group. Returns ([R, P + N Sq, H, dh] token-major outputs, prefix (keys, values)
+    [R, H, P, dh])."""
+    R, T, d = h.shape
+    P, S, H, dh = num_prefix, group_size, attention.num_heads, attention.head_dim
+    Sq = S - first_query
+    query = attention.query(h).view(R, T, H, dh)
+    key, value = attention.key_value(h).view(R, T, 2, H, dh).unbind(2)  # [R, T, H, dh] each
+    prefix_key, prefix_value = key[:, :P].transpose(1, 2), value[:, :P].transpose(1, 2)  # [R, H, P, dh]
+    prefix_out = F.scaled_dot_product_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value,
+                                                attn_mask=prefix_mask)  # [R, H, P, dh]
+    group_query = query[:, P:].unflatten(1, (-1, S))[:, :, first_query:]  # [R, N, Sq, H, dh]
+    group_key, group_value = key[:, P:].unflatten(1, (-1, S)), value[:, P:].unflatten(1, (-1, S))
+    scaled = group_query.permute(0, 3, 1, 2, 4) * dh**-0.5  # [R, H, N, Sq, dh] (contiguous)
+    N = scaled.shape[2]
+    to_prefix = torch.matmul(scaled.reshape(R, H, N * Sq, dh), prefix_key.transpose(-1, -2))
+    to_prefix = (to_prefix + prefix_bias[:, None, None, :]).view(R, H, N, Sq, P)
+    anchor_key = group_key[:, :, :1].permute(0, 3, 1, 2, 4)  # [R, H, N, 1, dh]
+    own_key = group_key[:, :, first_query:].permute(0, 3, 1, 2, 4)  # [R, H, N, Sq, dh]
+    to_anchor = torch.matmul(scaled, anchor_key.transpose(-1, -2))  # [R, H, N, Sq, 1]
+    to_self = (scaled * own_key).sum(-1, keepdim=True)
+    if first_query == 0:  # the anchor's "self" is the anchor: count it once
+        to_self = to_self.masked_fill(torch.arange(S, device=h.device).view(S, 1) == 0, float("-inf"))
+    probs = torch.softmax(torch.cat([to_prefix, to_anchor, to_self], dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :P].reshape(R, H, N * Sq, P), prefix_value).view(R, H, N, Sq, dh)
+    anchor_value = group_value[:, :, :1].permute(0, 3, 1, 2, 4)
+    own_value = group_value[:, :, first_query:].permute(0, 3, 1, 2, 4)
+    out = out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
+    merged = torch.cat([prefix_out.transpose(1, 2), out.permute(0, 2, 3, 1, 4).flatten(1, 2)], dim=1)
+    return merged, (prefix_key, prefix_value)
