@@ -6,12 +6,12 @@ spent loading data, and the achieved FLOP/s of training as a share of this machi
     .venv/bin/python benchmarks/throughput.py --models mmoe --profile          # where a step's time goes
 
 Training samples/s are measured on the real ``Trainer.fit`` loop (batch gathering, forward, losses, weighting,
-backward, clipping, optimiser) over ``--steps`` steps after ``--warmup`` steps, inside the first epoch so that no
-validation pass is timed; "data %" is the share of that wall time spent producing batches. Inference samples/s is
+backward, clipping, optimiser) over up to ``--steps`` steps (as many as fit in ``--budget`` seconds) after
+``--warmup`` steps, inside the first epoch so that no validation pass is timed; "data %" is the share of that wall time spent producing batches. Inference samples/s is
 ``Trainer.predict`` over the whole test split (batches of ``eval_batch_size``). FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on one training step (matrix products, convolutions and attention;
 element-wise work is not counted), and the peak is the best FLOP/s of a large square matrix product measured in the
-same run with the same threads. "busy" is process CPU time over wall time: with one thread, a value well under 1.0
+same run with the same threads, right before each model (the load of a shared machine varies). "busy" is process CPU time over wall time: with one thread, a value well under 1.0
 means other jobs shared the cores and the wall-clock figures understate the code's speed.
 
 Datasets are read from ``--data-root`` (default ``../shared/data``); a dataset that is not there is skipped with a
@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -93,13 +95,16 @@ def fit_steps(trainer, steps: int) -> None:
         pass
 
 
-def measure(trainer, steps: int, warmup: int) -> dict:
-    steps = min(steps, len(trainer.train_loader) - warmup - 1)  # stay inside the first epoch: no validation pass
-    if steps < 1:
-        raise ValueError("the training split is too small for the requested warm-up")
+def measure(trainer, steps: int, warmup: int, budget: float) -> dict:
     timed = TimedLoader(trainer.train_loader)
     trainer.train_loader = timed
+    start = time.perf_counter()
     fit_steps(trainer, warmup)
+    per_step = (time.perf_counter() - start) / max(warmup, 1)
+    # as many steps as fit in the time budget (at least 3), inside the first epoch: no validation pass is timed
+    steps = min(steps, max(3, int(budget / per_step)), len(timed) - warmup - 1)
+    if steps < 1:
+        raise ValueError("the training split is too small for the requested warm-up")
     samples, timed.seconds = trainer.state.train_samples, 0.0
     wall, cpu = time.perf_counter(), time.process_time()
     fit_steps(trainer, steps)
@@ -177,16 +182,19 @@ def main() -> int:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--models", help="comma-separated (default: every registered model)")
     p.add_argument("--quick", action="store_true", help="a few steps per model (a smoke run, noisier figures)")
-    p.add_argument("--steps", type=int, help="timed training steps per model (default 60, quick 8)")
+    p.add_argument("--steps", type=int, help="at most this many timed training steps per model (default 100, quick 8)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed training per model, about")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5, quick 2)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile each model (adds compile time)")
+    p.add_argument("--streaming", action="store_true",
+                   help="train from a Parquet stream of the train split (written once to a temporary folder)")
     p.add_argument("--profile", action="store_true", help="also print a per-phase and per-operator profile")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args()
-    steps = args.steps or (8 if args.quick else 60)
+    steps = args.steps or (8 if args.quick else 100)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
 
     from onerank import api
@@ -199,7 +207,8 @@ def main() -> int:
     peak = matmul_peak(dtype)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.precision}; measured matrix-multiply peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    report = {"peak_flops_per_s": peak, "threads": args.threads, "precision": args.precision,
+    stream_dir = Path(tempfile.mkdtemp(prefix="onerank-throughput-"))
+    report = {"streaming": args.streaming, "peak_flops_per_s": peak, "threads": args.threads, "precision": args.precision,
               "batch_size": args.batch_size, "torch": torch.__version__, "results": []}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         data_dir = Path(args.data_root) / DATASETS.get(name, name)
@@ -215,11 +224,14 @@ def main() -> int:
             config = RunConfig(
                 dataset=name, data_dir=str(data_dir), model=model,
                 train=TrainConfig(epochs=1, batch_size=args.batch_size, threads=args.threads, progress=False,
-                                  tensorboard=False, precision=args.precision, compile=args.compile),
+                                  tensorboard=False, precision=args.precision, compile=args.compile,
+                                  streaming="on" if args.streaming else "off"),
             )
             try:
-                trainer = api.build_trainer(config, ds)
-                figures = measure(trainer, steps, warmup)
+                trainer = api.build_trainer(config, ds, out_dir=stream_dir / name if args.streaming else None)
+                # the peak is measured again next to each model: on a shared machine the load varies
+                peak = matmul_peak(dtype)
+                figures = measure(trainer, steps, warmup, args.budget)
             except Exception as exc:  # one model failing must not hide the others' figures
                 print(f"{model:18} failed: {type(exc).__name__}: {exc}", flush=True)
                 report["results"].append({"dataset": name, "model": model, "error": str(exc)})
@@ -229,13 +241,16 @@ def main() -> int:
                   f"{figures['busy']:5.2f} {figures['infer_samples_per_s']:9,.0f} "
                   f"{figures['train_flops_per_sample'] / 1e6:13.2f} {figures['train_flops_per_s'] / 1e9:8.2f} "
                   f"{share:7.1%}", flush=True)
-            report["results"].append({"dataset": name, "model": model, **figures, "peak_share": share})
+            report["results"].append({"dataset": name, "model": model, **figures, "peak_flops_per_s": peak,
+                                      "peak_share": share})
             if args.profile:
                 print(profile(trainer, steps=min(steps, 10)), flush=True)
     onerank = [r for r in report["results"] if r["model"] == "onerank" and "error" not in r]
     for r in onerank:
         print(f"\nOneRank training on {r['dataset']}: {r['train_flops_per_s'] / 1e9:.2f} GFLOP/s = "
-              f"{r['peak_share']:.1%} of the measured {peak / 1e9:.1f} GFLOP/s matrix-multiply peak")
+              f"{r['peak_share']:.1%} of the {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s matrix-multiply peak "
+              "measured just before it")
+    shutil.rmtree(stream_dir, ignore_errors=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

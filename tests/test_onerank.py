@@ -119,9 +119,15 @@ def test_structured_encoder_equals_the_reference_masked_full_attention(space, op
         r = model.encode_candidates(cache, batch)
         _, ref_context, ref_groups = reference_encode(model, batch)
         ref_r = model._task_states(ref_groups[:, :, model._first_output:])
+        joint_cache, joint_r = model.encode(batch)  # the one-pass path (training, score_pool within one chunk)
     _, present = batch.list_layout()
     assert (cache.hidden - ref_context).abs().max() < 1e-5
     assert (r - ref_r)[present].abs().max() < 1e-5
+    assert (joint_cache.hidden - ref_context).abs().max() < 1e-5
+    assert (joint_r - ref_r)[present].abs().max() < 1e-5
+    assert (joint_cache.situation - cache.situation).abs().max() < 1e-5
+    for (k, v), (joint_k, joint_v) in zip(cache.keys_values, joint_cache.keys_values):
+        assert (k - joint_k).abs().max() < 1e-5 and (v - joint_v).abs().max() < 1e-5
 
 
 def test_reference_mask_and_context_mask_follow_the_visibility_rules(space):

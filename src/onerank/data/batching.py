@@ -123,22 +123,23 @@ class TensorSplit:
         return len(self.request_sizes) if self.n else 0
 
     def gather(self, rows: Tensor, request: Tensor | None = None) -> Batch:
+        # index_select rather than x[rows]: several times faster for row gathers on CPU (docs/scaling.md)
         histories = {}
         for seq, codes in self.histories.items():
-            items = codes[rows]
+            items = codes.index_select(0, rows)
             per_field = {self.item_id: items}
             for name, table in self.item_table.items():
                 per_field[name] = table[items]
             histories[seq] = per_field
-        categorical = self._categorical[rows]
-        dense = self._dense[rows]
+        categorical = self._categorical.index_select(0, rows)
+        dense = self._dense.index_select(0, rows)
         return Batch(
             categorical={k: categorical[:, j] for j, k in enumerate(self.categorical)},
             dense={k: dense[:, j] for j, k in enumerate(self.dense)},
             histories=histories,
-            labels={k: v[rows] for k, v in self.labels.items()},
-            label_mask={k: v[rows] for k, v in self.label_mask.items()},
-            user=self.user[rows],
+            labels={k: v.index_select(0, rows) for k, v in self.labels.items()},
+            label_mask={k: v.index_select(0, rows) for k, v in self.label_mask.items()},
+            user=self.user.index_select(0, rows),
             request=request,
         )
 

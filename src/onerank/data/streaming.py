@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from onerank.data.batching import Batch, BatchLoader, TensorSplit
 from onerank.data.dataset import EncodedDataset, EncodedSplit
@@ -209,6 +210,21 @@ def _take(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray
     return {k: v[rows] for k, v in cols.items()}
 
 
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Row groups one after the other; request ids are offset so that no two parts share one (a request never
+    spans row groups, so adjacent parts must not merge their requests)."""
+    out: dict[str, list[np.ndarray]] = {k: [] for k in parts[0]}
+    offset = 0
+    for part in parts:
+        for k, v in part.items():
+            out[k].append(v)
+        request = part["request"]
+        if len(request):
+            out["request"][-1] = request - request.min() + offset
+            offset += int(request.max() - request.min()) + 1
+    return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in out.items()}
+
+
 class StreamingBatchLoader:
     """Batches of about ``batch_size`` impressions from an encoded Parquet dataset (see the module docstring).
 
@@ -273,57 +289,49 @@ class StreamingBatchLoader:
         return max(1, -(-rows // self.local_batch))
 
     # ---- batches ------------------------------------------------------------------------------------------------------
-    def _units(self, cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(start row, size) of each unit: whole requests when batches keep requests together, else single rows."""
-        n = len(cols["request"])
-        if not self.by_request:
-            return np.arange(n), np.ones(n, dtype=np.int64)
-        request = cols["request"]
-        starts = np.flatnonzero(np.diff(request, prepend=request[:1] - 1)) if n else np.zeros(0, np.int64)
-        sizes = np.diff(np.append(starts, n))
-        return starts, sizes
-
     def _drain(
         self, cols: dict[str, np.ndarray], rng: np.random.Generator, keep: int
     ) -> tuple[list[Batch], dict[str, np.ndarray] | None]:
-        """Shuffle the buffer's units and cut batches until at most ``keep`` rows are left; return (batches, rest)."""
-        starts, sizes = self._units(cols)
-        order = rng.permutation(len(starts)) if self.shuffle else np.arange(len(starts))
-        starts, sizes = starts[order], sizes[order]
-        rows = np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-        shuffled = _take(cols, rows)
-        # renumber requests 0..R-1 in buffer order (each request's rows are contiguous)
-        shuffled["request"] = np.repeat(np.arange(len(sizes)), sizes)
-        split = TensorSplit(_split_from_columns(shuffled), self.item_table, self.item_id)
-        loader = BatchLoader(split, self.local_batch, shuffle=False, by_request=self.by_request)
-        total = len(rows)
-        emitted, used = 0, 0
-        for units in loader._plan(0):
-            if total - used <= keep:
+        """Shuffle the buffer's units (rows, or whole requests) and cut batches until at most ``keep`` rows are
+        left; return (batches, the rest of the buffer)."""
+        request = cols["request"]
+        # requests renumbered 0..R-1 in row order (each request's rows are contiguous), as TensorSplit expects
+        cols = {**cols, "request": np.cumsum(np.diff(request, prepend=request[:1] - 1) != 0) - 1}
+        split = TensorSplit(_split_from_columns(cols), self.item_table, self.item_id)
+        loader = BatchLoader(split, self.local_batch, shuffle=self.shuffle, seed=int(rng.integers(2**31)),
+                             by_request=self.by_request)
+        plan = loader._plan(0)
+        used, emitted = 0, 0
+        for units in plan:
+            if split.n - used <= keep:
                 break
             used += int(split.request_sizes[units].sum()) if self.by_request else len(units)
             emitted += 1
         batches = list(itertools.islice(loader.epoch(0), emitted))
-        if used == total:
+        if used == split.n:
             return batches, None
-        return batches, {k: v[used:] for k, v in shuffled.items()}
+        rest = torch.cat(plan[emitted:])
+        if self.by_request:
+            sizes = split.request_sizes[rest]
+            offsets = torch.cumsum(sizes, 0) - sizes
+            rest = torch.repeat_interleave(split.request_starts[rest] - offsets, sizes) + torch.arange(int(sizes.sum()))
+        return batches, _take(cols, rest.numpy())
 
     def _local_batches(self, epoch: int) -> Iterator[Batch]:
         rng = self._generator(epoch)
-        buffer: dict[str, np.ndarray] | None = None
+        pending: list[dict[str, np.ndarray]] = []  # row groups read since the last drain (concatenated once)
+        rows = 0
         for fragment in self.assignment(epoch)[self.rank]:
             cols = self.source.read(fragment)
-            # requests are renumbered per buffer; keep them distinct from the new row group's
-            if buffer is not None:
-                cols["request"] = cols["request"] - cols["request"].min() + buffer["request"].max() + 1
-                buffer = {k: np.concatenate([buffer[k], cols[k]]) for k in buffer}
-            else:
-                buffer = cols
-            if len(buffer["request"]) >= self.buffer_rows:
-                batches, buffer = self._drain(buffer, rng, keep=self.buffer_rows // 2)
+            pending.append(cols)
+            rows += len(cols["request"])
+            if rows >= self.buffer_rows:
+                batches, rest = self._drain(_concat(pending), rng, keep=self.buffer_rows // 2)
+                pending = [rest] if rest is not None else []
+                rows = len(rest["request"]) if rest is not None else 0
                 yield from batches
-        if buffer is not None and len(buffer["request"]):
-            batches, _ = self._drain(buffer, rng, keep=0)
+        if rows:
+            batches, _ = self._drain(_concat(pending), rng, keep=0)
             yield from batches
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:

@@ -38,6 +38,11 @@ class MultiHeadAttention(nn.Module):
     def queries(self, x: Tensor) -> Tensor:
         return self.split_heads(self.query(x))
 
+    def project(self, x: Tensor) -> Tensor:
+        """[..., S, d] -> [..., S, 3 d]: queries, keys and values of the same tokens in one matrix product."""
+        return F.linear(x, torch.cat([self.query.weight, self.key_value.weight]),
+                        torch.cat([self.query.bias, self.key_value.bias]))
+
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         key, value = self.key_value(x).chunk(2, dim=-1)
         return self.split_heads(key), self.split_heads(value)
@@ -105,8 +110,8 @@ def template_attention(
     """``prefix_group_attention`` for the followers of groups whose followers are one template shared by all groups
     (e.g. task tokens before the first layer): follower j of group i attends to the prefix, to anchor i and to itself.
 
-    query / key / value: [H, F, dh] (or [R, H, F, dh]) of the F template tokens; prefix_key / prefix_value: [R, H, P, dh];
-    prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
+    query / key / value: [H, F, dh] (or [R, H, F, dh]) of the F template tokens; prefix_key / prefix_value:
+    [R, H, P, dh]; prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
 
     Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
     prefix-and-self part (numerator and denominator) once per request, then one rescaled merge per group. Exact;
@@ -178,7 +183,7 @@ class TransformerBlock(nn.Module):
         [prefix, G_1, ..., G_N] (groups of S tokens). The token-wise parts (norms, projections, feed-forward) run once
         on all tokens; only the attention is split (the prefix under ``prefix_mask`` [R, 1, P, P], the groups over this
         layer's prefix keys / values, ``prefix_bias`` [R, P], and inside their group). The same function as
-        ``self_attend`` followed by ``attend_groups``, with half the operator launches.
+        ``self_attend`` followed by ``attend_groups``, with fewer operator launches.
 
         Returns ([R, P + N (S - first_query), d]: the prefix and the group tokens ``first_query:``, the prefix's
         (keys, values) [R, H, P, dh])."""
@@ -205,8 +210,7 @@ class TransformerBlock(nn.Module):
         P = T - N * (1 + F_)
         att, H, dh = self.attention, self.attention.num_heads, self.attention.head_dim
         h = self.attention_norm(torch.cat([x[:, :P], candidates, template.expand(R, F_, d)], dim=1))
-        query = att.query(h).view(R, -1, H, dh).transpose(1, 2)  # [R, H, P + N + F, dh]
-        key, value = att.key_value(h).view(R, -1, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, ., dh]
+        query, key, value = att.project(h).view(R, -1, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, ., dh]
         prefix_key, prefix_value = key[:, :, :P], value[:, :, :P]
         prefix_out = F.scaled_dot_product_attention(query[:, :, :P], prefix_key, prefix_value, attn_mask=prefix_mask)
         anchor_key, anchor_value = key[:, :, P:P + N], value[:, :, P:P + N]  # [R, H, N, dh]
@@ -264,25 +268,27 @@ def _joint_attention(
     R, T, d = h.shape
     P, S, H, dh = num_prefix, group_size, attention.num_heads, attention.head_dim
     Sq = S - first_query
-    query = attention.query(h).view(R, T, H, dh)
-    key, value = attention.key_value(h).view(R, T, 2, H, dh).unbind(2)  # [R, T, H, dh] each
+    query, key, value = attention.project(h).view(R, T, 3, H, dh).unbind(2)  # [R, T, H, dh] each
     prefix_key, prefix_value = key[:, :P].transpose(1, 2), value[:, :P].transpose(1, 2)  # [R, H, P, dh]
     prefix_out = F.scaled_dot_product_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value,
                                                 attn_mask=prefix_mask)  # [R, H, P, dh]
     group_query = query[:, P:].unflatten(1, (-1, S))[:, :, first_query:]  # [R, N, Sq, H, dh]
     group_key, group_value = key[:, P:].unflatten(1, (-1, S)), value[:, P:].unflatten(1, (-1, S))
-    scaled = group_query.permute(0, 3, 1, 2, 4) * dh**-0.5  # [R, H, N, Sq, dh] (contiguous)
+    scaled = group_query.permute(0, 3, 1, 2, 4) * dh**-0.5  # [R, H, N, Sq, dh]
     N = scaled.shape[2]
-    to_prefix = torch.matmul(scaled.reshape(R, H, N * Sq, dh), prefix_key.transpose(-1, -2))
-    to_prefix = (to_prefix + prefix_bias[:, None, None, :]).view(R, H, N, Sq, P)
+    to_prefix = torch.baddbmm(
+        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
+        scaled.reshape(R * H, N * Sq, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
+    ).view(R, H, N, Sq, P)
     anchor_key = group_key[:, :, :1].permute(0, 3, 1, 2, 4)  # [R, H, N, 1, dh]
     own_key = group_key[:, :, first_query:].permute(0, 3, 1, 2, 4)  # [R, H, N, Sq, dh]
-    to_anchor = torch.matmul(scaled, anchor_key.transpose(-1, -2))  # [R, H, N, Sq, 1]
+    to_anchor = (scaled * anchor_key).sum(-1, keepdim=True)  # [R, H, N, Sq, 1]
     to_self = (scaled * own_key).sum(-1, keepdim=True)
     if first_query == 0:  # the anchor's "self" is the anchor: count it once
         to_self = to_self.masked_fill(torch.arange(S, device=h.device).view(S, 1) == 0, float("-inf"))
     probs = torch.softmax(torch.cat([to_prefix, to_anchor, to_self], dim=-1), dim=-1)
-    out = torch.matmul(probs[..., :P].reshape(R, H, N * Sq, P), prefix_value).view(R, H, N, Sq, dh)
+    out = torch.bmm(probs.view(R * H, N * Sq, P + 2)[..., :P], prefix_value.reshape(R * H, P, dh))
+    out = out.view(R, H, N, Sq, dh)
     anchor_value = group_value[:, :, :1].permute(0, 3, 1, 2, 4)
     own_value = group_value[:, :, first_query:].permute(0, 3, 1, 2, 4)
     out = out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
