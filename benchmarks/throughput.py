@@ -21,6 +21,8 @@ message. Results: ``--json FILE``; figures and commands are recorded in docs/sca
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import platform
 import shutil
@@ -37,18 +39,26 @@ DATASETS = {"census": "census-income", "kuairand": "kuairand-pure"}
 
 
 class TimedLoader:
-    """Wraps a batch loader and adds up the wall time spent producing batches."""
+    """Wraps a batch loader: adds up the wall time spent producing batches, and when batch ``warmup`` + 1 is asked
+    for (the warm-up steps are done), takes a snapshot of the clocks and of the trainer's sample count, so that one
+    uninterrupted ``fit`` is measured (a second ``fit`` would restart the epoch: a resume, costly when streaming)."""
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, trainer, warmup: int) -> None:
         self.loader = loader
+        self.trainer = trainer
+        self.warmup = warmup
         self.seconds = 0.0
+        self.mark: tuple[float, float, int] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator:
         batches = self.loader.epoch(epoch, start_step=start_step)
-        while True:
+        for produced in itertools.count():
+            if produced == self.warmup:
+                self.seconds = 0.0
+                self.mark = (time.perf_counter(), time.process_time(), self.trainer.state.train_samples)
             start = time.perf_counter()
             batch = next(batches, None)
             self.seconds += time.perf_counter() - start
@@ -96,21 +106,30 @@ def fit_steps(trainer, steps: int) -> None:
 
 
 def measure(trainer, steps: int, warmup: int, budget: float) -> dict:
-    timed = TimedLoader(trainer.train_loader)
-    trainer.train_loader = timed
+    # the step count comes from a probe on a copy of the trainer's state: a few steps, then the state is restored
+    probe = {"model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+             "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+             "schedulers": [copy.deepcopy(s.state_dict()) for s in trainer.schedulers]}
     start = time.perf_counter()
-    fit_steps(trainer, warmup)
-    per_step = (time.perf_counter() - start) / max(warmup, 1)
+    fit_steps(trainer, 2)
+    per_step = (time.perf_counter() - start) / 2
+    trainer.model.load_state_dict(probe["model"])
+    for opt, state in zip(trainer.optimizers, probe["optimizers"]):
+        opt.load_state_dict(state)
+    for scheduler, state in zip(trainer.schedulers, probe["schedulers"]):
+        scheduler.load_state_dict(state)
+    trainer.state = type(trainer.state)()
     # as many steps as fit in the time budget (at least 3), inside the first epoch: no validation pass is timed
-    steps = min(steps, max(3, int(budget / per_step)), len(timed) - warmup - 1)
+    steps = min(steps, max(3, int(budget / per_step)), len(trainer.train_loader) - warmup - 1)
     if steps < 1:
         raise ValueError("the training split is too small for the requested warm-up")
-    samples, timed.seconds = trainer.state.train_samples, 0.0
-    wall, cpu = time.perf_counter(), time.process_time()
-    fit_steps(trainer, steps)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    timed = TimedLoader(trainer.train_loader, trainer, warmup)
+    trainer.train_loader = timed
+    fit_steps(trainer, warmup + steps)
+    wall0, cpu0, samples0 = timed.mark
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     trainer.train_loader = timed.loader
-    samples = trainer.state.train_samples - samples
+    samples = trainer.state.train_samples - samples0
 
     rows = trainer.splits["test"].n
     start = time.perf_counter()
@@ -191,6 +210,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile each model (adds compile time)")
     p.add_argument("--streaming", action="store_true",
                    help="train from a Parquet stream of the train split (written once to a temporary folder)")
+    p.add_argument("--stream-buffer-rows", type=int, default=65_536,
+                   help="shuffle buffer when streaming (smaller than the split, so that reading is timed too)")
     p.add_argument("--profile", action="store_true", help="also print a per-phase and per-operator profile")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args()
@@ -225,7 +246,8 @@ def main() -> int:
                 dataset=name, data_dir=str(data_dir), model=model,
                 train=TrainConfig(epochs=1, batch_size=args.batch_size, threads=args.threads, progress=False,
                                   tensorboard=False, precision=args.precision, compile=args.compile,
-                                  streaming="on" if args.streaming else "off"),
+                                  streaming="on" if args.streaming else "off",
+                                  stream_buffer_rows=args.stream_buffer_rows),
             )
             try:
                 trainer = api.build_trainer(config, ds, out_dir=stream_dir / name if args.streaming else None)

@@ -96,3 +96,13 @@ def test_diagnostics_are_off_by_default(tiny_dataset):
         epochs=1, batch_size=256, progress=False, tensorboard=False,
     ))
     assert "gradient_cosine" not in api.train(config, dataset=tiny_dataset)["history"][0]
+
+
+def test_a_model_without_shared_parameters_has_no_gradient_conflict(tiny_dataset):
+    from onerank import api
+    from onerank.training.config import RunConfig, TrainConfig
+
+    config = RunConfig(model="single_task", train=TrainConfig(epochs=1, batch_size=128, progress=False,
+                                                              gradient_diagnostics=True))
+    result = api.train(config, dataset=tiny_dataset)
+    assert result["history"][0]["gradient_cosine"] == {}

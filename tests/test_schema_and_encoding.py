@@ -136,3 +136,21 @@ def test_items_seen_only_in_train_histories_keep_their_side_features():
     code = ds.encoders.vocabularies["item_id"].encode(np.array([57]))[0]
     assert code != OOV
     assert ds.item_table["category"][code] == ds.encoders.vocabularies["category"].encode(np.array([99]))[0] != OOV
+
+
+def test_two_processes_building_the_same_cache_both_succeed(tmp_path):
+    import multiprocessing
+
+    from onerank.data.dataset import EncodedDataset
+
+    ds = encode_dataset(tiny_raw(20))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=ds.save, args=(tmp_path / "cache",)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    loaded = EncodedDataset.load(tmp_path / "cache")
+    np.testing.assert_array_equal(loaded.train.labels["click"], ds.train.labels["click"])
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]

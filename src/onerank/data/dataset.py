@@ -130,9 +130,19 @@ class EncodedDataset:
                 "info": self.info,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            if (directory / "manifest.json").exists():
+                # Another process wrote the same key (same content) meanwhile: keep it, readers may be using it.
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if directory.exists():  # an incomplete leftover
+                shutil.rmtree(directory, ignore_errors=True)
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                # Another process finished the same cache first (same key, same content): keep theirs.
+                if not (directory / "manifest.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -291,9 +291,9 @@ class StreamingBatchLoader:
     # ---- batches ------------------------------------------------------------------------------------------------------
     def _drain(
         self, cols: dict[str, np.ndarray], rng: np.random.Generator, keep: int
-    ) -> tuple[list[Batch], dict[str, np.ndarray] | None]:
+    ) -> tuple[Iterator[Batch], dict[str, np.ndarray] | None]:
         """Shuffle the buffer's units (rows, or whole requests) and cut batches until at most ``keep`` rows are
-        left; return (batches, the rest of the buffer)."""
+        left; return (the batches, gathered lazily, and the rest of the buffer)."""
         request = cols["request"]
         # requests renumbered 0..R-1 in row order (each request's rows are contiguous), as TensorSplit expects
         cols = {**cols, "request": np.cumsum(np.diff(request, prepend=request[:1] - 1) != 0) - 1}
@@ -307,7 +307,7 @@ class StreamingBatchLoader:
                 break
             used += int(split.request_sizes[units].sum()) if self.by_request else len(units)
             emitted += 1
-        batches = list(itertools.islice(loader.epoch(0), emitted))
+        batches = itertools.islice(loader.epoch(0), emitted)
         if used == split.n:
             return batches, None
         rest = torch.cat(plan[emitted:])

@@ -34,7 +34,11 @@ def gradient_cosines(
     model: MultiTaskModel, objective: MultiTaskObjective, batches: Iterable[Batch], device: torch.device,
     max_batches: int = 4,
 ) -> dict[str, float]:
-    """Mean over up to ``max_batches`` batches of cos(g_j, g_k) for every task pair "j|k"."""
+    """Mean over up to ``max_batches`` batches of cos(g_j, g_k) for every task pair "j|k".
+
+    Empty for a model without shared parameters (e.g. ``single_task``): its tasks cannot conflict."""
+    if not model.shared_parameters():
+        return {}
     was_training = model.training
     model.train()
     sums: dict[str, float] = {}
