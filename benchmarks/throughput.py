@@ -7,12 +7,13 @@ spent loading data, and the achieved FLOP/s of training as a share of this machi
 
 Training samples/s are measured on the real ``Trainer.fit`` loop (batch gathering, forward, losses, weighting,
 backward, clipping, optimiser) over up to ``--steps`` steps (as many as fit in ``--budget`` seconds) after
-``--warmup`` steps, inside the first epoch so that no validation pass is timed; "data %" is the share of that wall time spent producing batches. Inference samples/s is
-``Trainer.predict`` over the whole test split (batches of ``eval_batch_size``). FLOPs are counted by
-``torch.utils.flop_counter.FlopCounterMode`` on one training step (matrix products, convolutions and attention;
-element-wise work is not counted), and the peak is the best FLOP/s of a large square matrix product measured in the
-same run with the same threads, right before each model (the load of a shared machine varies). "busy" is process CPU time over wall time: with one thread, a value well under 1.0
-means other jobs shared the cores and the wall-clock figures understate the code's speed.
+``--warmup`` steps, inside the first epoch so that no validation pass is timed; "data %" is the share of that wall
+time spent producing batches. Inference samples/s is ``Trainer.predict`` over the whole test split (batches of
+``eval_batch_size``). FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one training step (matrix
+products, convolutions and attention; element-wise work is not counted), and the peak is the best FLOP/s of a large
+square matrix product measured in the same run with the same threads, right before each model (the load of a shared
+machine varies). "busy" is process CPU time over wall time: with one thread, a value well under 1.0 means other jobs
+shared the cores and the wall-clock figures understate the code's speed.
 
 Datasets are read from ``--data-root`` (default ``../shared/data``); a dataset that is not there is skipped with a
 message. Results: ``--json FILE``; figures and commands are recorded in docs/scaling.md.
@@ -229,7 +230,8 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.precision}; measured matrix-multiply peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     stream_dir = Path(tempfile.mkdtemp(prefix="onerank-throughput-"))
-    report = {"streaming": args.streaming, "peak_flops_per_s": peak, "threads": args.threads, "precision": args.precision,
+    report = {"streaming": args.streaming, "peak_flops_per_s": peak, "threads": args.threads,
+              "precision": args.precision,
               "batch_size": args.batch_size, "torch": torch.__version__, "results": []}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         data_dir = Path(args.data_root) / DATASETS.get(name, name)

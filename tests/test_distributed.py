@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -121,7 +120,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOLERANCE
 
 
-# ---- two processes through torch.multiprocessing: resume, exact metrics, every gradient path --------------------------
+# ---- two processes through torch.multiprocessing: resume, exact metrics, every gradient path -------------------------
 def _config(weighting: str = "fixed", **train) -> RunConfig:
     defaults = dict(epochs=2, batch_size=64, progress=False, patience=5, seed=11, checkpoint_every=5,
                     tensorboard=False, threads=1)
@@ -151,7 +150,8 @@ def _worker(rank: int, world_size: int, tmp: str) -> None:
     ds = encode_dataset(tiny_raw())
     report: dict = {}
     # the default strategy (DDP backward hooks): straight, then interrupted mid-epoch and resumed by both ranks
-    report["straight"] = _summary(api.train(_config(), out_dir=tmp_path / "straight", dataset=ds), tmp_path / "straight")
+    straight = api.train(_config(), out_dir=tmp_path / "straight", dataset=ds)
+    report["straight"] = _summary(straight, tmp_path / "straight")
     try:
         api.train(_config(), out_dir=tmp_path / "crashed", dataset=ds, stop_after_steps=23)
     except TrainingInterrupted:

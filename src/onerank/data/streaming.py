@@ -138,7 +138,9 @@ def save_streaming_dataset(
 
 
 @register_dataset("encoded")
-def load_streaming_dataset(data_dir: str | Path | None, cache_root: str | Path | None = None, **options) -> EncodedDataset:
+def load_streaming_dataset(
+    data_dir: str | Path | None, cache_root: str | Path | None = None, **options
+) -> EncodedDataset:
     """A dataset written by ``save_streaming_dataset``: valid / test in memory, the train split left on disk."""
     if options:
         raise SchemaError(f"encoded dataset: takes no options, got {sorted(options)}")
@@ -263,7 +265,7 @@ class StreamingBatchLoader:
         self.buffer_rows = max(int(buffer_rows), self.local_batch)
         self.all_ranks = all_ranks
 
-    # ---- plan ---------------------------------------------------------------------------------------------------------
+    # ---- plan --------------------------------------------------------------------------------------------------------
     def _generator(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([int(self.seed), int(epoch), int(self.rank)])
 
@@ -288,7 +290,7 @@ class StreamingBatchLoader:
         rows = min(sum(f.num_rows for f in shard) for shard in shards)
         return max(1, -(-rows // self.local_batch))
 
-    # ---- batches ------------------------------------------------------------------------------------------------------
+    # ---- batches -----------------------------------------------------------------------------------------------------
     def _drain(
         self, cols: dict[str, np.ndarray], rng: np.random.Generator, keep: int
     ) -> tuple[Iterator[Batch], dict[str, np.ndarray] | None]:
