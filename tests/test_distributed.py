@@ -212,3 +212,8 @@ def test_two_spawned_processes_resume_and_stay_in_step(tiny_dataset, tmp_path):
     for strategy in ("fixed", "uncertainty", "pcgrad"):
         assert ranks[0][strategy]["replica"] == ranks[1][strategy]["replica"], strategy  # bit-identical replicas
         assert report[strategy]["auc"] > 0.55, strategy
+    # the uncertainty objective is linear in the task losses: manual averaging reproduces one process too
+    single = api.build_trainer(_config("uncertainty", checkpoint_every=0), tiny_dataset)
+    single.fit()
+    for key, value in single.model.state_dict().items():
+        assert report["uncertainty"]["replica"][key] == pytest.approx(float(value.double().sum()), abs=1e-4), key
