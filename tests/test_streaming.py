@@ -159,3 +159,23 @@ def test_export_command_writes_a_streaming_dataset(tmp_path):
     assert len(list((tmp_path / "syn" / "train").glob("*.parquet"))) > 1
     assert cli.main(["train", "--dataset", "encoded", "--data-dir", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "r")]) == 2
+
+
+def test_without_an_output_folder_the_stream_lives_in_a_temporary_folder(tiny_dataset):
+    trainer = _trainer(tiny_dataset, _config(epochs=1).train, None)
+    scratch = trainer._stream_scratch
+    assert trainer.streaming and scratch is not None and scratch.is_dir()
+    trainer.fit()
+    assert trainer.evaluate("test")["click"]["count"] == len(tiny_dataset.test)
+    trainer.close()
+    assert not scratch.exists()
+
+
+def test_row_groups_are_cut_into_parts_when_ranks_outnumber_them(tiny_dataset, tmp_path):
+    directory = write_encoded_parquet(tiny_dataset.train, tmp_path / "one-group", row_group_rows=10_000)
+    assert len(ParquetSource(directory).fragments) == 1
+    ranks = [_loader(tiny_dataset, directory, rank=r, world_size=3, by_request=True) for r in range(3)]
+    parts = [list(r.epoch(0)) for r in ranks]
+    assert all(len(p) > 0 for p in parts)  # every rank has data to train on
+    assert _rows(parts[0] + parts[1] + parts[2]) == _rows(list(_loader(tiny_dataset, directory).epoch(0)))
+    assert all(b.size == 5 * b.num_requests for p in parts for b in p)  # parts hold whole requests

@@ -139,6 +139,8 @@ def evaluate_checkpoint(
     if cache_dir is not None:
         config.cache_dir = cache_dir
     dataset = load_run_dataset(config)
+    if not dataset.info.get("train_parquet"):
+        config.train.streaming = "off"  # evaluation needs no Parquet copy of an in-memory train split
     trainer = Trainer(
         model, dataset, config.train,
         MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults)),

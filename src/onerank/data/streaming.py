@@ -160,11 +160,14 @@ def load_streaming_dataset(
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fragment:
-    """One row group of one file: the unit of shuffling and of sharding over ranks."""
+    """One row group of one file, or part ``part`` of ``parts`` of it (whole requests): the unit of shuffling and
+    of sharding over ranks."""
 
     path: Path
     row_group: int
     num_rows: int
+    part: int = 0
+    parts: int = 1
 
 
 class ParquetSource:
@@ -200,7 +203,22 @@ class ParquetSource:
                 out[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
             else:
                 out[name] = column.to_numpy(zero_copy_only=False)
-        return out
+        if fragment.parts == 1:
+            return out
+        # a contiguous block of the row group's requests
+        request = out["request"]
+        starts = np.append(np.flatnonzero(np.diff(request, prepend=request[:1] - 1)), len(request))
+        count = len(starts) - 1
+        lo, hi = -(-fragment.part * count // fragment.parts), -(-(fragment.part + 1) * count // fragment.parts)
+        return {k: v[starts[lo]: starts[hi]] for k, v in out.items()}
+
+    def split(self, parts: int) -> list[Fragment]:
+        """Every row group cut into ``parts`` fragments (read whole, then cut: for data sets with fewer row groups
+        than ranks)."""
+        return [
+            Fragment(f.path, f.row_group, -(-f.num_rows // parts), part, parts)
+            for f in self.fragments for part in range(parts)
+        ]
 
 
 def _split_from_columns(cols: dict[str, np.ndarray]) -> EncodedSplit:
@@ -271,8 +289,11 @@ class StreamingBatchLoader:
 
     def assignment(self, epoch: int) -> list[list[Fragment]]:
         """Each rank's row groups this epoch: shuffled by (seed, epoch), then dealt greedily to the rank holding the
-        fewest rows so far, so the shards differ by at most about one row group."""
+        fewest rows so far, so the shards differ by at most about one row group. With fewer than 4 row groups per
+        rank, row groups are cut into parts (whole requests) so that every rank gets a share."""
         fragments = list(self.source.fragments)
+        if len(fragments) < 4 * self.world_size and self.world_size > 1:
+            fragments = self.source.split(-(-4 * self.world_size // len(fragments)))
         if self.shuffle:
             order = np.random.default_rng([int(self.seed), int(epoch)]).permutation(len(fragments))
             fragments = [fragments[i] for i in order]
@@ -373,7 +394,8 @@ def stream_source_for(
 
     ``mode``: ``on``, ``off`` or ``auto`` (stream when the split's tensors would exceed ``threshold_mb``). A dataset
     whose train split is on disk already (``--dataset encoded``) always streams. Otherwise the in-memory split is
-    written once to ``OUT/train-parquet`` (reused when it holds the same number of rows) and streamed from there.
+    written once to ``OUT/train-parquet`` (reused when it holds the same number of rows) and streamed from there;
+    without an output folder, to a new temporary folder that the caller removes when done.
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"train.streaming must be auto, on or off, got {mode!r}")
@@ -385,13 +407,15 @@ def stream_source_for(
     if mode == "off" or (mode == "auto" and split_nbytes(ds.train) <= threshold_mb * 2**20):
         return None
     if out_dir is None:
-        raise ValueError("streaming an in-memory train split needs an output folder to write it to (--out)")
+        out_dir = tempfile.mkdtemp(prefix="onerank-stream-")
     target = Path(out_dir) / "train-parquet"
     manifest = target / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()).get("rows") == len(ds.train):
         return target
     log.info("writing the train split (%d rows) to %s for streaming", len(ds.train), target)
-    return write_encoded_parquet(ds.train, target)
+    # at least ~64 row groups (the unit of shuffling and sharding), of at most 65,536 rows
+    row_group_rows = min(65_536, max(1_024, -(-len(ds.train) // 64)))
+    return write_encoded_parquet(ds.train, target, row_group_rows=row_group_rows)
 
 
 __all__ = [

@@ -185,7 +185,4 @@ class DTRNPLE(DTRN):
         return head, head.output_dim
 
     def _head_prefixes(self, task: str) -> list[str]:
-        levels = range(self.config.num_levels)
-        return [f"head.levels.{i}.task_experts.{task}." for i in levels] + [
-            f"head.levels.{i}.task_gates.{task}." for i in levels
-        ]
+        return self.head.private_prefixes("head")[task]

@@ -40,14 +40,8 @@ class PLE(MultiTaskModel):
         )
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
-        return {
-            t: [
-                f"towers.towers.{t}.",
-                *[f"extraction.levels.{i}.task_experts.{t}." for i in range(len(self.extraction.levels))],
-                *[f"extraction.levels.{i}.task_gates.{t}." for i in range(len(self.extraction.levels))],
-            ]
-            for t in self.tasks
-        }
+        own = self.extraction.private_prefixes("extraction")
+        return {t: [f"towers.towers.{t}.", *own[t]] for t in self.tasks}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.extraction(self.encoder(batch)))

@@ -147,15 +147,8 @@ class TransformerPLE(MultiTaskModel):
         self.towers = TaskTowers(self.tasks, self.extraction.output_dim, config.tower_hidden, config.dropout)
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
-        levels = range(self.config.num_levels)
-        return {
-            t: [
-                f"towers.towers.{t}.",
-                *[f"extraction.levels.{i}.task_experts.{t}." for i in levels],
-                *[f"extraction.levels.{i}.task_gates.{t}." for i in levels],
-            ]
-            for t in self.tasks
-        }
+        own = self.extraction.private_prefixes("extraction")
+        return {t: [f"towers.towers.{t}.", *own[t]] for t in self.tasks}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.extraction(self.encoder(batch)))

@@ -190,6 +190,15 @@ class PLE(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.output_dim = width
 
+    def private_prefixes(self, attribute: str) -> dict[str, list[str]]:
+        """Per task, the parameter-name prefixes of its own experts and gates, for a model holding this module as
+        ``attribute`` (what ``MultiTaskModel.task_parameter_prefixes`` reports)."""
+        return {
+            t: [f"{attribute}.levels.{i}.{part}.{t}." for i in range(len(self.levels))
+                for part in ("task_experts", "task_gates")]
+            for t in self.tasks
+        }
+
     def forward(self, x: TaskInputs, shared_input: Tensor | None = None) -> dict[str, Tensor]:
         task_inputs = _per_task(x, self.tasks)
         if shared_input is None:

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -90,6 +91,9 @@ class Trainer:
             lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
         )
         self.streaming = stream_from is not None
+        # a copy written to a temporary folder (no output folder given) is removed by close()
+        temporary = self.streaming and out_dir is None and not dataset.info.get("train_parquet")
+        self._stream_scratch = stream_from.parent if temporary else None
         in_memory = [s for s in SPLITS if not (self.streaming and s == "train")]
         self.splits: dict[str, TensorSplit] = {
             s: TensorSplit(dataset.split(s), dataset.item_table, dataset.schema.item_id) for s in in_memory
@@ -351,6 +355,9 @@ class Trainer:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._stream_scratch is not None:
+            shutil.rmtree(self._stream_scratch, ignore_errors=True)
+            self._stream_scratch = None
 
 
 def _rescaled(losses: dict[str, Any], scales: dict[str, float]) -> dict[str, Any]:
