@@ -6,6 +6,7 @@ optimisers or the trainer (the torchrec split between model and training wrapper
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import pkgutil
@@ -20,7 +21,7 @@ from onerank.features.space import FeatureSpace
 from onerank.nn.mlp import MLP
 
 
-class MultiTaskModel(nn.Module):
+class MultiTaskModel(nn.Module, abc.ABC):
     """Base class: ``forward(batch) -> {task: logits [B]}``.
 
     Class attributes a model may set:
@@ -41,8 +42,9 @@ class MultiTaskModel(nn.Module):
         self.config = config
         self.tasks = space.task_names
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Logits per task, each [B] for the batch's B impressions."""
 
     def auxiliary_losses(self, batch: Batch, logits: dict[str, Tensor]) -> dict[str, Tensor]:
         """Training terms a model defines on its own outputs (e.g. AITM's calibrator), keyed ``"<task>/<name>"``.

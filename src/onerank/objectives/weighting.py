@@ -7,6 +7,7 @@ parameters the trainer optimises with the model's.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from onerank.data.schema import SchemaError, TaskSpec
 
 
-class WeightingStrategy(nn.Module):
+class WeightingStrategy(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
 
     def __init__(self, tasks: list[TaskSpec], **options) -> None:
@@ -25,9 +26,9 @@ class WeightingStrategy(nn.Module):
         self.tasks = [t.name for t in tasks]
         self.base_weights = {t.name: float(t.weight) for t in tasks}
 
+    @abc.abstractmethod
     def backward(self, losses: dict[str, Tensor], shared_params: list[nn.Parameter]) -> dict[str, float]:
         """Back-propagate the combined loss; return the weight each task's loss received."""
-        raise NotImplementedError
 
     def epoch_end(self, epoch_losses: dict[str, float]) -> None:
         """Hook for strategies that adapt per epoch (e.g. DWA)."""
