@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from onerank.cli import main
-from onerank.data.batching import BatchLoader, tensor_splits
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 from onerank.nn.hypernetwork import HyperTargetAttention
 from onerank.nn.senet import SENetGate
+import zoo_helpers
 from zoo_helpers import CONFIGS, real_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["dtrn", "dtrn_mmoe", "dtrn_ple"]
@@ -21,7 +21,7 @@ SMALL = dict(embedding_dim=8, hyper_hidden=(16,), attention_rank=2, task_embeddi
 
 
 def first_batch(dataset, size=48):
-    return next(iter(BatchLoader(tensor_splits(dataset)["train"], size)))
+    return zoo_helpers.first_batch(dataset, size)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onerank.data.batching import BatchLoader, tensor_splits
 from onerank.data.schema import SchemaError, TaskSpec
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 from onerank.models.aitm import AttentionTransfer
 from onerank.models.esmm import product_logit
 from onerank.objectives.losses import MultiTaskObjective
+import zoo_helpers
 from zoo_helpers import real_dataset, synthetic_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["esmm", "aitm"]
@@ -23,7 +23,7 @@ SMALL = dict(embedding_dim=8, attention_hidden=(8,), tower_hidden=(16, 8))
 
 
 def first_batch(dataset, size=64):
-    return next(iter(BatchLoader(tensor_splits(dataset)["train"], size)))
+    return zoo_helpers.first_batch(dataset, size)
 
 
 def build(name, dataset, **options):

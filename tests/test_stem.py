@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onerank.data.batching import BatchLoader, tensor_splits
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
+import zoo_helpers
 from zoo_helpers import real_dataset, train_on_tiny_dataset, train_tiny
 
 SMALL = dict(embedding_dim=8, attention_hidden=(8,), expert_hidden=(16,), tower_hidden=(8,))
 
 
 def first_batch(dataset, size=48):
-    return next(iter(BatchLoader(tensor_splits(dataset)["train"], size)))
+    return zoo_helpers.first_batch(dataset, size)
 
 
 def grad_total(module: torch.nn.Module) -> float:

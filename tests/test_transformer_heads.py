@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onerank.data.batching import BatchLoader, tensor_splits
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
+import zoo_helpers
 from zoo_helpers import real_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["transformer_mmoe", "transformer_ple"]
@@ -15,7 +15,7 @@ SMALL = dict(embedding_dim=8, d_model=16, num_layers=1, num_heads=2, ff_dim=16, 
 
 
 def first_batch(dataset, size=32):
-    return next(iter(BatchLoader(tensor_splits(dataset)["train"], size)))
+    return zoo_helpers.first_batch(dataset, size)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -13,11 +13,17 @@ import pandas as pd
 
 from conftest import shared_data
 from onerank import api
+from onerank.data.batching import Batch, BatchLoader, tensor_splits
 from onerank.data.dataset import EncodedDataset, EncodedSplit
 from onerank.data.registry import load_dataset
 from onerank.training.config import RunConfig, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def first_batch(dataset: EncodedDataset, size: int) -> Batch:
+    """The first ``size`` train impressions of ``dataset`` as one batch."""
+    return next(iter(BatchLoader(tensor_splits(dataset)["train"], size)))
 
 
 def tiny_config(model: str, **overrides: Any) -> RunConfig:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from onerank.data.schema import SchemaError
+from onerank.data.schema import SchemaError, read_yaml_mapping
 from onerank.training.config import TrainConfig
 
 DEFAULT_SUITES_DIR = Path("benchmarks/suites")
@@ -80,13 +79,7 @@ def suite_path(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Path:
 
 def load_suite(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Suite:
     path = suite_path(name, suites_dir)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SchemaError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SchemaError(f"{path}: expected a mapping at the top level")
-    return parse_suite(raw, path)
+    return parse_suite(read_yaml_mapping(path), path)
 
 
 SUITE_KEYS = {

@@ -192,8 +192,19 @@ class Schema:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Schema":
-        with open(path) as fh:
-            raw = yaml.safe_load(fh)
-        if not isinstance(raw, dict):
-            raise SchemaError(f"{path}: expected a mapping at the top level")
+        raw = read_yaml_mapping(path)
         return cls.from_dict(raw.get("schema", raw))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level must be a mapping; every problem is a SchemaError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{path}: expected a mapping at the top level")
+    return raw

@@ -105,13 +105,18 @@ def write_encoded_parquet(
             if writer is not None:
                 writer.close()
         (tmp / MANIFEST).write_text(json.dumps({"format": 1, "rows": len(split)}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` by the fully written ``tmp`` (a rename: readers never see a half-written folder)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
 
 
 def _empty_like(split: EncodedSplit) -> EncodedSplit:
@@ -128,9 +133,7 @@ def save_streaming_dataset(
     try:
         replace(ds, train=_empty_like(ds.train)).save(tmp / "encoded")
         write_encoded_parquet(ds.train, tmp / "train", rows_per_file, row_group_rows)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from onerank.data.schema import SchemaError
+from onerank.data.schema import SchemaError, read_yaml_mapping
 from onerank.objectives.losses import ObjectiveConfig
 
 
@@ -72,16 +71,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.exists():
-            raise SchemaError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SchemaError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise SchemaError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_mapping(path))
 
 
 def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> ObjectiveConfig:
