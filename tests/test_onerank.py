@@ -20,7 +20,9 @@ from onerank.data.dataset import encode_dataset
 from onerank.data.schema import SchemaError
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
-from onerank.models.onerank import CrossTaskAttention, OneRank, OneRankConfig, context_mask, reference_encode
+from onerank.models.onerank import (
+    CrossTaskAttention, OneRank, OneRankConfig, context_mask, reference_encode, request_inputs,
+)
 from onerank.objectives.losses import MultiTaskObjective, ObjectiveConfig
 from onerank.training.config import RunConfig, TrainConfig
 
@@ -110,6 +112,7 @@ def space():
     {"sd_tokens": "group", "num_layers": 3},
     {"num_layers": 1},
     {"num_layers": 1, "task_tokens": "projection"},
+    {"sd_representation": "mlp"},  # s reads no final SD state: the last layer updates only task tokens
 ])
 def test_structured_encoder_equals_the_reference_masked_full_attention(space, options):
     model = model_for(space, **options)
@@ -121,9 +124,12 @@ def test_structured_encoder_equals_the_reference_masked_full_attention(space, op
         ref_r = model._task_states(ref_groups[:, :, model._first_output:])
         joint_cache, joint_r = model.encode(batch)  # the one-pass path (training, score_pool within one chunk)
     _, present = batch.list_layout()
-    assert (cache.hidden - ref_context).abs().max() < 1e-5
+    ref_sd_states = ref_context[:, ref_context.shape[1] - cache.sd_states.shape[1]:]
+    pooled = model.config.sd_representation == "pooled"
+    assert cache.sd_states.shape[1] == (model.tokenizer.num_sd if pooled else 0)  # only the final states s reads
+    assert torch.allclose(cache.sd_states, ref_sd_states, rtol=0, atol=1e-5)
     assert (r - ref_r)[present].abs().max() < 1e-5
-    assert (joint_cache.hidden - ref_context).abs().max() < 1e-5
+    assert torch.allclose(joint_cache.sd_states, ref_sd_states, rtol=0, atol=1e-5)
     assert (joint_r - ref_r)[present].abs().max() < 1e-5
     assert (joint_cache.situation - cache.situation).abs().max() < 1e-5
     for (k, v), (joint_k, joint_v) in zip(cache.keys_values, joint_cache.keys_values):
@@ -131,7 +137,7 @@ def test_structured_encoder_equals_the_reference_masked_full_attention(space, op
 
 
 def test_reference_mask_and_context_mask_follow_the_visibility_rules(space):
-    from onerank.models.onerank import reference_mask, request_inputs
+    from onerank.models.onerank import reference_mask
 
     model = model_for(space, anchor_sequences=("carted",))
     batch = make_batch(space, [3, 2], seed=2)
@@ -169,7 +175,10 @@ def test_history_tokens_never_attend_to_later_history_tokens(space):
     changed.histories["clicked"]["item_id"][rows, slot] = 29
     changed.histories["clicked"]["category"][rows, slot] = 7
     with torch.no_grad():
-        before, after = model.encode_context(batch).hidden[0], model.encode_context(changed).hidden[0]
+        # every context token's final state (the model's own path computes only the SD tokens' at the last layer)
+        before, after = (
+            model.encoder.context(model.tokenizer.context(request_inputs(b)))[0][0] for b in (batch, changed)
+        )
     moved = (before - after).abs().amax(-1) > 1e-6
     # context layout: [clicked (L), carted (L), SD tokens]
     assert not moved[:slot].any(), "an earlier history token saw a later one"

@@ -241,7 +241,7 @@ class ContextCache:
 
     keys_values: list[tuple[Tensor, Tensor]]  # per layer, the context's keys and values [R, H, U, dh]
     valid: Tensor  # [R, U] context tokens that are real (history padding is not)
-    hidden: Tensor  # [R, U, d] final context states (after the encoder's final norm)
+    sd_states: Tensor  # [R, U_sd, d] final SD token states (after the final norm); [R, 0, d] when s does not read them
     situation: Tensor  # [R, d] the SD representation s of section 1.3
 
     @property
@@ -261,23 +261,30 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
 
-    def context(self, context: ContextTokens) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def context(
+        self, context: ContextTokens, first_output: int = 0
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """(final states of the context tokens ``first_output:`` [R, U - first_output, d], per-layer keys / values):
+        the last layer updates only the tokens whose final states are read (the SD tokens), all offer keys."""
         x, cache = context.tokens, []
         mask = attention_bias(context_mask(context), x.dtype).unsqueeze(1)  # additive: built once, not per layer
-        for block in self.blocks:
-            x, kv = block.self_attend(x, mask)
+        last = len(self.blocks) - 1
+        for layer, block in enumerate(self.blocks):
+            x, kv = block.self_attend(x, mask, first_output if layer == last else 0)
             cache.append(kv)
         return self.norm(x), cache
 
     def joint(
-        self, context: ContextTokens, groups: Tensor, first_output: int = 0, template: Tensor | None = None
+        self, context: ContextTokens, groups: Tensor, first_output: int = 0, template: Tensor | None = None,
+        first_context_output: int = 0,
     ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """Context and candidate groups in one pass (training, and scoring a pool at once): ``context`` then
         ``groups`` as one function, but every layer runs its norms, projections and feed-forward once over the
         concatenation [context tokens, group tokens] and splits only the attention (``attend_joint``): the context
         attends to itself under ``context_mask``, each group to this layer's context keys / values and inside itself.
-        groups [R, N, S, d] (explicit, ``OneRank._groups``) -> (final context states [R, U, d], final states of the
-        group tokens ``first_output:`` [R, N, S - first_output, d], per-layer context keys / values for a cache).
+        groups [R, N, S, d] (explicit, ``OneRank._groups``) -> (final states of the context tokens
+        ``first_context_output:`` [R, U - first_context_output, d], final states of the group tokens ``first_output:``
+        [R, N, S - first_output, d], per-layer context keys / values for a cache).
         With ``template`` ([S - 1, d], the tokens after c_i in every group) the first layer projects the template once
         per request instead of once per group (``attend_joint_template``)."""
         R, N, S, d = groups.shape
@@ -287,14 +294,15 @@ class Encoder(nn.Module):
         bias = attention_bias(context.valid, x.dtype)
         last, cache = len(self.blocks) - 1, []
         for layer, block in enumerate(self.blocks):
-            first = first_output if layer == last else 0
+            first, first_context = (first_output, first_context_output) if layer == last else (0, 0)
             if layer == 0 and template is not None:
-                x, kv = block.attend_joint_template(x, groups[:, :, 0], template, mask, bias, first)
+                x, kv = block.attend_joint_template(x, groups[:, :, 0], template, mask, bias, first, first_context)
             else:
-                x, kv = block.attend_joint(x, U, S, mask, bias, first)
+                x, kv = block.attend_joint(x, U, S, mask, bias, first, first_context)
             cache.append(kv)
         x = self.norm(x)
-        return x[:, :U], x[:, U:].unflatten(1, (N, -1)), cache
+        context_outputs = U - first_context_output
+        return x[:, :context_outputs], x[:, context_outputs:].unflatten(1, (N, -1)), cache
 
     def groups(
         self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0
@@ -452,16 +460,27 @@ class OneRank(MultiTaskModel):
             return outputs.expand(-1, -1, len(self.tasks), -1)
         return outputs
 
-    def _situation(self, context: ContextTokens, hidden: Tensor) -> Tensor:
-        """s of section 1.3: [R, d]."""
+    def _reads_sd_states(self, context: ContextTokens) -> bool:
+        return context.num_sd > 0 and self.config.contextualization != "random_sd" \
+            and self.config.sd_representation == "pooled"
+
+    def _first_context_output(self, context: ContextTokens) -> int:
+        """The first context token whose final state is read: the SD tokens (last in the context) when s pools them,
+        none otherwise. History and anchor tokens only offer keys and values, so the last layer skips their queries
+        and feed-forward."""
+        U = context.tokens.shape[1]
+        return U - context.num_sd if self._reads_sd_states(context) else U
+
+    def _situation(self, context: ContextTokens, sd_states: Tensor) -> Tensor:
+        """s of section 1.3: [R, d] (sd_states: the final SD token states, read only when s pools them)."""
         if context.num_sd == 0:
-            return hidden.new_zeros(hidden.shape[0], self.config.dim)
+            return sd_states.new_zeros(sd_states.shape[0], self.config.dim)
         sd_inputs = context.tokens[:, -context.num_sd:]
         if self.config.contextualization == "random_sd":
             return sd_inputs.detach().flatten(1) @ self.random_sd
         if self.config.sd_representation == "mlp":
             return self.sd_mlp(sd_inputs.flatten(1))
-        return hidden[:, -context.num_sd:].mean(1)
+        return sd_states.mean(1)
 
     # ---- serving pieces (also the training path) ------------------------------------------------------------------
     def encode_context(self, batch: Batch) -> ContextCache:
@@ -470,8 +489,15 @@ class OneRank(MultiTaskModel):
         if self.config.attention == "full":
             raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
         context = self.tokenizer.context(request_inputs(batch))
-        hidden, keys_values = self.encoder.context(context)
-        return ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
+        sd_states, keys_values = self.encoder.context(context, self._first_context_output(context))
+        return ContextCache(keys_values, context.valid, sd_states, self._situation(context, sd_states))
+
+    def tokens(self, batch: Batch) -> tuple[ContextTokens, Tensor, Tensor]:
+        """(each request's context tokens, its candidate groups [R, N, S, d] (``_groups``), candidate presence
+        [R, N]): the encoder's input."""
+        context = self.tokenizer.context(request_inputs(batch))
+        slot, present = batch.list_layout()
+        return context, self._groups(self.tokenizer.candidates(batch)[slot]), present
 
     def encode(self, batch: Batch) -> tuple[ContextCache, Tensor]:
         """Context and candidates in one pass (``Encoder.joint``; what training and ``score_pool`` of a pool within
@@ -479,12 +505,15 @@ class OneRank(MultiTaskModel):
         ``encode_candidates``, with the token-wise work of context and groups done in shared operator calls."""
         if self.config.attention == "full":
             raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
-        context = self.tokenizer.context(request_inputs(batch))
-        slot, _ = batch.list_layout()
-        groups = self._groups(self.tokenizer.candidates(batch)[slot])
-        template = self._task_template()
-        hidden, states, keys_values = self.encoder.joint(context, groups, self._first_output, template)
-        cache = ContextCache(keys_values, context.valid, hidden, self._situation(context, hidden))
+        context, groups, _ = self.tokens(batch)
+        return self.encode_tokens(context, groups)
+
+    def encode_tokens(self, context: ContextTokens, groups: Tensor) -> tuple[ContextCache, Tensor]:
+        """``encode`` from the encoder's input (``tokens``): the structured encoder alone."""
+        sd_states, states, keys_values = self.encoder.joint(
+            context, groups, self._first_output, self._task_template(), self._first_context_output(context)
+        )
+        cache = ContextCache(keys_values, context.valid, sd_states, self._situation(context, sd_states))
         return cache, self._task_states(states)
 
     def encode_candidates(self, cache: ContextCache, batch: Batch, chunk_size: int | None = None) -> Tensor:
@@ -516,7 +545,7 @@ class OneRank(MultiTaskModel):
         if self.config.attention == "full":
             context, hidden, groups = reference_encode(self, batch, bidirectional=True)
             r = self._task_states(groups[:, :, self._first_output:])
-            return self._score(r, self._situation(context, hidden), batch)
+            return self._score(r, self._situation(context, hidden[:, self._first_context_output(context):]), batch)
         cache, r = self.encode(batch)
         return self._score(r, cache.situation, batch)
 
@@ -573,9 +602,16 @@ def reference_encode(
     """(context tokens, context states [R, U, d], group states [R, N, S, d]) from one full attention over the whole
     sequence with the explicit mask, through the model's own weights. O((U + N S)^2): a specification to test the
     structured path against, not a serving path."""
-    slot, present = batch.list_layout()
-    context = model.tokenizer.context(request_inputs(batch))
-    groups = model._groups(model.tokenizer.candidates(batch)[slot])
+    context, groups, present = model.tokens(batch)
+    hidden, states = reference_encoder(model, context, groups, present, bidirectional)
+    return context, hidden, states
+
+
+def reference_encoder(
+    model: OneRank, context: ContextTokens, groups: Tensor, present: Tensor, bidirectional: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The encoder part of ``reference_encode`` (from ``model.tokens``): the explicit mask, then every block over all
+    U + N S tokens -> (context states [R, U, d], group states [R, N, S, d])."""
     R, N, S, d = groups.shape
     x = torch.cat([context.tokens, groups.reshape(R, N * S, d)], dim=1)
     mask = reference_mask(context, present, S, bidirectional).unsqueeze(1)
@@ -583,4 +619,4 @@ def reference_encode(
         x = block(x, mask)
     x = model.encoder.norm(x)
     U = context.tokens.shape[1]
-    return context, x[:, :U], x[:, U:].reshape(R, N, S, d)
+    return x[:, :U], x[:, U:].reshape(R, N, S, d)

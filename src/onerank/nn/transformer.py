@@ -103,6 +103,24 @@ def prefix_group_attention(
     return out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
 
 
+def prefix_self_attention(
+    query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor, key: Tensor, value: Tensor,
+) -> Tensor:
+    """Tokens that attend to their request's prefix and to themselves only (a candidate token c_i): query / key /
+    value [R, H, N, dh] of the N tokens, prefix_key / prefix_value [R, H, P, dh], prefix_bias [R, P] -> [R, H, N, dh].
+    ``prefix_group_attention`` with groups of one token, without its in-group bookkeeping."""
+    R, H, N, dh = query.shape
+    P = prefix_key.shape[-2]
+    query = query * dh**-0.5
+    to_prefix = torch.baddbmm(
+        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
+        query.reshape(R * H, N, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
+    ).view(R, H, N, P)
+    to_self = (query * key).sum(-1, keepdim=True)
+    probs = torch.softmax(torch.cat([to_prefix, to_self], dim=-1), dim=-1)
+    return torch.matmul(probs[..., :P], prefix_value) + probs[..., P:] * value
+
+
 def template_attention(
     query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor,
     anchor_key: Tensor, anchor_value: Tensor,
@@ -114,7 +132,8 @@ def template_attention(
     [R, H, P, dh]; prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
 
     Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
-    prefix-and-self part (numerator and denominator) once per request, then one rescaled merge per group. Exact;
+    attention over the prefix and self (its output o and log-sum-exp m) once per request, then per group the anchor
+    enters with the weight softmax gives it, sigmoid(a - m): out = o + sigmoid(a - m) (v_anchor - o). Exact;
     O(R F P + R N F) instead of O(R N F P).
     """
     R, H, P, dh = prefix_key.shape
@@ -122,15 +141,13 @@ def template_attention(
     to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias[:, None, None, :]  # [R, H, F, P]
     to_self = (query * key).sum(-1).expand(R, H, -1)  # [R, H, F]
     shared = torch.cat([to_prefix, to_self.unsqueeze(-1)], dim=-1)
-    top = shared.amax(-1)  # finite: every follower sees itself
-    weights = torch.exp(shared - top.unsqueeze(-1))
-    numerator = torch.matmul(weights[..., :P], prefix_value) + weights[..., P:] * value  # [R, H, F, dh]
-    denominator = weights.sum(-1)  # [R, H, F]
+    log_total = torch.logsumexp(shared, dim=-1)  # [R, H, F], finite: every follower sees itself
+    weights = torch.exp(shared - log_total.unsqueeze(-1))
+    shared_out = torch.matmul(weights[..., :P], prefix_value) + weights[..., P:] * value  # [R, H, F, dh]
     to_anchor = torch.matmul(anchor_key, query.transpose(-1, -2))  # [R, H, N, F]
-    peak = torch.maximum(top.unsqueeze(2), to_anchor)
-    old, new = torch.exp(top.unsqueeze(2) - peak), torch.exp(to_anchor - peak)
-    merged = old.unsqueeze(-1) * numerator.unsqueeze(2) + new.unsqueeze(-1) * anchor_value.unsqueeze(3)
-    return merged / (old * denominator.unsqueeze(2) + new).unsqueeze(-1)
+    anchor_weight = torch.sigmoid(to_anchor - log_total.unsqueeze(2)).unsqueeze(-1)  # [R, H, N, F, 1]
+    shared_out = shared_out.unsqueeze(2)
+    return shared_out + anchor_weight * (anchor_value.unsqueeze(3) - shared_out)
 
 
 class TransformerBlock(nn.Module):
@@ -148,13 +165,20 @@ class TransformerBlock(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
-    def self_attend(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, S, d], mask broadcastable to [B, H, S, S] -> (output, the (keys, values) [B, H, S, dh] the tokens
-        offered): the keys and values are what later token groups read from a cached prefix."""
+    def self_attend(
+        self, x: Tensor, mask: Tensor | None = None, first_query: int = 0
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, S, d], mask broadcastable to [B, H, S, S] -> (output of tokens ``first_query:``, the (keys, values)
+        [B, H, S, dh] all tokens offered): the keys and values are what later token groups read from a cached prefix.
+        A last layer whose leading tokens' outputs nobody reads skips their queries and feed-forward."""
         h = self.attention_norm(x)
         key, value = self.attention.keys_values(h)
-        out = F.scaled_dot_product_attention(self.attention.queries(h), key, value, attn_mask=mask)
-        x = x + self.dropout(self.attention.out(self.attention.merge_heads(out)))
+        if first_query >= x.shape[1]:
+            return x[:, x.shape[1]:], (key, value)
+        if mask is not None and mask.shape[-2] > 1:
+            mask = mask[..., first_query:, :]
+        out = F.scaled_dot_product_attention(self.attention.queries(h[:, first_query:]), key, value, attn_mask=mask)
+        x = x[:, first_query:] + self.dropout(self.attention.out(self.attention.merge_heads(out)))
         return self._feed_forward(x), (key, value)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -177,7 +201,7 @@ class TransformerBlock(nn.Module):
 
     def attend_joint(
         self, x: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor, prefix_bias: Tensor,
-        first_query: int = 0,
+        first_query: int = 0, first_prefix_query: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``self_attend`` of a prefix and ``attend_groups`` of its groups in one call: x [R, P + N S, d] is
         [prefix, G_1, ..., G_N] (groups of S tokens). The token-wise parts (norms, projections, feed-forward) run once
@@ -185,21 +209,19 @@ class TransformerBlock(nn.Module):
         layer's prefix keys / values, ``prefix_bias`` [R, P], and inside their group). The same function as
         ``self_attend`` followed by ``attend_groups``, with fewer operator launches.
 
-        Returns ([R, P + N (S - first_query), d]: the prefix and the group tokens ``first_query:``, the prefix's
-        (keys, values) [R, H, P, dh])."""
-        R, T, d = x.shape
+        Returns ([R, P - first_prefix_query + N (S - first_query), d]: the prefix tokens ``first_prefix_query:`` and
+        the group tokens ``first_query:``, the prefix's (keys, values) [R, H, P, dh])."""
         attended, prefix_kv = _joint_attention(
-            self.attention, self.attention_norm(x), num_prefix, group_size, prefix_mask, prefix_bias, first_query
+            self.attention, self.attention_norm(x), num_prefix, group_size, prefix_mask, prefix_bias, first_query,
+            first_prefix_query,
         )
-        if first_query:
-            groups = x[:, num_prefix:].unflatten(1, (-1, group_size))[:, :, first_query:]
-            x = torch.cat([x[:, :num_prefix], groups.reshape(R, -1, d)], dim=1)
+        x = _queried_tokens(x, num_prefix, group_size, first_query, first_prefix_query)
         x = x + self.dropout(self.attention.out(attended.flatten(2)))
         return self._feed_forward(x), prefix_kv
 
     def attend_joint_template(
         self, x: Tensor, candidates: Tensor, template: Tensor, prefix_mask: Tensor, prefix_bias: Tensor,
-        first_query: int = 0,
+        first_query: int = 0, first_prefix_query: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``attend_joint`` when every group is [anchor_i, template_1, ..., template_F] (x [R, P + N (1 + F), d] the
         explicit sequence, candidates [R, N, d] the anchors, template [F, d]): the normalisation, queries, keys and
@@ -212,21 +234,18 @@ class TransformerBlock(nn.Module):
         h = self.attention_norm(torch.cat([x[:, :P], candidates, template.expand(R, F_, d)], dim=1))
         query, key, value = att.project(h).view(R, -1, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, ., dh]
         prefix_key, prefix_value = key[:, :, :P], value[:, :, :P]
-        prefix_out = F.scaled_dot_product_attention(query[:, :, :P], prefix_key, prefix_value, attn_mask=prefix_mask)
+        prefix_out = _prefix_attention(query[:, :, :P], prefix_key, prefix_value, prefix_mask, first_prefix_query)
         anchor_key, anchor_value = key[:, :, P:P + N], value[:, :, P:P + N]  # [R, H, N, dh]
         out = template_attention(
             query[:, :, P + N:], key[:, :, P + N:], value[:, :, P + N:], prefix_key, prefix_value, prefix_bias,
             anchor_key, anchor_value,
         )  # [R, H, N, F, dh]
         if first_query == 0:
-            anchor_out = prefix_group_attention(
-                query[:, :, P:P + N].unsqueeze(3), prefix_key, prefix_value, prefix_bias,
-                anchor_key.unsqueeze(3), anchor_value.unsqueeze(3),
+            anchor_out = prefix_self_attention(
+                query[:, :, P:P + N], prefix_key, prefix_value, prefix_bias, anchor_key, anchor_value
             )
-            out = torch.cat([anchor_out, out], dim=3)
-        else:
-            groups = x[:, P:].unflatten(1, (N, -1))[:, :, first_query:]
-            x = torch.cat([x[:, :P], groups.reshape(R, -1, d)], dim=1)
+            out = torch.cat([anchor_out.unsqueeze(3), out], dim=3)
+        x = _queried_tokens(x, P, 1 + F_, first_query, first_prefix_query)
         attended = torch.cat([prefix_out.transpose(1, 2), out.permute(0, 2, 3, 1, 4).flatten(1, 2)], dim=1)
         x = x + self.dropout(att.out(attended.flatten(2)))
         return self._feed_forward(x), (prefix_key, prefix_value)
@@ -246,32 +265,47 @@ class TransformerBlock(nn.Module):
         out = template_attention(att.queries(h_template), key, value, *prefix, prefix_bias, anchor_key, anchor_value)
         x = template.expand(R, N, -1, -1)
         if first_query == 0:
-            anchor_out = prefix_group_attention(
-                att.queries(h_anchor).unsqueeze(3), *prefix, prefix_bias,
-                anchor_key.unsqueeze(3), anchor_value.unsqueeze(3),
-            )
-            out = torch.cat([anchor_out, out], dim=3)
+            anchor_out = prefix_self_attention(att.queries(h_anchor), *prefix, prefix_bias, anchor_key, anchor_value)
+            out = torch.cat([anchor_out.unsqueeze(3), out], dim=3)
             x = torch.cat([anchors.unsqueeze(2), x], dim=2)
         x = x + self.dropout(att.out(att.merge_heads(out.transpose(1, 2))))
         return self._feed_forward(x)
 
 
+def _prefix_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, first_query: int) -> Tensor:
+    """The prefix's self-attention for its queries ``first_query:`` (query [R, H, P, dh], mask [R, 1, P, P])."""
+    if first_query == query.shape[2]:
+        return query[:, :, first_query:]
+    return F.scaled_dot_product_attention(query[:, :, first_query:], key, value, attn_mask=mask[:, :, first_query:])
+
+
+def _queried_tokens(x: Tensor, num_prefix: int, group_size: int, first_query: int, first_prefix_query: int) -> Tensor:
+    """x [R, P + N S, d] -> the tokens a layer updates: prefix tokens ``first_prefix_query:``, group tokens
+    ``first_query:``."""
+    if not first_query and not first_prefix_query:
+        return x
+    R, _, d = x.shape
+    groups = x[:, num_prefix:].unflatten(1, (-1, group_size))[:, :, first_query:]
+    return torch.cat([x[:, first_prefix_query:num_prefix], groups.reshape(R, -1, d)], dim=1)
+
+
 def _joint_attention(
     attention: MultiHeadAttention, h: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor,
-    prefix_bias: Tensor, first_query: int,
+    prefix_bias: Tensor, first_query: int, first_prefix_query: int = 0,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The attention of ``TransformerBlock.attend_joint`` (before the output projection): h [R, P + N S, d] normed
     tokens [prefix, G_1, ..., G_N]. The queries, keys and values of all tokens come from one projection each; the
     prefix attends to itself under ``prefix_mask``, the groups as in ``prefix_group_attention`` to this layer's prefix
-    keys / values and inside their group. Returns ([R, P + N Sq, H, dh] token-major outputs, prefix (keys, values)
+    keys / values and inside their group. Returns ([R, P - first_prefix_query + N Sq, H, dh] token-major outputs of
+    the prefix queries ``first_prefix_query:`` and the group queries ``first_query:``, prefix (keys, values)
     [R, H, P, dh])."""
     R, T, d = h.shape
     P, S, H, dh = num_prefix, group_size, attention.num_heads, attention.head_dim
     Sq = S - first_query
     query, key, value = attention.project(h).view(R, T, 3, H, dh).unbind(2)  # [R, T, H, dh] each
     prefix_key, prefix_value = key[:, :P].transpose(1, 2), value[:, :P].transpose(1, 2)  # [R, H, P, dh]
-    prefix_out = F.scaled_dot_product_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value,
-                                                attn_mask=prefix_mask)  # [R, H, P, dh]
+    prefix_out = _prefix_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value, prefix_mask,
+                                   first_prefix_query)  # [R, H, P - first_prefix_query, dh]
     group_query = query[:, P:].unflatten(1, (-1, S))[:, :, first_query:]  # [R, N, Sq, H, dh]
     group_key, group_value = key[:, P:].unflatten(1, (-1, S)), value[:, P:].unflatten(1, (-1, S))
     scaled = group_query.permute(0, 3, 1, 2, 4) * dh**-0.5  # [R, H, N, Sq, dh]
