@@ -4,6 +4,8 @@ the published numbers (benchmarks/results, BENCHMARKS.md) were made by the curre
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,8 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
             assert sig["best_baseline"] == "single_task"
             assert 0 < sig["bootstrap_auc"]["p"] <= 1 and sig["bootstrap_auc"]["clusters"] == "users"
             assert sig["t_test_auc"]["n"] == 2
+            pair = block["against_every_baseline"]["single_task"][task]  # the same comparison, by name
+            assert pair["delta_auc"] == sig["delta_auc"] and pair["bootstrap_auc"]["p"] == sig["bootstrap_auc"]["p"]
         assert set(block["negative_transfer"]) == {"onerank"}
         chosen = results["tuning"][variant]
         assert chosen["onerank[cross_task=none]"]["chosen"] == chosen["onerank"]["chosen"]
@@ -119,3 +123,18 @@ def test_paired_tests_see_a_real_difference_and_not_a_null_one():
     assert same["delta"] == 0 and same["p"] == 1.0
     t = paired_t([0.80, 0.81, 0.82], [0.70, 0.70, 0.72])
     assert t["n"] == 3 and t["p"] < 0.05 and t["mean_diff"] == pytest.approx(0.1033, abs=1e-3)
+
+
+def test_onerank_attention_benchmark_writes_its_rows(tmp_path):
+    """The issue's benchmark script keeps working: a tiny N, its JSON rows with the documented fields."""
+    out = tmp_path / "attention.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "onerank_attention.py"), "--sizes", "3", "--budget", "0.05",
+         "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["n"] == 3
+    for key in ("structured_ms", "reference_ms", "ratio", "peak_mb", "structured_e2e_ms", "reference_e2e_ms"):
+        assert row[key] > 0, key
+    assert row["ratio"] == pytest.approx(row["reference_ms"] / row["structured_ms"], rel=0.02)

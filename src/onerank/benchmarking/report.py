@@ -58,6 +58,9 @@ def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labe
             models[label] = entry
         block = {"models": models, "tasks": tasks}
         block["significance"] = _significance(results, suite, variant, models, tasks, predictions, labels)
+        block["against_every_baseline"] = _against_every_baseline(
+            results, suite, variant, models, tasks, predictions, labels
+        )
         block["negative_transfer"] = _negative_transfer(suite, models, tasks)
         summary[variant] = block
     return summary
@@ -69,45 +72,62 @@ def _baselines(suite, models: dict[str, Any]) -> list[str]:
 
 def _significance(results, suite, variant, models, tasks, predictions, labels) -> dict[str, Any]:
     """Per task: the proposed model against the baseline with the best mean test AUC (the strongest competitor)."""
-    out: dict[str, Any] = {}
     if suite.proposed not in models or "tasks" not in models[suite.proposed]:
-        return out
+        return {}
     baselines = _baselines(suite, models)
     if not baselines:
-        return out
-    proposed_runs = {r["seed"]: r for r in final_runs(results, variant, suite.proposed) if not r.get("error")}
+        return {}
+    out: dict[str, Any] = {}
     for t in tasks:
         best = max(baselines, key=lambda m: models[m]["tasks"][t]["auc"]["mean"])
-        base_runs = {r["seed"]: r for r in final_runs(results, variant, best) if not r.get("error")}
-        seeds = sorted(set(proposed_runs) & set(base_runs))
-        p_auc = models[suite.proposed]["tasks"][t]["auc"]["mean"]
-        b_auc = models[best]["tasks"][t]["auc"]["mean"]
-        entry: dict[str, Any] = {
-            "best_baseline": best,
-            "proposed_auc": p_auc,
-            "baseline_auc": b_auc,
-            "delta_auc": p_auc - b_auc,
-            "relative_gain_auc_pct": 100.0 * (p_auc - b_auc) / b_auc if b_auc else float("nan"),
-            "seeds": seeds,
-            "t_test_auc": paired_t([proposed_runs[s]["test"][t]["auc"] for s in seeds],
-                                   [base_runs[s]["test"][t]["auc"] for s in seeds]),
-        }
-        if "gauc" in models[best]["tasks"][t] and not math.isnan(models[best]["tasks"][t]["gauc"]["mean"]):
-            entry["t_test_gauc"] = paired_t([proposed_runs[s]["test"][t].get("gauc", float("nan")) for s in seeds],
-                                            [base_runs[s]["test"][t].get("gauc", float("nan")) for s in seeds])
-        keys_p = [proposed_runs[s]["key"] for s in seeds]
-        keys_b = [base_runs[s]["key"] for s in seeds]
-        data = labels.get(variant)
-        if data is not None and all(k in predictions for k in keys_p + keys_b) and seeds:
-            mask = data["mask"][t]
-            users = data["user"][mask] if data["user"] is not None else None
-            entry["bootstrap_auc"] = paired_bootstrap_auc(
-                data["labels"][t][mask], [predictions[k][t][mask] for k in keys_p],
-                [predictions[k][t][mask] for k in keys_b], clusters=users, resamples=suite.bootstrap,
-            )
-            entry["bootstrap_auc"]["clusters"] = "users" if users is not None else "impressions"
-        out[t] = entry
+        out[t] = {"best_baseline": best,
+                  **_paired_comparison(results, suite, variant, models, t, best, predictions, labels)}
     return out
+
+
+def _against_every_baseline(results, suite, variant, models, tasks, predictions, labels) -> dict[str, Any]:
+    """{baseline: {task: comparison}}: the proposed model against each baseline, not only the strongest (e.g. the
+    Transformer encoder + MoE heads, the decoupled design OneRank argues against)."""
+    if suite.proposed not in models or "tasks" not in models[suite.proposed]:
+        return {}
+    return {
+        m: {t: _paired_comparison(results, suite, variant, models, t, m, predictions, labels) for t in tasks}
+        for m in _baselines(suite, models)
+    }
+
+
+def _paired_comparison(results, suite, variant, models, task, baseline, predictions, labels) -> dict[str, Any]:
+    """The proposed model against ``baseline`` on ``task``: mean AUCs, their difference, the paired t-tests over the
+    matched seeds (AUC, GAUC) and the paired user-level bootstrap of the seed-averaged AUC difference."""
+    proposed_runs = {r["seed"]: r for r in final_runs(results, variant, suite.proposed) if not r.get("error")}
+    base_runs = {r["seed"]: r for r in final_runs(results, variant, baseline) if not r.get("error")}
+    seeds = sorted(set(proposed_runs) & set(base_runs))
+    p_auc = models[suite.proposed]["tasks"][task]["auc"]["mean"]
+    b_auc = models[baseline]["tasks"][task]["auc"]["mean"]
+    entry: dict[str, Any] = {
+        "proposed_auc": p_auc,
+        "baseline_auc": b_auc,
+        "delta_auc": p_auc - b_auc,
+        "relative_gain_auc_pct": 100.0 * (p_auc - b_auc) / b_auc if b_auc else float("nan"),
+        "seeds": seeds,
+        "t_test_auc": paired_t([proposed_runs[s]["test"][task]["auc"] for s in seeds],
+                               [base_runs[s]["test"][task]["auc"] for s in seeds]),
+    }
+    if "gauc" in models[baseline]["tasks"][task] and not math.isnan(models[baseline]["tasks"][task]["gauc"]["mean"]):
+        entry["t_test_gauc"] = paired_t([proposed_runs[s]["test"][task].get("gauc", float("nan")) for s in seeds],
+                                        [base_runs[s]["test"][task].get("gauc", float("nan")) for s in seeds])
+    keys_p = [proposed_runs[s]["key"] for s in seeds]
+    keys_b = [base_runs[s]["key"] for s in seeds]
+    data = labels.get(variant)
+    if data is not None and all(k in predictions for k in keys_p + keys_b) and seeds:
+        mask = data["mask"][task]
+        users = data["user"][mask] if data["user"] is not None else None
+        entry["bootstrap_auc"] = paired_bootstrap_auc(
+            data["labels"][task][mask], [predictions[k][task][mask] for k in keys_p],
+            [predictions[k][task][mask] for k in keys_b], clusters=users, resamples=suite.bootstrap,
+        )
+        entry["bootstrap_auc"]["clusters"] = "users" if users is not None else "impressions"
+    return entry
 
 
 def _negative_transfer(suite, models, tasks) -> dict[str, Any]:
@@ -210,6 +230,24 @@ def significance_table(block: dict, proposed: str) -> list[str]:
     return _table(header, rows)
 
 
+def pairwise_table(block: dict, proposed: str) -> list[str]:
+    """One row per baseline: the proposed model's ΔAUC on each task with the paired bootstrap p-value."""
+    pairs = block.get("against_every_baseline") or {}
+    if not pairs:
+        return []
+    tasks = block["tasks"]
+    header = ["baseline"] + [f"{t} ΔAUC (bootstrap p)" for t in tasks]
+    rows = []
+    for baseline, per_task in pairs.items():
+        row = [baseline]
+        for t in tasks:
+            c = per_task[t]
+            bp = (c.get("bootstrap_auc") or {}).get("p")
+            row.append(f"{c['delta_auc']:+.4f}" + (f" ({_p(bp)}{significance_mark(bp)})" if bp is not None else ""))
+        rows.append(row)
+    return _table(header, rows)
+
+
 def negative_transfer_table(block: dict, reference: str) -> list[str]:
     nt = block["negative_transfer"]
     if not nt:
@@ -283,6 +321,12 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str
         sig = significance_table(block, suite.proposed)
         if sig:
             out += [f"{suite.proposed} against the best baseline per task (by mean test AUC):", "", *sig, ""]
+        pairs = pairwise_table(block, suite.proposed)
+        if len(pairs) > 3:  # more than one baseline
+            clusters = next((c["bootstrap_auc"]["clusters"] for per_task in block["against_every_baseline"].values()
+                             for c in per_task.values() if c.get("bootstrap_auc")), "users")
+            out += [f"{suite.proposed} against every baseline (ΔAUC = {suite.proposed} minus baseline, mean over "
+                    f"seeds; p of the paired bootstrap over test {clusters}):", "", *pairs, ""]
         nt = negative_transfer_table(block, suite.reference)
         if nt:
             out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]

@@ -460,16 +460,13 @@ class OneRank(MultiTaskModel):
             return outputs.expand(-1, -1, len(self.tasks), -1)
         return outputs
 
-    def _reads_sd_states(self, context: ContextTokens) -> bool:
-        return context.num_sd > 0 and self.config.contextualization != "random_sd" \
-            and self.config.sd_representation == "pooled"
-
     def _first_context_output(self, context: ContextTokens) -> int:
         """The first context token whose final state is read: the SD tokens (last in the context) when s pools them,
         none otherwise. History and anchor tokens only offer keys and values, so the last layer skips their queries
         and feed-forward."""
         U = context.tokens.shape[1]
-        return U - context.num_sd if self._reads_sd_states(context) else U
+        pools_sd_states = self.config.contextualization != "random_sd" and self.config.sd_representation == "pooled"
+        return U - context.num_sd if pools_sd_states else U
 
     def _situation(self, context: ContextTokens, sd_states: Tensor) -> Tensor:
         """s of section 1.3: [R, d] (sd_states: the final SD token states, read only when s pools them)."""
