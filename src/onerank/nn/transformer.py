@@ -68,6 +68,18 @@ def attention_bias(valid: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
+def _prefix_scores(query: Tensor, prefix_key: Tensor, prefix_bias: Tensor) -> Tensor:
+    """Scaled queries [R, H, ..., dh] -> their scores to the request's prefix keys [R, H, P, dh] plus the prefix's
+    additive bias [R, P]: [R, H, ..., P], the bias folded into one batched matrix product."""
+    R, H, dh = query.shape[0], query.shape[1], query.shape[-1]
+    P = prefix_key.shape[-2]
+    scores = torch.baddbmm(
+        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
+        query.reshape(R * H, -1, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
+    )
+    return scores.view(*query.shape[:-1], P)
+
+
 def prefix_group_attention(
     query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor,
     group_key: Tensor, group_value: Tensor,
@@ -88,10 +100,7 @@ def prefix_group_attention(
     R, H, N, Sq, dh = query.shape
     P, S = prefix_key.shape[-2], group_key.shape[-2]
     query = query * dh**-0.5
-    to_prefix = torch.baddbmm(
-        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
-        query.reshape(R * H, N * Sq, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
-    ).view(R, H, N, Sq, P)
+    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, Sq, P]
     anchor_key, anchor_value = group_key[..., :1, :], group_value[..., :1, :]
     own_key, own_value = group_key[..., S - Sq:, :], group_value[..., S - Sq:, :]
     to_anchor = (query * anchor_key).sum(-1, keepdim=True)
@@ -109,13 +118,9 @@ def prefix_self_attention(
     """Tokens that attend to their request's prefix and to themselves only (a candidate token c_i): query / key /
     value [R, H, N, dh] of the N tokens, prefix_key / prefix_value [R, H, P, dh], prefix_bias [R, P] -> [R, H, N, dh].
     ``prefix_group_attention`` with groups of one token, without its in-group bookkeeping."""
-    R, H, N, dh = query.shape
-    P = prefix_key.shape[-2]
+    dh, P = query.shape[-1], prefix_key.shape[-2]
     query = query * dh**-0.5
-    to_prefix = torch.baddbmm(
-        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
-        query.reshape(R * H, N, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
-    ).view(R, H, N, P)
+    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, P]
     to_self = (query * key).sum(-1, keepdim=True)
     probs = torch.softmax(torch.cat([to_prefix, to_self], dim=-1), dim=-1)
     return torch.matmul(probs[..., :P], prefix_value) + probs[..., P:] * value
@@ -310,10 +315,7 @@ def _joint_attention(
     group_key, group_value = key[:, P:].unflatten(1, (-1, S)), value[:, P:].unflatten(1, (-1, S))
     scaled = group_query.permute(0, 3, 1, 2, 4) * dh**-0.5  # [R, H, N, Sq, dh]
     N = scaled.shape[2]
-    to_prefix = torch.baddbmm(
-        prefix_bias.view(R, 1, 1, P).expand(R, H, 1, P).reshape(R * H, 1, P),
-        scaled.reshape(R * H, N * Sq, dh), prefix_key.reshape(R * H, P, dh).transpose(1, 2),
-    ).view(R, H, N, Sq, P)
+    to_prefix = _prefix_scores(scaled, prefix_key, prefix_bias)  # [R, H, N, Sq, P]
     anchor_key = group_key[:, :, :1].permute(0, 3, 1, 2, 4)  # [R, H, N, 1, dh]
     own_key = group_key[:, :, first_query:].permute(0, 3, 1, 2, 4)  # [R, H, N, Sq, dh]
     to_anchor = (scaled * anchor_key).sum(-1, keepdim=True)  # [R, H, N, Sq, 1]
