@@ -57,10 +57,9 @@ def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labe
                     entry[field] = _nan_stats([float(r[field]) for r in ok if r.get(field) is not None])[0]
             models[label] = entry
         block = {"models": models, "tasks": tasks}
-        block["significance"] = _significance(results, suite, variant, models, tasks, predictions, labels)
-        block["against_every_baseline"] = _against_every_baseline(
-            results, suite, variant, models, tasks, predictions, labels
-        )
+        pairs = _against_every_baseline(results, suite, variant, models, tasks, predictions, labels)
+        block["significance"] = _against_the_best_baseline(models, tasks, pairs)
+        block["against_every_baseline"] = pairs
         block["negative_transfer"] = _negative_transfer(suite, models, tasks)
         summary[variant] = block
     return summary
@@ -70,18 +69,15 @@ def _baselines(suite, models: dict[str, Any]) -> list[str]:
     return [m for m, e in models.items() if m != suite.proposed and not e["ablation"] and "tasks" in e]
 
 
-def _significance(results, suite, variant, models, tasks, predictions, labels) -> dict[str, Any]:
-    """Per task: the proposed model against the baseline with the best mean test AUC (the strongest competitor)."""
-    if suite.proposed not in models or "tasks" not in models[suite.proposed]:
-        return {}
-    baselines = _baselines(suite, models)
-    if not baselines:
+def _against_the_best_baseline(models: dict[str, Any], tasks: list[str], pairs: dict[str, Any]) -> dict[str, Any]:
+    """Per task: the comparison (from ``pairs``) with the baseline of the best mean test AUC, the strongest
+    competitor."""
+    if not pairs:
         return {}
     out: dict[str, Any] = {}
     for t in tasks:
-        best = max(baselines, key=lambda m: models[m]["tasks"][t]["auc"]["mean"])
-        out[t] = {"best_baseline": best,
-                  **_paired_comparison(results, suite, variant, models, t, best, predictions, labels)}
+        best = max(pairs, key=lambda m: models[m]["tasks"][t]["auc"]["mean"])
+        out[t] = {"best_baseline": best, **pairs[best][t]}
     return out
 
 
