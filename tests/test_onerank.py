@@ -127,8 +127,10 @@ def test_structured_encoder_equals_the_reference_masked_full_attention(space, op
         r = model.encode_candidates(cache, batch)
         _, ref_context, ref_groups = reference_encode(model, batch)
         ref_r = model._task_states(ref_groups[:, :, model._first_output:])
-        joint_cache, joint_r = model.encode(batch)  # the one-pass path (training, score_pool within one chunk)
+        joint_cache, joint_r = model.encode(batch, pack=False)  # one pass (score_pool within one chunk)
+        _, packed_r = model.encode(batch, pack=True)  # ragged requests in training: one group per real candidate
     _, present = batch.list_layout()
+    assert (packed_r - ref_r)[present].abs().max() < 1e-5
     ref_sd_states = ref_context[:, ref_context.shape[1] - cache.sd_states.shape[1]:]
     pooled = model.config.sd_representation == "pooled" and model.config.contextualization != "mean_pool"
     assert cache.sd_states.shape[1] == (model.tokenizer.num_sd if pooled else 0)  # only the final states s reads

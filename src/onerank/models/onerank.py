@@ -185,6 +185,16 @@ class Tokenizer(nn.Module):
         """Item field codes of any leading shape -> [..., d] through the shared item projection."""
         return self.item_projection(self.embedding.items(codes).flatten(-2))
 
+    def distinct_items(self, sequences: list[dict[str, Tensor]]) -> list[Tensor]:
+        """``items`` of several code sets (e.g. every behaviour sequence of a batch, [R, L] each), each distinct item
+        projected once: a batch's histories repeat the same popular items (and padding) many times over."""
+        fields = self.space.item_fields
+        stacked = [torch.stack([codes[f] for f in fields], dim=-1) for codes in sequences]
+        flat = torch.cat([s.reshape(-1, len(fields)) for s in stacked])
+        distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        tokens = self.items({f: distinct[:, j] for j, f in enumerate(fields)})[inverse]
+        return [t.view(*s.shape[:-1], -1) for s, t in zip(stacked, tokens.split([s[..., 0].numel() for s in stacked]))]
+
     def situational(self, requests: Batch) -> Tensor:
         """[R, U_sd, d] SD tokens."""
         dense = self.embedding.dense_tokens(requests)[:, self.sd_dense]
@@ -197,9 +207,11 @@ class Tokenizer(nn.Module):
     def context(self, requests: Batch) -> ContextTokens:
         """The context tokens of each request, from ``request_inputs(batch)`` (one row per request)."""
         tokens, valid, blocks = [], [], []
-        for segment, seq in enumerate(self.history + self.anchors):
+        sequences = self.history + self.anchors
+        projected = self.distinct_items([requests.histories[seq] for seq in sequences]) if sequences else []
+        for segment, seq in enumerate(sequences):
             codes = requests.histories[seq]
-            items = self.items(codes) + self.behaviour.weight[self.space.sequences.index(seq)]
+            items = projected[segment] + self.behaviour.weight[self.space.sequences.index(seq)]
             present = codes[self.space.schema.item_id] != 0
             L = present.shape[1]
             recency = torch.arange(L - 1, -1, -1, device=present.device)  # left-padded: the last slot is the newest
@@ -274,6 +286,13 @@ class ContextCache:
     @property
     def num_requests(self) -> int:
         return self.valid.shape[0]
+
+    def rows(self, request: Tensor) -> "ContextCache":
+        """The cache of request ``request[b]`` for each b: one request per candidate (packed groups)."""
+        return ContextCache(
+            [(key[request], value[request]) for key, value in self.keys_values], self.valid[request],
+            self.sd_states[request], self.situation[request],
+        )
 
 
 class Encoder(nn.Module):
@@ -546,14 +565,30 @@ class OneRank(MultiTaskModel):
         slot, present = batch.list_layout()
         return context, self._groups(self.tokenizer.candidates(batch)[slot]), present
 
-    def encode(self, batch: Batch) -> tuple[ContextCache, Tensor]:
-        """Context and candidates in one pass (``Encoder.joint``; what training and ``score_pool`` of a pool within
-        one chunk run): (the requests' ContextCache, r [R, N, K, d]). The same as ``encode_context`` followed by
-        ``encode_candidates``, with the token-wise work of context and groups done in shared operator calls."""
+    def encode(self, batch: Batch, pack: bool | None = None) -> tuple[ContextCache, Tensor]:
+        """Context and candidates (what training and ``score_pool`` of a pool within one chunk run): (the requests'
+        ContextCache, r [R, N, K, d]). The same as ``encode_context`` followed by ``encode_candidates``.
+
+        Requests of one size (a serving pool, the synthetic lists) run in one pass (``Encoder.joint``, the token-wise
+        work of context and groups in shared operator calls). Ragged requests are packed (``pack`` None: when
+        padding to the largest request would add more than a quarter of the candidates): the context is encoded
+        once per request, then every candidate's group against its own request's keys / values, so no group is
+        computed for a padded slot (KuaiRand: one request of 20 among 900 of one would pad 18,000 groups)."""
         if self.config.attention == "full":
             raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
-        context, groups, _ = self.tokens(batch)
-        return self.encode_tokens(context, groups)
+        slot, present = batch.list_layout()
+        if pack is None:
+            pack = present.numel() * 4 > batch.size * 5  # shapes only: the same choice when a graph is traced
+        if not pack:
+            context, groups, _ = self.tokens(batch)
+            return self.encode_tokens(context, groups)
+        cache = self.encode_context(batch)
+        request = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)[present]
+        row_request = torch.empty_like(request).index_put_((slot[present],), request)  # request of each row
+        candidates, template = self.tokenizer.candidates(batch)[:, None], self._shared_followers()
+        inputs = candidates if template is not None else self._groups(candidates)
+        states = self.encoder.groups(inputs, template, cache.rows(row_request), self._first_output)  # [B, 1, S', d]
+        return cache, self._task_states(states)[:, 0][slot]
 
     def encode_tokens(self, context: ContextTokens, groups: Tensor) -> tuple[ContextCache, Tensor]:
         """``encode`` from the encoder's input (``tokens``): the structured encoder alone."""
