@@ -258,3 +258,26 @@ def test_cli_fuse_fits_on_a_synthetic_checkpoint_and_refuses_to_overwrite(tmp_pa
     assert fusion_file.read_bytes() == before
     assert main(["fuse", "--checkpoint", checkpoint, "--value", "watch_time", *cache, "--overwrite"]) == 2
     assert "unknown value 'watch_time'" in capsys.readouterr().err
+
+
+def test_value_columns_are_carried_row_aligned_and_checked():
+    import dataclasses
+
+    from conftest import tiny_raw
+    from onerank.data import Schema
+    from onerank.data.dataset import encode_dataset
+    from onerank.data.schema import SchemaError
+
+    raw = tiny_raw(50)
+    raw.schema = dataclasses.replace(raw.schema, values=["price"])
+    encoded = encode_dataset(raw)
+    for split in ("valid", "test"):
+        table = getattr(raw, split).table
+        enc = encoded.split(split)
+        # rows are reordered by request when encoded: compare as multisets per request-free key (item, user, price)
+        assert sorted(enc.values["price"].tolist()) == sorted(table["price"].astype(float).tolist())
+    assert Schema.from_dict(raw.schema.to_dict()).values == ["price"]
+    assert "values" not in tiny_raw(50).schema.to_dict()  # schemas without values keep their old form (cache keys)
+    raw.schema = dataclasses.replace(raw.schema, values=["watch_seconds"])
+    with pytest.raises(SchemaError, match="missing column 'watch_seconds' \\(value column\\)"):
+        encode_dataset(raw)
