@@ -221,7 +221,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     )
     report = api.fuse(args.checkpoint, settings, out_dir=args.out, fusion_path=args.fusion_file,
                       overwrite=args.overwrite, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    print(f"value {report['value']}, test split ({report['rows']['test']} rows, {report['rows']['test_users']} users); "
+    print(f"value {report['value']}, test split ({report['rows']['test']} rows, {report['rows']['test_users']} users, "
+          f"{report['rows']['test_users_ranked']} with values to rank); "
           f"fitted on validation, served: {report['chosen']}")
     print(format_report(report))
     print(f"wrote {report['fusion_file']} and {Path(report['figures']['pareto']).parent}/"

@@ -160,7 +160,8 @@ def fuse_predictions(valid: SplitData, test: SplitData, kinds: dict[str, str], s
         "valid": on_valid, "test": test_report,
         "fusions": {name: f.to_dict() for name, f in candidates.items()},
         "rows": {"valid": int(len(valid.users)), "test": int(len(test.users)),
-                 "test_users": int(ranking.grouping.num_groups)},
+                 "test_users": int(ranking.grouping.num_groups),
+                 "test_users_ranked": int(ranking.rankable.sum())},  # users with at least two distinct values
         "bootstrap": {"resamples": settings.bootstrap, "unit": "user", "seed": settings.seed},
     }
     fitted = FittedFusion(checkpoint_sha256, calibration, searches[chosen].fusion, info={
