@@ -281,3 +281,17 @@ def test_value_columns_are_carried_row_aligned_and_checked():
     raw.schema = dataclasses.replace(raw.schema, values=["watch_seconds"])
     with pytest.raises(SchemaError, match="missing column 'watch_seconds' \\(value column\\)"):
         encode_dataset(raw)
+
+
+def test_the_form_is_chosen_on_validation_users_held_out_from_its_fit():
+    valid = funnel_split(300, 0)
+    fit_part, select_part = valid.by_users(0.3, seed=0)
+    assert not set(fit_part.users) & set(select_part.users)
+    assert len(set(select_part.users)) == 90 and len(fit_part.users) + len(select_part.users) == len(valid.users)
+    settings = FuseSettings(value="watch", budget=60, bootstrap=20, forms=("weighted_sum", "monotone"))
+    fitted, report = fuse_predictions(valid, funnel_split(100, 1), KINDS, settings, "sha")
+    held_out = report["selection"]["objective"]
+    assert report["selection"]["held_out_user_fraction"] == 0.3 and set(held_out) == {"weighted_sum", "monotone"}
+    assert report["chosen"] == "fitted " + max(held_out, key=held_out.get) == "fitted " + fitted.info["form"]
+    # the served fusion is the chosen form fitted again on every validation row
+    assert fitted.fusion.to_dict() == report["fusions"][report["chosen"]]

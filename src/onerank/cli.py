@@ -218,6 +218,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         auc_tolerance=None if args.auc_tolerance < 0 else args.auc_tolerance,
         auc_weights={k: float(v) for k, v in _key_values(args.auc_weight, "--auc-weight").items()} or None,
         budget=args.budget, hidden=args.hidden, seed=args.seed, bootstrap=args.bootstrap,
+        select_fraction=args.select_fraction,
     )
     report = api.fuse(args.checkpoint, settings, out_dir=args.out, fusion_path=args.fusion_file,
                       overwrite=args.overwrite, data_dir=args.data_dir, cache_dir=args.cache_dir)
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objective += W * GAUC of the fused score on TASK (repeatable)")
     p.add_argument("--budget", type=int, default=600, help="CMA-ES evaluations per form")
     p.add_argument("--hidden", type=int, default=4, help="hidden units of the monotone fusion")
+    p.add_argument("--select-fraction", type=float, default=0.3, help="share of validation users held out from the "
+                   "fit to choose the form (0: choose by the fit's own objective)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=1000, help="user resamples for the test intervals")
     p.add_argument("--out", help="report folder (default: CHECKPOINT_DIR/fusion)")

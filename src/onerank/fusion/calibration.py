@@ -79,7 +79,13 @@ class Calibration:
     @classmethod
     def fit(cls, method: Method, labels: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> "Calibration":
         """``labels`` / ``probs``: per binary task, its valid rows of the validation split."""
-        return cls({t: TaskCalibration.fit(method, labels[t], probs[t]) for t in probs})
+        fitted = {}
+        for t in probs:
+            try:
+                fitted[t] = TaskCalibration.fit(method, labels[t], probs[t])
+            except ValueError as exc:
+                raise ValueError(f"task {t!r}: {exc}") from None
+        return cls(fitted)
 
     def to_dict(self) -> dict[str, Any]:
         return {t: c.to_dict() for t, c in self.tasks.items()}

@@ -39,6 +39,18 @@ class SplitData:
             if len(arr) != n:
                 raise ValueError(f"{name}: {len(arr)} rows, the split has {n}")
 
+    def rows(self, keep: np.ndarray) -> "SplitData":
+        pick = lambda d: {t: v[keep] for t, v in d.items()}  # noqa: E731
+        return SplitData(pick(self.predictions), pick(self.labels), pick(self.masks), self.users[keep],
+                         self.value[keep])
+
+    def by_users(self, fraction: float, seed: int) -> tuple["SplitData", "SplitData"]:
+        """Two parts with disjoint users: ``1 - fraction`` of them, and ``fraction`` (a seeded draw)."""
+        users = np.unique(self.users)
+        chosen = np.random.default_rng(seed).permutation(users)[: int(round(fraction * len(users)))]
+        second = np.isin(self.users, chosen)
+        return self.rows(~second), self.rows(second)
+
 
 @dataclass
 class FuseSettings:
@@ -50,6 +62,7 @@ class FuseSettings:
     auc_tolerance: float | None = 0.05  # floor per task: its own prediction's validation GAUC minus this
     auc_weights: dict[str, float] | None = None  # objective += sum_t w_t * GAUC_t of the fused score
     budget: int = 600  # CMA-ES evaluations per form
+    select_fraction: float = 0.3  # validation users held out to choose the form (0: choose on the fit itself)
     hidden: int = 4  # hidden units of the monotone fusion
     seed: int = 0
     bootstrap: int = 1000  # user resamples for the test intervals
@@ -67,6 +80,8 @@ class FuseSettings:
             raise ValueError(f"fusion needs at least two tasks, got {self.tasks}")
         if self.k < 1 or self.budget < 1 or self.hidden < 1 or self.bootstrap < 1:
             raise ValueError("k, budget, hidden and bootstrap must be >= 1")
+        if not 0 <= self.select_fraction < 1:
+            raise ValueError(f"select_fraction must be in [0, 1), got {self.select_fraction}")
 
 
 def _masked(split: SplitData, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -104,10 +119,21 @@ def _test_figures(fusion: AnyFusion, test: SplitData, ranking: ValueRanking, bin
     return ranking.ndcg(scores), ranking.gauc(scores), per_task
 
 
+def _objective(split: SplitData, tasks: list[str], binary: list[str], settings: FuseSettings):
+    """The fit objective on ``split``'s rows, with the GAUC floors from the tasks' own predictions there."""
+    task_gauc = {t: TaskGAUC(split.users, split.labels[t], split.masks[t]) for t in binary}
+    own = {t: task_gauc[t](split.predictions[t]).mean() for t in binary}
+    floors = {} if settings.auc_tolerance is None else {t: own[t] - settings.auc_tolerance for t in tasks
+                                                            if t in binary}
+    objective = Objective(ValueRanking(split.users, split.value, settings.k), task_gauc,
+                          dict(settings.auc_weights or {}), floors)
+    return objective, own, floors
+
+
 def fuse_predictions(valid: SplitData, test: SplitData, kinds: dict[str, str], settings: FuseSettings,
                      checkpoint_sha256: str, figures_dir: str | Path | None = None) -> tuple[FittedFusion, dict]:
-    """Fit calibration and every requested fusion form on ``valid``; choose the form by its validation objective;
-    report every form, uniform weights and each single task on ``test``. Returns the fusion file's content and the
+    """Fit calibration and every requested fusion form on ``valid``; choose the form on validation users held out
+    from its fit (``select_fraction``), then fit it on all of ``valid``; report every form, uniform weights and each single task on ``test``. Returns the fusion file's content and the
     report."""
     all_tasks = list(kinds)
     settings.check(all_tasks)
@@ -119,18 +145,26 @@ def fuse_predictions(valid: SplitData, test: SplitData, kinds: dict[str, str], s
         valid = SplitData(calibration(valid.predictions), valid.labels, valid.masks, valid.users, valid.value)
         test = SplitData(calibration(test.predictions), test.labels, test.masks, test.users, test.value)
 
-    valid_gauc = {t: TaskGAUC(valid.users, valid.labels[t], valid.masks[t]) for t in binary}
-    own = {t: valid_gauc[t](valid.predictions[t]).mean() for t in binary}
-    floors = {} if settings.auc_tolerance is None else {t: own[t] - settings.auc_tolerance for t in tasks
-                                                            if t in binary}
-    objective = Objective(ValueRanking(valid.users, valid.value, settings.k), valid_gauc,
-                          dict(settings.auc_weights or {}), floors)
-
+    objective, own, floors = _objective(valid, tasks, binary, settings)
     baselines: dict[str, AnyFusion] = {"uniform": Fusion("weighted_sum", {t: 1.0 for t in tasks})}
     baselines.update({f"only {t}": Fusion("weighted_sum", {t: 1.0}) for t in tasks})
-    searches = {form: fit_fusion(form, valid.predictions, kinds, tasks, objective, settings.budget, settings.seed,
-                                 settings.hidden) for form in settings.forms}
-    chosen = max(searches, key=lambda f: searches[f].best["objective"])
+
+    def fit(form: str, split: SplitData, objective: Objective):
+        return fit_fusion(form, split.predictions, kinds, tasks, objective, settings.budget, settings.seed,
+                          settings.hidden)
+
+    selection = None
+    if len(settings.forms) > 1 and settings.select_fraction > 0:
+        # A richer form always fits its own rows at least as well; it is chosen only if it also does better on
+        # validation users it was not fitted on. The chosen form is then fitted again on every validation row.
+        fit_part, select_part = valid.by_users(settings.select_fraction, settings.seed)
+        fit_objective, select_objective = (_objective(part, tasks, binary, settings)[0]
+                                           for part in (fit_part, select_part))
+        selection = {form: select_objective.evaluate(fit(form, fit_part, fit_objective).fusion(
+            select_part.predictions)) for form in settings.forms}
+    searches = {form: fit(form, valid, objective) for form in settings.forms}
+    form_scores = selection or {f: s.best for f, s in searches.items()}
+    chosen = max(form_scores, key=lambda f: form_scores[f]["objective"])
     candidates = {**baselines, **{f"fitted {f}": s.fusion for f, s in searches.items()}}
     on_valid = {name: objective.evaluate(f(valid.predictions)) for name, f in candidates.items()}
 
@@ -156,6 +190,8 @@ def fuse_predictions(valid: SplitData, test: SplitData, kinds: dict[str, str], s
         "calibration_ece_test": {t: {m: r["ece"] for m, r in calibration_report[t].items()} for t in binary},
         "auc_floors_valid": floors, "own_gauc_valid": own, "auc_weights": dict(settings.auc_weights or {}),
         "chosen": f"fitted {chosen}", "budget": settings.budget,
+        "selection": {"held_out_user_fraction": settings.select_fraction if selection else 0.0,
+                      "objective": {f: r["objective"] for f, r in form_scores.items()}},
         "evaluations": {f: s.evaluations for f, s in searches.items()},
         "valid": on_valid, "test": test_report,
         "fusions": {name: f.to_dict() for name, f in candidates.items()},
@@ -167,6 +203,7 @@ def fuse_predictions(valid: SplitData, test: SplitData, kinds: dict[str, str], s
     fitted = FittedFusion(checkpoint_sha256, calibration, searches[chosen].fusion, info={
         "value": settings.value, "k": settings.k, "form": chosen, "fitted_on": "valid",
         "calibration_method": settings.calibration, "auc_tolerance": settings.auc_tolerance,
+        "selection": "held-out validation users" if selection else "validation objective",
         "valid_objective": searches[chosen].best, "test_ndcg": test_report[f"fitted {chosen}"]["ndcg"]["value"],
     })
     if figures_dir is not None:
