@@ -226,13 +226,18 @@ def test_monotone_fitted_fusion_is_served(fitted_checkpoint):
 
 
 def test_torchscript_export_carries_the_fusion_file(fitted_checkpoint):
-    from onerank.serving.export import export_checkpoint, load_torchscript  # noqa: F401
+    import warnings
+
     import torch
+
+    from onerank.serving.export import export_checkpoint
 
     path, fitted = fitted_checkpoint
     report = export_checkpoint(path, "torchscript")
     files = {"onerank.json": ""}
-    torch.jit.load(str(report.path), _extra_files=files)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in torch 2.13, still supported
+        torch.jit.load(str(report.path), _extra_files=files)
     carried = json.loads(json.loads(files["onerank.json"])["onerank.fusion"])
     assert carried == json.loads(json.dumps(fitted.to_dict()))
 
