@@ -124,8 +124,9 @@ def serve(
     max_body_bytes: int = 8 * 2**20,
     workers: int = 2,
     threads: int | None = None,
+    fusion_file: str | Path | bool | None = None,
 ) -> None:
-    """Load the checkpoint and serve it with uvicorn until interrupted."""
+    """Load the checkpoint (with its fusion file, see ``Ranker``) and serve it with uvicorn until interrupted."""
     import uvicorn
 
     if workers < 1:
@@ -133,7 +134,8 @@ def serve(
     # Concurrent inferences share the cores: by default each gets its share rather than all of them.
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     ranker = Ranker(checkpoint, backend=backend, onnx_path=onnx_path, fusion=fusion, chunk_size=chunk_size,
-                    limits=RequestLimits(max_candidates, max_history), threads=threads)
+                    limits=RequestLimits(max_candidates, max_history), threads=threads,
+                    fusion_file=fusion_file)
     app = create_app(ranker, workers=workers, max_body_bytes=int(max_body_bytes))
     log.info("serving %s (%s, version %s) on http://%s:%d", ranker.model_name, backend, ranker.version, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

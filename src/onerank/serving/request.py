@@ -96,7 +96,8 @@ class RankResponse(BaseModel):
     model: str
     version: str
     tasks: list[str]
-    fusion: FusionSpec
+    fusion: dict[str, Any] = Field(description="the fusion used: its kind and parameters (a FusionSpec, or a fitted "
+                                               "monotone fusion's network)")
     num_candidates: int
     ranking: list[RankedCandidate]
 
