@@ -1,14 +1,18 @@
 """The serving fast path against its plain reference: the fused CPU prefix attention (``prefix_attention`` +
 ``merge_extra_keys``, taken without gradients) equals the explicit softmax over [prefix, in-group keys] (taken with
 gradients, and by training and export), also for a request whose prefix has no valid key; OneRank's ranking path
-(inference mode, context once, chunks) equals the explicit path end to end."""
+(inference mode, context once, chunks) equals the explicit path end to end; bf16 stays close to fp32; ``device``
+gives a one-line error where the GPU asked for is absent (and, on a machine with one, the same scores as the CPU)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from onerank import api
 from onerank.nn.transformer import attention_bias, prefix_group_attention, prefix_self_attention
+from onerank.serving import Ranker
 
 
 def _inputs(seed: int, R=3, H=2, N=5, S=4, P=7, dh=8):
@@ -40,3 +44,59 @@ def test_fused_self_attention_equals_the_explicit_softmax():
         fused = prefix_self_attention(query, prefix_key, prefix_value, bias, key, value)
     assert torch.isfinite(fused).all()
     assert (fused - explicit).abs().max() < 1e-5
+
+
+def _pool_batch(ranker: Ranker, n: int):
+    return ranker.encode(ranker.example_request(n)).to_batch(ranker.backend.item_table, "item_id")
+
+
+def test_the_rankers_path_equals_the_explicit_path_end_to_end(tiny_checkpoint):
+    """The ranker (inference mode: fused attention, context once, chunks of 64) against the model's training path
+    (gradients on: explicit softmax, one pass) on a pool of 300 candidates."""
+    checkpoint = tiny_checkpoint("onerank")
+    ranker = Ranker(checkpoint, chunk_size=64)
+    request = ranker.example_request(300)
+    served = ranker.predict(request)
+    model, _ = api.load_checkpoint(checkpoint)
+    with torch.enable_grad():
+        reference = model(_pool_batch(ranker, 300))
+    for task in ranker.tasks:
+        np.testing.assert_allclose(served[task], torch.sigmoid(reference[task]).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["onerank", "mmoe"])
+def test_bf16_predictions_stay_close_to_fp32(name, tiny_checkpoint):
+    checkpoint = tiny_checkpoint(name)
+    fp32, bf16 = Ranker(checkpoint, chunk_size=64), Ranker(checkpoint, chunk_size=64, precision="bf16")
+    request = fp32.example_request(200)
+    a, b = fp32.predict(request), bf16.predict(request)
+    for task in fp32.tasks:
+        assert np.abs(a[task] - b[task]).max() < 0.02  # bf16 keeps 8 bits of mantissa: ~0.4% relative per product
+        assert not np.array_equal(a[task], b[task])  # bf16 did run
+    assert bf16.describe()["precision"] == "bf16"
+
+
+def test_bf16_is_refused_for_onnx_and_unknown_precisions(tiny_checkpoint):
+    with pytest.raises(ValueError, match="torch backend"):
+        Ranker(tiny_checkpoint("mmoe"), backend="onnx", precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        Ranker(tiny_checkpoint("mmoe"), precision="fp16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is present")
+def test_cuda_without_a_gpu_is_a_one_line_error(tiny_checkpoint):
+    with pytest.raises(ValueError, match="no CUDA GPU") as info:
+        Ranker(tiny_checkpoint("mmoe"), device="cuda")
+    assert "\n" not in str(info.value) and "--device cpu" in str(info.value)
+    with pytest.raises(ValueError, match="cpu' or 'cuda"):
+        Ranker(tiny_checkpoint("mmoe"), device="mps")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["onerank", "mmoe"])
+def test_cuda_scores_equal_the_cpu(name, tiny_checkpoint):
+    cpu, gpu = Ranker(tiny_checkpoint(name)), Ranker(tiny_checkpoint(name), device="cuda")
+    request = cpu.example_request(500)
+    a, b = cpu.predict(request), gpu.predict(request)
+    for task in cpu.tasks:
+        np.testing.assert_allclose(a[task], b[task], atol=1e-4)
