@@ -1,16 +1,21 @@
 """The serving fast path against its plain reference: the fused CPU prefix attention (``prefix_attention`` +
 ``merge_extra_keys``, taken without gradients) equals the explicit softmax over [prefix, in-group keys] (taken with
 gradients, and by training and export), also for a request whose prefix has no valid key; OneRank's ranking path
-(inference mode, context once, chunks) equals the explicit path end to end; bf16 stays close to fp32; ``device``
+(inference mode, context once, chunks) equals the explicit path end to end; the DNN encoder's target attention
+over one history shared by a pool equals the per-row attention; bf16 stays close to fp32; ``device``
 gives a one-line error where the GPU asked for is absent (and, on a machine with one, the same scores as the CPU)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from onerank import api
+from onerank.models.encoders import shares_one_history
+from onerank.nn.attention import TargetAttention
 from onerank.nn.transformer import attention_bias, prefix_group_attention, prefix_self_attention
 from onerank.serving import Ranker
 
@@ -100,3 +105,31 @@ def test_cuda_scores_equal_the_cpu(name, tiny_checkpoint):
     a, b = cpu.predict(request), gpu.predict(request)
     for task in cpu.tasks:
         np.testing.assert_allclose(a[task], b[task], atol=1e-4)
+
+
+@pytest.mark.parametrize("valid", [[1, 1, 0, 1, 0, 1, 1], [0] * 7])  # padded slots; an empty history
+def test_target_attention_over_one_shared_history_equals_the_per_row_attention(valid):
+    torch.manual_seed(0)
+    attention = TargetAttention(12, (8, 4)).eval()
+    target, keys = torch.randn(9, 12), torch.randn(7, 12)
+    mask = torch.tensor(valid, dtype=torch.bool)
+    per_row = attention(target, keys.expand(9, -1, -1), mask.expand(9, -1))
+    shared = attention(target, keys, mask)
+    assert (shared - per_row).abs().max() < 1e-5
+    if not any(valid):
+        assert shared.abs().max() == 0
+
+
+def test_a_pool_sharing_one_history_scores_as_its_rows_one_by_one(tiny_checkpoint):
+    """The ranker's pool broadcasts one history over the candidates (stride 0): the DNN encoder embeds and attends to
+    it once (``shares_one_history``); a contiguous copy of the same batch takes the per-row path."""
+    ranker = Ranker(tiny_checkpoint("mmoe"))
+    batch = _pool_batch(ranker, 50)
+    assert shares_one_history(batch.histories["clicked"])
+    copied = dataclasses.replace(batch, histories={s: {k: v.contiguous() for k, v in codes.items()}
+                                                   for s, codes in batch.histories.items()})
+    assert not shares_one_history(copied.histories["clicked"])
+    with torch.no_grad():
+        shared, per_row = ranker.backend.model(batch), ranker.backend.model(copied)
+    for task in ranker.tasks:
+        assert (shared[task] - per_row[task]).abs().max() < 1e-5
