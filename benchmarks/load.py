@@ -8,7 +8,9 @@ the service is stopped (SIGTERM, then drained) at the end; about 4 minutes in al
 2. ``onerank serve --workers 2 --threads 1 --max-queue 8``: 2 requests scored at once, 8 waiting, the rest get 503.
 3. Levels of 1, 8, 32 and 128 concurrent clients (httpx, one asyncio loop) sending the same request (``--candidates``
    candidates, two 50-item histories). A client that gets 503 waits the Retry-After seconds, as a well-behaved client
-   does, then sends again. Reported per level: answers per second (200s), p50 / p99 latency of the 200s, the share of
+   does, then sends again. Reported per level: answers per second (200s), p50 / p99 latency of the 200s as the
+   clients see it, the same inside the server (from its /metrics histogram: receipt of the request to the end of
+   the answer; the clients' figure adds the load generator's own scheduling, which shares the cores), the share of
    503s, other errors (must be 0).
 4. Soak: ``--soak-requests`` more requests from 8 clients; the server's resident memory (VmRSS of /proc/PID/status)
    is read when it is ready, after every level and after the soak: its growth across the soak must stay small.
@@ -49,6 +51,34 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def rank_latency_buckets(url: str) -> dict[float, float]:
+    """The server's cumulative histogram of answered-200 ``/rank`` latencies: upper bound (s) -> count."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {float(s.labels["le"]): s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "onerank_request_duration_seconds_bucket" and s.labels.get("endpoint") == "/rank"
+            and s.labels.get("status") == "200"}
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Quantile q (ms) of the observations between two scrapes, interpolated inside its bucket as Prometheus'
+    histogram_quantile does (the +Inf bucket answers with the last finite bound)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts):
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            return (lower + (bound - lower) * (rank - below) / max(cumulative - below, 1e-12)) * 1000
+        lower, below = bound, cumulative
+    return lower * 1000
 
 
 def start_service(checkpoint: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
@@ -123,7 +153,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time limit of each level")
     parser.add_argument("--requests", type=int, default=3000, help="request limit of each level")
     parser.add_argument("--soak-requests", type=int, default=10_000)
-    parser.add_argument("--soak-seconds", type=float, default=150.0, help="time limit of the soak")
+    parser.add_argument("--soak-seconds", type=float, default=180.0, help="time limit of the soak")
     parser.add_argument("--workers", type=int, default=2, help="the service's inference threads")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per inference")
     parser.add_argument("--max-queue", type=int, default=8, help="requests waiting for a worker before 503s")
@@ -143,11 +173,16 @@ def main() -> None:
     levels = []
     try:
         for clients in LEVELS:
+            before = rank_latency_buckets(url)
             row = asyncio.run(run_level(url, body, clients, args.requests, args.seconds))
+            after = rank_latency_buckets(url)
+            row["server_p50_ms"] = histogram_quantile(0.5, before, after)
+            row["server_p99_ms"] = histogram_quantile(0.99, before, after)
             levels.append(row)
             memory[f"after {clients} clients"] = rss_mib(process.pid)
             print(f"  {clients:3d} clients: {row['ok_per_s']:7.1f} answers/s, p50 {row['p50_ms'] or 0:7.1f} ms, "
-                  f"p99 {row['p99_ms'] or 0:7.1f} ms, 503 share {row['share_503']:.1%}, errors {row['errors']}",
+                  f"p99 {row['p99_ms'] or 0:7.1f} ms (server {row['server_p50_ms'] or 0:.1f} / "
+                  f"{row['server_p99_ms'] or 0:.1f} ms), 503 share {row['share_503']:.1%}, errors {row['errors']}",
                   flush=True)
         before_soak = rss_mib(process.pid)
         soak = asyncio.run(run_level(url, body, 8, args.soak_requests, args.soak_seconds))
@@ -165,10 +200,11 @@ def main() -> None:
                f"(5 min); the load generator shares the cores with the service")
     print(f"\nHTTP load test ({machine}): onerank, {args.candidates} candidates + two 50-item histories per request, "
           f"{args.workers} workers x {args.threads} thread, capacity {args.workers + args.max_queue} in flight")
-    print("clients  requests  answers/s  p50 ms  p99 ms  503 share  errors")
+    print("clients  requests  answers/s  p50 ms  p99 ms  server p50 ms  server p99 ms  503 share  errors")
     for r in levels:
         print(f"{r['clients']:7d}  {r['requests']:8d}  {r['ok_per_s']:9.1f}  {r['p50_ms'] or 0:6.1f}  "
-              f"{r['p99_ms'] or 0:6.1f}  {r['share_503']:9.1%}  {r['errors']:6d}")
+              f"{r['p99_ms'] or 0:6.1f}  {r['server_p50_ms'] or 0:13.1f}  {r['server_p99_ms'] or 0:13.1f}  "
+              f"{r['share_503']:9.1%}  {r['errors']:6d}")
     growth = after_soak - before_soak
     print(f"server RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items())
           + f"; growth across the soak of {soak['requests']} requests: {growth:+.1f} MiB")

@@ -157,9 +157,11 @@ def create_app(
     async def model() -> ModelDescription:
         return description
 
-    def respond(request: RankRequest) -> dict[str, Any]:
+    def respond(request: RankRequest) -> JSONResponse:
         with metrics.inference.time():
-            return ranker.respond(request)
+            body = ranker.respond(request)
+        # rendered here, in the worker thread: JSON of a long ranking would otherwise hold up the event loop
+        return JSONResponse(body)
 
     @app.post("/rank", response_model=RankResponse,
               responses={413: {"description": "request past the limits"}, 422: {"description": "invalid request"},
@@ -167,8 +169,7 @@ def create_app(
     async def rank(request: RankRequest) -> JSONResponse:
         metrics.candidates.observe(len(request.candidates))
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(executor, respond, request)
-        return JSONResponse(body)
+        return await loop.run_in_executor(executor, respond, request)
 
     return app
 
@@ -209,7 +210,7 @@ def serve(
     threads = threads or max(1, (os.cpu_count() or 1) // (workers * processes))
     options = {
         "checkpoint": str(checkpoint), "backend": backend, "onnx_path": str(onnx_path) if onnx_path else None,
-        "fusion": fusion.to_dict() if fusion else None, "chunk_size": chunk_size, "max_candidates": max_candidates,
+        "fusion": {"kind": fusion.kind, "weights": fusion.weights} if fusion else None, "chunk_size": chunk_size, "max_candidates": max_candidates,
         "max_history": max_history, "threads": threads, "device": device, "precision": precision,
         "workers": workers, "max_body_bytes": int(max_body_bytes), "max_queue": max_queue,
         "retry_after_s": retry_after_s,

@@ -32,8 +32,8 @@ class ServiceMetrics:
         self.requests = Counter("onerank_requests", "HTTP requests answered, by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("onerank_request_duration_seconds",
-                                 "time from receiving a request to the end of its answer, by endpoint", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+                                 "time from receiving a request to the end of its answer, by endpoint and status",
+                                 ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("onerank_inference_duration_seconds",
                                    "encoding, model, fusion and sorting of one /rank request (in a worker thread)",
                                    buckets=LATENCY_BUCKETS, registry=r)
@@ -126,4 +126,4 @@ class Operations:
                 self.admission.release()
                 self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(endpoint, str(status)).observe(time.perf_counter() - start)
