@@ -29,24 +29,26 @@ def _inputs(seed: int, R=3, H=2, N=5, S=4, P=7, dh=8):
         randn(R, H, N, S, dh), randn(R, H, N, S, dh)
 
 
-@pytest.mark.parametrize("first_query", [0, 1])
-def test_fused_group_attention_equals_the_explicit_softmax(first_query):
+def _group_inputs(first_query: int) -> tuple:
     query, prefix_key, prefix_value, bias, group_key, group_value = _inputs(0)
-    query = query[:, :, :, first_query:]
+    return query[:, :, :, first_query:], prefix_key, prefix_value, bias, group_key, group_value
+
+
+def _self_inputs() -> tuple:
+    return tuple(t[:, :, :, 0] if t.dim() == 5 else t for t in _inputs(1))  # groups of one token
+
+
+@pytest.mark.parametrize("attention, inputs", [
+    (prefix_group_attention, lambda: _group_inputs(0)),
+    (prefix_group_attention, lambda: _group_inputs(1)),  # the last layer: the anchor's query is skipped
+    (prefix_self_attention, _self_inputs),
+])
+def test_fused_prefix_attention_equals_the_explicit_softmax(attention, inputs):
+    args = inputs()
     with torch.enable_grad():
-        explicit = prefix_group_attention(query, prefix_key, prefix_value, bias, group_key, group_value)
+        explicit = attention(*args)
     with torch.inference_mode():
-        fused = prefix_group_attention(query, prefix_key, prefix_value, bias, group_key, group_value)
-    assert torch.isfinite(fused).all()
-    assert (fused - explicit).abs().max() < 1e-5
-
-
-def test_fused_self_attention_equals_the_explicit_softmax():
-    query, prefix_key, prefix_value, bias, key, value = (t[:, :, :, 0] if t.dim() == 5 else t for t in _inputs(1))
-    with torch.enable_grad():
-        explicit = prefix_self_attention(query, prefix_key, prefix_value, bias, key, value)
-    with torch.no_grad():
-        fused = prefix_self_attention(query, prefix_key, prefix_value, bias, key, value)
+        fused = attention(*args)
     assert torch.isfinite(fused).all()
     assert (fused - explicit).abs().max() < 1e-5
 
