@@ -219,8 +219,11 @@ def serve(
         # uvicorn's worker processes import the app: the options travel in the environment
         os.environ[SERVE_OPTIONS_ENV] = json.dumps(options)
         log.info("serving %s with %d processes on http://%s:%d", checkpoint, processes, host, port)
+        # uvicorn pings each worker and replaces one that does not answer in time: loading PyTorch and the model
+        # and the warm-up keep a worker busy for seconds on a busy machine, longer than uvicorn's default 5 s
         uvicorn.run("onerank.serving.app:app_from_environment", factory=True, host=host, port=port,
-                    workers=processes, timeout_graceful_shutdown=graceful_timeout_s, log_level="info")
+                    workers=processes, timeout_graceful_shutdown=graceful_timeout_s, log_level="info",
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
         return
     app = _app_from_options(options)
     ranker = app.state.ranker
@@ -231,6 +234,7 @@ def serve(
 
 
 SERVE_OPTIONS_ENV = "ONERANK_SERVE_OPTIONS"
+WORKER_HEALTHCHECK_S = 120
 
 
 def _app_from_options(options: dict[str, Any]) -> FastAPI:
