@@ -193,6 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fusion=_fusion(args), chunk_size=args.chunk_size, max_candidates=args.max_candidates,
         max_history=args.max_history, max_body_bytes=args.max_body_mb * 2**20, workers=args.workers,
         threads=args.threads, fusion_file=False if args.no_fusion_file else args.fusion_file,
+        max_queue=args.max_queue, retry_after_s=args.retry_after,
+        graceful_timeout_s=args.graceful_timeout, device=args.device, precision=args.precision,
+        processes=args.processes,
     )
     return 0
 
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, GET /healthz")
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, /healthz, /readyz, /metrics")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -301,7 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
     p.add_argument("--workers", type=int, default=2, help="inference threads (requests scored at once)")
     p.add_argument("--threads", type=int,
-                   help="intra-op threads per inference (default: the cores divided by the workers)")
+                   help="intra-op threads per inference (default: the cores divided by workers x processes)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait for a worker; past workers + max-queue in flight: 503 + Retry-After")
+    p.add_argument("--retry-after", type=int, default=1, help="seconds in the Retry-After header of a 503")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds the requests in flight get to finish after SIGTERM / SIGINT")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (an error where no GPU is present)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="torch backend: fp32, or bf16 autocast (matrix products in bfloat16)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes on the port, each with its own copy of the model (default 1)")
     p.add_argument("--fusion-file", help="fitted calibration + fusion (default: CHECKPOINT.fusion.json if present)")
     p.add_argument("--no-fusion-file", action="store_true", help="serve raw probabilities, ignore any fusion file")
     p.set_defaults(func=cmd_serve)

@@ -6,7 +6,8 @@
 
 Two backends compute the same logits: ``"torch"`` (the checkpoint's model, ``model.score_pool``: OneRank encodes the
 request's context once and scores the pool ``chunk_size`` candidates at a time) and ``"onnx"`` (an export made by
-``onerank export``, run in ONNX Runtime).
+``onerank export``, run in ONNX Runtime). Both run on the CPU by default, or on ``device="cuda"`` where a GPU is
+present; the torch backend may compute in bfloat16 (``precision="bf16"``, autocast: matrix products in bf16).
 """
 
 from __future__ import annotations
@@ -34,22 +35,53 @@ DEFAULT_CHUNK_SIZE = 256
 # ---------------------------------------------------------------------------------------------------------------------
 # Backends: encoded request -> logits per task
 # ---------------------------------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def serving_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> the device, or a one-line error when the GPU asked for is absent."""
+    resolved = torch.device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', not {str(device)!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible to PyTorch {torch.__version__}; "
+                             "serve with --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return resolved
+
+
 class TorchBackend:
-    def __init__(self, model: torch.nn.Module, meta: dict, chunk_size: int) -> None:
-        self.model = model.eval()
+    def __init__(
+        self, model: torch.nn.Module, meta: dict, chunk_size: int, device: torch.device = torch.device("cpu"),
+        precision: str = "fp32",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.device = device
+        self.model = model.eval().to(device)
         self.chunk_size = chunk_size
+        self.autocast_dtype = PRECISIONS[precision]
         self.item_id = model.space.schema.item_id
+        # the item table stays on the CPU: requests are encoded there, then the whole batch moves at once
         self.item_table = {k: torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in meta["item_table"].items()}
 
     def __call__(self, encoded: EncodedRequest) -> dict[str, np.ndarray]:
         batch = encoded.to_batch(self.item_table, self.item_id)
-        with torch.inference_mode():
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                  enabled=self.autocast_dtype is not None)
+        with torch.inference_mode(), autocast:
             logits = self.model.score_pool(batch, self.chunk_size)
-        return {t: v.float().numpy() for t, v in logits.items()}
+        return {t: v.float().cpu().numpy() for t, v in logits.items()}
 
 
 class OnnxBackend:
-    def __init__(self, path: str | Path, space: FeatureSpace, threads: int | None) -> None:
+    def __init__(
+        self, path: str | Path, space: FeatureSpace, threads: int | None, device: torch.device = torch.device("cpu")
+    ) -> None:
         import onnxruntime as ort
 
         from onerank.serving.export import check_onnx_signature, input_arrays
@@ -58,7 +90,13 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("device 'cuda' with the onnx backend needs onnxruntime-gpu (this onnxruntime has "
+                                 f"{ort.get_available_providers()}); use --backend torch or --device cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.space = space
         self.output_names = check_onnx_signature(self.session, space, path)
         self._input_arrays = input_arrays
@@ -98,7 +136,8 @@ class Ranker:
     """Scores raw requests with a checkpoint's model (see the module docstring).
 
     ``chunk_size``: candidates scored at a time by ``model.score_pool`` (torch backend); the scores do not depend on
-    it. ``threads``: intra-op threads of the backend (None: leave the library default).
+    it. ``threads``: intra-op threads of the backend (None: leave the library default). ``device``: ``"cpu"`` or
+    ``"cuda[:N]"`` (an error when absent). ``precision``: ``"fp32"`` or ``"bf16"`` (torch backend, autocast).
 
     ``fusion_file``: the checkpoint's fitted calibration and fusion (``onerank fuse``); by default the
     ``checkpoint.fusion.json`` beside the checkpoint when there is one, ``False`` for none. Its calibration maps the
@@ -116,11 +155,17 @@ class Ranker:
         limits: RequestLimits | None = None,
         threads: int | None = None,
         fusion_file: str | Path | Literal[False] | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
         from onerank import api
 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.device = serving_device(device)
+        if precision != "fp32" and backend != "torch":
+            raise ValueError(f"precision {precision!r} needs the torch backend; the {backend} backend runs in fp32")
+        self.precision = precision
         model, meta = api.load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
         self.meta = meta
@@ -138,7 +183,7 @@ class Ranker:
         if threads:
             torch.set_num_threads(threads)
         if backend == "torch":
-            self.backend = TorchBackend(model, meta, chunk_size)
+            self.backend = TorchBackend(model, meta, chunk_size, self.device, precision)
         elif backend == "onnx":
             from onerank.serving.export import default_export_path
 
@@ -148,7 +193,7 @@ class Ranker:
                     f"ONNX file {path} does not exist; write it with `onerank export --checkpoint {checkpoint} "
                     "--format onnx`"
                 )
-            self.backend = OnnxBackend(path, self.space, threads)
+            self.backend = OnnxBackend(path, self.space, threads, self.device)
         else:
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
 
@@ -212,6 +257,8 @@ class Ranker:
             "version": self.version,
             "onerank_version": onerank.__version__,
             "backend": self.backend_name,
+            "device": str(self.device),
+            "precision": self.precision,
             "tasks": [{"name": t.name, "kind": t.kind, "space": t.space} for t in schema.tasks],
             "schema": {
                 "user": [f.name for f in schema.categorical + schema.dense if f.group == "user"],
