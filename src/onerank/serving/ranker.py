@@ -207,8 +207,11 @@ class Ranker:
         """Per task, every candidate's probability (binary) or value (regression), in the request's order."""
         encoded = request if isinstance(request, EncodedRequest) else self.encode(request)
         logits = self.backend(encoded)
-        return {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
-                for t in self.tasks}
+        # regression outputs are learned in the task's transformed units (TaskSpec.transform): map them back
+        return self.encoder.encoders.to_label_units(
+            {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
+             for t in self.tasks}
+        )
 
     def rank(self, request: RankRequest | dict, fusion: Fusion | None = None) -> RankResult:
         """Predictions, fused scores and the candidates sorted best first.

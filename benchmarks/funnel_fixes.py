@@ -1,0 +1,138 @@
+"""What each fix of issue 16 changes in test AUC on a generated advertising funnel log with known probabilities.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/funnel_fixes.py --json benchmarks/results/funnel_fixes.json
+
+The log comes from ``tests/funnel_log.py`` (the same generator the tests use): impressions with request ids and a
+per-candidate position, a click -> conversion funnel with conversions missing where there was no click, a dwell-seconds
+label, an events table with each click and conversion at its own time and a pre-period, a high-cardinality site field
+and users who arrive in the test period. Every variant changes one thing from the fixed set-up ("after"):
+
+* ``histories from impressions``: ``clicked`` / ``converted`` built from the impression log's label columns (each
+  outcome at its impression's time, no pre-period) instead of the events table;
+* ``slot as context``: the display position declared a context field (now refused at load; OneRank read it from each
+  request's first row before the check existed, so it is emulated by giving every candidate the first row's slot);
+* ``dwell raw``: the dwell task learned in seconds (no label transform); ``no dwell task``: click + conversion only;
+* ``min_count 1`` (no rare value trains the OOV row), ``min_count 1 + oov_dropout 0.1``, ``min_count 2 + oov_dropout``.
+
+Each model trains with early stopping on validation AUC (batch 256, lr 1e-3, at most ``--epochs`` epochs, patience 2),
+one thread; figures are test AUC, dwell MSE (seconds squared) and MAE (seconds) next to those of predicting the
+train mean (MSE) and median (MAE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from funnel_log import funnel_log  # noqa: E402
+
+from onerank import api  # noqa: E402
+from onerank.data.dataset import EncodedDataset  # noqa: E402
+from onerank.data.tabular import load  # noqa: E402
+from onerank.metrics.ranking import auc  # noqa: E402
+from onerank.training.config import RunConfig, TrainConfig  # noqa: E402
+
+VARIANTS = {
+    "after (all fixes)": {},
+    "histories from impressions": {"events": False},
+    "slot as context": {"slot_group": "context"},
+    "dwell raw": {"dwell_transform": "none"},
+    "no dwell task": {"dwell": False},
+    "min_count 1": {"min_count": 1},
+    "min_count 1 + oov_dropout 0.1": {"min_count": 1, "oov_dropout": 0.1},
+    "min_count 2 + oov_dropout 0.1": {"oov_dropout": 0.1},
+}
+
+
+def first_row_slot(ds: EncodedDataset) -> EncodedDataset:
+    """The slot of each request's first row for every candidate: what a context field gave OneRank before the check."""
+    for split in ("train", "valid", "test"):
+        s = ds.split(split)
+        starts = np.r_[0, np.flatnonzero(np.diff(s.request)) + 1]
+        owner = np.repeat(starts, np.diff(np.r_[starts, len(s.request)]))
+        s.categorical["slot"] = s.categorical["slot"][owner]
+    return ds
+
+
+def run(model: str, ds: EncodedDataset, epochs: int, seed: int) -> dict:
+    config = RunConfig(
+        dataset="tabular", model=model,
+        train=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, patience=2, seed=seed, progress=False,
+                          tensorboard=False, threads=1, device="cpu"),
+    )
+    trainer = api.build_trainer(config, ds)
+    start = time.perf_counter()
+    state = trainer.fit()
+    preds = trainer.predict("test")
+    trainer.close()
+    labels, masks = ds.label_values("test"), ds.test.label_mask
+    out = {
+        "epochs": state.epoch, "best_epoch": state.best_epoch, "seconds": round(time.perf_counter() - start, 1),
+        "converged": state.finished, "loss_warning": state.history[0].get("loss_warning"),
+    }
+    for task in ("click", "conversion"):
+        out[f"{task}_auc"] = round(auc(labels[task][masks[task]], preds[task][masks[task]]), 4)
+    if "dwell" in preds:
+        m = masks["dwell"]
+        train_mean = float(ds.label_values("train")["dwell"][ds.train.label_mask["dwell"]].mean())
+        out["dwell_mse"] = round(float(np.mean((preds["dwell"][m] - labels["dwell"][m]) ** 2)), 1)
+        out["dwell_mse_train_mean"] = round(float(np.mean((train_mean - labels["dwell"][m]) ** 2)), 1)
+        train_median = float(np.median(ds.label_values("train")["dwell"][ds.train.label_mask["dwell"]]))
+        out["dwell_mae"] = round(float(np.mean(np.abs(preds["dwell"][m] - labels["dwell"][m]))), 2)
+        out["dwell_mae_train_median"] = round(float(np.mean(np.abs(train_median - labels["dwell"][m]))), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mmoe,onerank")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="data and training seeds, comma-separated")
+    parser.add_argument("--users", type=int, default=1200)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            log = funnel_log(num_users=args.users, seed=seed)
+            im = log.impressions
+            test = im[im["ts"] >= log.test_start]
+            clicked = test[test["clk"] == 1]
+            truth = {"click_auc": round(auc(test["clk"].to_numpy(), test["p_click"].to_numpy()), 4),
+                     "conversion_auc": round(auc(clicked["cv"].to_numpy(), clicked["p_cv"].to_numpy()), 4)}
+            print(f"seed {seed}: {len(im)} impressions, {len(log.events)} events; truth AUC {truth}", flush=True)
+            results.append({"seed": seed, "variant": "truth (generating probabilities)", **truth})
+            for name in args.variants.split(","):
+                options = dict(VARIANTS[name])
+                # a context slot is now refused at load: reproduce what OneRank saw before, the request's first slot
+                collapse = options.pop("slot_group", None) == "context"
+                folder = Path(tmp) / f"{seed}-{len(results)}"
+                ds = load(None, folder / "cache", schema=str(log.write(folder, **options)))
+                for model in args.models.split(","):
+                    data = ds
+                    if collapse:
+                        if model != "onerank":
+                            continue  # point-wise models read every row's own value: the variant changes nothing
+                        data = first_row_slot(load(None, folder / "cache", schema=str(folder / "funnel.yaml")))
+                    record = {"seed": seed, "variant": name, "model": model, **run(model, data, args.epochs, seed)}
+                    results.append(record)
+                    print(json.dumps(record), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
