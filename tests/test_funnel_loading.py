@@ -290,3 +290,53 @@ def test_keep_default_na_error_names_the_column_and_the_fix(log, tmp_path):
     raw["files"]["csv"] = {"keep_default_na": False, "na_values": {"bid": [""], "cv": [""], "dwell": [""]}}
     schema.write_text(yaml.safe_dump(raw))
     assert len(load(None, tmp_path / "cache", schema=str(schema)).train) > 0
+
+
+def test_user_id_naming_a_field_instead_of_its_column_names_the_fix(tmp_path):
+    pd.DataFrame({"customer": [1, 2], "i": [3, 4], "y": [0, 1]}).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "s.yaml").write_text(
+        "files: {train: d.csv, valid: d.csv, test: d.csv}\nuser_id: user\n"
+        "categorical: [{name: user, column: customer, group: user}]\ntasks: [y]\n"
+    )
+    with pytest.raises(SchemaError, match=r"`user_id: user` names no column.*write `user_id: customer`"):
+        load(None, tmp_path / "cache", schema=str(tmp_path / "s.yaml"))
+
+
+# ---- 6. the worked example of docs/tabular_example.md ----------------------------------------------------------------
+def test_docs_funnel_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from onerank.data import load_dataset
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tabular_example.md").read_text()
+
+    def block_after(filename: str) -> str:
+        match = re.search(rf"`ad_funnel/{re.escape(filename)}`[^\n]*\n+```\w*\n(.*?)```", doc, flags=re.S)
+        assert match, filename
+        return match.group(1)
+
+    folder = tmp_path / "ad_funnel"
+    folder.mkdir()
+    for name in ("ads.csv", "events.csv", "funnel.yaml"):
+        (folder / name).write_text(block_after(name))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ONERANK_CACHE", str(tmp_path / "cache"))
+    code = re.search(r"```python\n(from onerank.data import load_dataset\n\nds = load_dataset\(\"tabular\", \"ad_funnel\""
+                     r".*?)```", doc, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(code, namespace)
+    ds = namespace["ds"]
+    assert ds is not None and {s: len(ds.split(s)) for s in ("train", "valid", "test")} == {
+        "train": 5, "valid": 3, "test": 4}
+    users = ds.encoders.vocabularies["uid"].to_list()
+    test = ds.test
+    by_user = {users[c - 2]: np.flatnonzero(test.categorical["uid"] == c) for c in np.unique(test.categorical["uid"])}
+    for row in by_user["u1"]:
+        assert item_names(ds, test.histories["clicked"][row]) == ["a3", "a1", "a4"]
+        assert item_names(ds, test.histories["converted"][row]) == ["a3"]
+    for row in by_user["u2"]:
+        assert item_names(ds, test.histories["clicked"][row]) == ["a2", "a4"]
+        assert item_names(ds, test.histories["converted"][row]) == ["a4"]
+    assert np.array_equal(test.label_mask["conversion"], test.labels["click"] > 0.5)
+    assert sorted(ds.label_values("test")["dwell"][test.label_mask["dwell"]].round(3).tolist()) == [30.0, 200.0]

@@ -496,6 +496,20 @@ def _needed_columns(schema: Schema, behaviours: dict) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def _check_key_columns(table: pd.DataFrame, schema: Schema, role: str) -> None:
+    """``user_id`` and ``request_id`` name raw columns (``item_id`` names a field): a missing one is named with the fix."""
+    for key in ("user_id", "request_id"):
+        column = getattr(schema, key)
+        if column is None or column in table.columns:
+            continue
+        field = next((f for f in schema.categorical + schema.dense if f.name == column and f.column), None)
+        hint = f"; the field {column!r} reads column {field.column!r}: write `{key}: {field.column}`" if field else ""
+        raise SchemaError(
+            f"tabular {role} file: `{key}: {column}` names no column of the file ({key} takes a raw column name, "
+            f"item_id a field name){hint}"
+        )
+
+
 def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> RawDataset:
     files = opts["files"]
     csv_options = dict(files.get("csv") or {})
@@ -508,6 +522,8 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
         raise SchemaError("tabular: no data file: set files.train (+ valid/test) or files.data in the YAML or options")
     if "data" not in given and "train" not in given:
         raise SchemaError("tabular: a train file is needed when valid/test files are given")
+    for role, table in given.items():
+        _check_key_columns(table, schema, role)
     is_datetime = False
     if schema.timestamp:
         for role, table in given.items():
