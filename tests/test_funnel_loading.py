@@ -340,3 +340,19 @@ def test_docs_funnel_example_runs_as_written(tmp_path, monkeypatch):
         assert item_names(ds, test.histories["converted"][row]) == ["a4"]
     assert np.array_equal(test.label_mask["conversion"], test.labels["click"] > 0.5)
     assert sorted(ds.label_values("test")["dwell"][test.label_mask["dwell"]].round(3).tolist()) == [30.0, 200.0]
+
+
+def test_ranker_serves_regression_predictions_in_label_units(log, tmp_path):
+    from onerank import api
+    from onerank.serving import Ranker
+    from onerank.training.config import RunConfig, TrainConfig
+
+    ds = load_log(log, tmp_path)
+    config = RunConfig(model="mmoe", train=TrainConfig(epochs=1, batch_size=512, progress=False, tensorboard=False))
+    api.train(config, out_dir=tmp_path / "run", dataset=ds)
+    ranker = Ranker(tmp_path / "run" / "checkpoint.pt")
+    encoded = ranker.encode(ranker.example_request(5))
+    logits = ranker.backend(encoded)["dwell"]
+    served = ranker.predict(encoded)["dwell"]
+    assert np.allclose(served, ds.encoders.label_transforms["dwell"].inverse(logits), rtol=1e-5)
+    assert (served > 0).all() and not np.allclose(served, logits)
