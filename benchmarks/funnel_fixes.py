@@ -38,6 +38,7 @@ from funnel_log import funnel_log  # noqa: E402
 
 from onerank import api  # noqa: E402
 from onerank.data.dataset import EncodedDataset  # noqa: E402
+from onerank.data.encoding import OOV  # noqa: E402
 from onerank.data.tabular import load  # noqa: E402
 from onerank.metrics.ranking import auc  # noqa: E402
 from onerank.training.config import RunConfig, TrainConfig  # noqa: E402
@@ -82,6 +83,11 @@ def run(model: str, ds: EncodedDataset, epochs: int, seed: int) -> dict:
     }
     for task in ("click", "conversion"):
         out[f"{task}_auc"] = round(auc(labels[task][masks[task]], preds[task][masks[task]]), 4)
+    # test impressions of users without a trained id embedding (unseen in train, or rarer than min_count)
+    new_user = ds.test.categorical["uid"] == OOV
+    out["oov_user_share"] = round(float(new_user.mean()), 3)
+    out["click_auc_oov_users"] = round(auc(labels["click"][new_user], preds["click"][new_user]), 4)
+    out["click_auc_known_users"] = round(auc(labels["click"][~new_user], preds["click"][~new_user]), 4)
     if "dwell" in preds:
         m = masks["dwell"]
         train_mean = float(ds.label_values("train")["dwell"][ds.train.label_mask["dwell"]].mean())
@@ -132,6 +138,34 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+        Path(args.json).with_suffix(".md").write_text(markdown(results, " ".join(sys.argv)))
+
+
+def markdown(results: list[dict], command: str) -> str:
+    """Mean test AUC over seeds per variant and model, with the change from the fixed set-up."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        rows.setdefault((r["variant"], r.get("model", "-")), []).append(r)
+
+    def mean(records: list[dict], key: str) -> float:
+        values = [r[key] for r in records if key in r]
+        return float(np.mean(values)) if values else float("nan")
+
+    lines = [f"`{command}`", "", "| variant | model | seeds | click AUC | Δ | conversion AUC | Δ | click AUC, OOV users | "
+             "dwell MAE (s) | epochs (best) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, model), records in rows.items():
+        base = rows.get(("after (all fixes)", model), records)
+        cells = [variant, model, str(len(records))]
+        for key in ("click_auc", "conversion_auc"):
+            value = mean(records, key)
+            delta = value - mean(base, key)
+            cells += [f"{value:.4f}", "" if variant.startswith(("after", "truth")) else f"{delta:+.4f}"]
+        cells.append(f"{mean(records, 'click_auc_oov_users'):.4f}" if any("click_auc_oov_users" in r for r in records)
+                     else "")
+        cells.append(f"{mean(records, 'dwell_mae'):.2f}" if any("dwell_mae" in r for r in records) else "")
+        cells.append(", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in records if "epochs" in r))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
