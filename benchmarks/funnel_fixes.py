@@ -65,6 +65,26 @@ def first_row_slot(ds: EncodedDataset) -> EncodedDataset:
     return ds
 
 
+def early_conversions(log, ds: EncodedDataset, split: str = "test") -> dict:
+    """With histories built from the impression log, the ``converted`` entries of ``split`` whose conversion had not
+    happened yet when the request started (its event time is at or after the request's start)."""
+    s = ds.split(split)
+    vocab = np.asarray(ds.encoders.vocabularies["ad"].to_list() + [None, None], dtype=object)
+    users = np.asarray(ds.encoders.vocabularies["uid"].to_list(), dtype=object)
+    conversions = log.events[log.events["kind"] == "conversion"]
+    by_pair = {k: np.sort(g.to_numpy()) for k, g in conversions.groupby(["user", "ad_id"])["t"]}
+    total = early = 0
+    for row in np.flatnonzero(s.categorical["uid"] > OOV):
+        user = users[s.categorical["uid"][row] - 2]
+        codes, times = s.histories["converted"][row], s.history_times["converted"][row]
+        for code, t in zip(codes[codes > OOV], times[codes > OOV]):
+            total += 1
+            times_of_pair = by_pair.get((user, vocab[code - 2]), np.zeros(0))
+            after = times_of_pair[times_of_pair >= t]  # the conversion that followed this impression
+            early += int(len(after) == 0 or after[0] >= s.time[row])
+    return {"converted_entries": total, "not_yet_converted_at_request": early}
+
+
 def run(model: str, ds: EncodedDataset, epochs: int, seed: int) -> dict:
     config = RunConfig(
         dataset="tabular", model=model,
@@ -107,6 +127,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1200)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--count-early-conversions", action="store_true",
+                        help="only count impression-log history entries whose conversion came after the request")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: list[dict] = []
@@ -120,6 +142,11 @@ def main() -> None:
                      "conversion_auc": round(auc(clicked["cv"].to_numpy(), clicked["p_cv"].to_numpy()), 4)}
             print(f"seed {seed}: {len(im)} impressions, {len(log.events)} events; truth AUC {truth}", flush=True)
             results.append({"seed": seed, "variant": "truth (generating probabilities)", **truth})
+            if args.count_early_conversions:
+                folder = Path(tmp) / f"{seed}-count"
+                ds = load(None, folder / "cache", schema=str(log.write(folder, events=False)))
+                print(f"seed {seed}: test split, histories from impressions: {early_conversions(log, ds)}", flush=True)
+                continue
             for name in args.variants.split(","):
                 options = dict(VARIANTS[name])
                 # a context slot is now refused at load: reproduce what OneRank saw before, the request's first slot
