@@ -75,7 +75,7 @@ def write_tiny(folder, impressions, events, extra_yaml=""):
         timestamp: t
         request_id: r
         item_id: i
-        categorical: [{name: u, group: user}, {name: i, group: item}]
+        categorical: [{name: u, group: user, min_count: 1}, {name: i, group: item, min_count: 1}]
         sequences: [clicked, converted]
         tasks: [{name: y}]
     """) + extra_yaml)
@@ -329,9 +329,11 @@ def test_docs_funnel_example_runs_as_written(tmp_path, monkeypatch):
     ds = namespace["ds"]
     assert ds is not None and {s: len(ds.split(s)) for s in ("train", "valid", "test")} == {
         "train": 5, "valid": 3, "test": 4}
-    users = ds.encoders.vocabularies["uid"].to_list()
     test = ds.test
-    by_user = {users[c - 2]: np.flatnonzero(test.categorical["uid"] == c) for c in np.unique(test.categorical["uid"])}
+    # u1 and u2 were seen in one train request each: below the tabular default min_count 2, their codes are OOV
+    assert (test.categorical["uid"] == OOV).all()
+    by_user = {"u1": np.flatnonzero(test.time == 1709456400), "u2": np.flatnonzero(test.time == 1709460000)}
+    assert len(by_user["u1"]) == len(by_user["u2"]) == 2
     for row in by_user["u1"]:
         assert item_names(ds, test.histories["clicked"][row]) == ["a3", "a1", "a4"]
         assert item_names(ds, test.histories["converted"][row]) == ["a3"]
