@@ -115,6 +115,9 @@ def test_events_table_errors_name_the_column(tmp_path):
         load(None, tmp_path / "cache", schema=str(write_tiny(tmp_path, impressions, events)))
     with pytest.raises(SchemaError, match=r"no type column 'what'.*`events: \{type: COLUMN\}`"):
         load(None, tmp_path / "c2", schema=str(write_tiny(tmp_path, impressions, events.rename(columns={"what": "x"}))))
+    events = pd.DataFrame({"u": [1], "i": ["ad-10"], "what": ["click"], "at": [10]})
+    with pytest.raises(SchemaError, match=r"no item of the events table occurs in the impressions' 'i' column"):
+        load(None, tmp_path / "c4", schema=str(write_tiny(tmp_path, impressions, events)))
     events = pd.DataFrame({"u": [1], "i": [20], "what": ["like"], "at": [10]})
     with pytest.raises(SchemaError, match=r"no event of type \['click'\].*\['like'\]"):
         load(None, tmp_path / "c3", schema=str(write_tiny(tmp_path, impressions, events)))

@@ -429,6 +429,12 @@ def _histories(
                 present = sorted(events["type"].astype(str).unique())[:10]
                 raise SchemaError(f"tabular: `histories: {name}`: no event of type {wanted} in the events table; "
                                   f"its types are {present}")
+            if not events["item"][mask].isin(impressions[item_source]).any():
+                raise SchemaError(
+                    f"tabular: `histories: {name}`: no item of the events table occurs in the impressions' "
+                    f"{item_source!r} column (e.g. {events['item'][mask].iloc[0]!r} vs "
+                    f"{impressions[item_source].iloc[0]!r}): do they name items the same way?"
+                )
             sources[name] = (events["user"].to_numpy(), events["time"].to_numpy(), events["item"].to_numpy(), mask)
         elif spec is None:
             sources[name] = (*log_columns, None)
