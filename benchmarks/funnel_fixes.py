@@ -34,14 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from funnel_log import funnel_log  # noqa: E402
+from funnel_log import funnel_log
 
-from onerank import api  # noqa: E402
-from onerank.data.dataset import EncodedDataset  # noqa: E402
-from onerank.data.encoding import OOV  # noqa: E402
-from onerank.data.tabular import load  # noqa: E402
-from onerank.metrics.ranking import auc  # noqa: E402
-from onerank.training.config import RunConfig, TrainConfig  # noqa: E402
+from onerank import api
+from onerank.data.dataset import EncodedDataset
+from onerank.data.encoding import OOV
+from onerank.data.tabular import load
+from onerank.metrics.ranking import auc
+from onerank.training.config import RunConfig, TrainConfig
 
 VARIANTS = {
     "after (all fixes)": {},
@@ -178,8 +178,9 @@ def markdown(results: list[dict], command: str) -> str:
         values = [r[key] for r in records if key in r]
         return float(np.mean(values)) if values else float("nan")
 
-    lines = [f"`{command}`", "", "| variant | model | seeds | click AUC | Δ | conversion AUC | Δ | click AUC, OOV users | "
-             "dwell MAE (s) | epochs (best) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| variant | model | seeds | click AUC | Δ | conversion AUC | Δ | click AUC, OOV users | dwell MAE (s) | "
+              "epochs (best) |")
+    lines = [f"`{command}`", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, model), records in rows.items():
         base = rows.get(("after (all fixes)", model), records)
         cells = [variant, model, str(len(records))]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from funnel_log import funnel_log
+
 from onerank.data.batching import TensorSplit, drop_to_oov
 from onerank.data.encoding import OOV, PAD, Encoders, LabelTransform
 from onerank.data.schema import Schema, SchemaError, TaskSpec
@@ -310,12 +310,10 @@ def test_docs_funnel_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    from onerank.data import load_dataset
-
     doc = (Path(__file__).resolve().parents[1] / "docs" / "tabular_example.md").read_text()
 
     def block_after(filename: str) -> str:
-        match = re.search(rf"`ad_funnel/{re.escape(filename)}`[^\n]*\n+```\w*\n(.*?)```", doc, flags=re.S)
+        match = re.search(rf"`ad_funnel/{re.escape(filename)}`[^\n]*\n+```\w*\n(.*?)```", doc, flags=re.DOTALL)
         assert match, filename
         return match.group(1)
 
@@ -326,7 +324,7 @@ def test_docs_funnel_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ONERANK_CACHE", str(tmp_path / "cache"))
     code = re.search(r"```python\n(from onerank.data import load_dataset\n\nds = load_dataset\(\"tabular\", \"ad_funnel\""
-                     r".*?)```", doc, flags=re.S).group(1)
+                     r".*?)```", doc, flags=re.DOTALL).group(1)
     namespace: dict = {}
     exec(code, namespace)
     ds = namespace["ds"]
