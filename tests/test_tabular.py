@@ -149,7 +149,7 @@ def test_histories_from_log_with_numeric_time_and_request_grouping(tmp_path):
         user_id: uid
         timestamp: t
         item_id: iid
-        categorical: [uid, iid]
+        categorical: [{name: uid, group: user, min_count: 1}, {name: iid, group: item, min_count: 1}]
         sequences: [seen, liked]
         tasks: [label]
     """))

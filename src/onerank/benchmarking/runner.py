@@ -98,7 +98,9 @@ def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
             preds = trainer.predict("test")
             infer_seconds = time.perf_counter() - t1
             enc = dataset.split("test")
-            test = evaluate_predictions(dataset.schema.tasks, preds, enc.labels, enc.label_mask, enc.user)
+            test = evaluate_predictions(
+                dataset.schema.tasks, preds, dataset.label_values("test"), enc.label_mask, enc.user
+            )
             params = api.count_parameters(trainer.model)
         finally:
             trainer.close()

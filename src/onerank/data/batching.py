@@ -7,6 +7,7 @@ Point-wise models ignore it, so every model is fed exactly the same impressions,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from onerank.data.dataset import EncodedDataset, EncodedSplit
+from onerank.data.encoding import OOV
 
 
 @dataclass
@@ -224,6 +226,20 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
+
+
+def drop_to_oov(batch: Batch, rates: dict[str, float]) -> Batch:
+    """``batch`` with a random share ``rates[field]`` of each field's codes replaced by the out-of-vocabulary code, so
+    that row is trained on ordinary traffic and serves unseen values (users, items) with a learned embedding
+    (training batches only; draws from torch's global RNG, which checkpoints save). Padding stays padding."""
+    if not rates:
+        return batch
+    categorical = dict(batch.categorical)
+    for name, rate in rates.items():
+        codes = categorical[name]
+        dropped = (torch.rand(codes.shape, device=codes.device) < rate) & (codes > OOV)
+        categorical[name] = torch.where(dropped, torch.full_like(codes, OOV), codes)
+    return dataclasses.replace(batch, categorical=categorical, _lists=batch._lists)
 
 
 def _stack_columns(columns: dict[str, np.ndarray], dtype: type, n: int) -> Tensor:

@@ -106,6 +106,11 @@ class EncodedDataset:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         return getattr(self, name)
 
+    def label_values(self, name: str) -> dict[str, np.ndarray]:
+        """The labels of split ``name`` in their own units (regression tasks are stored transformed for training);
+        compare them with ``Trainer.predict``'s outputs. Rows outside a task's space hold meaningless values."""
+        return self.encoders.to_label_units(self.split(name).labels)
+
     @property
     def vocab_sizes(self) -> dict[str, int]:
         return {name: len(v) for name, v in self.encoders.vocabularies.items()}
@@ -190,7 +195,10 @@ def encode_dataset(raw: RawDataset) -> EncodedDataset:
                     f"{raw.name} {split} split: sequence {seq.name!r} has {rs.histories[seq.name].num_rows} rows, "
                     f"the table {len(rs.table)}"
                 )
-    encoders = encoding.fit_encoders(raw.train.table, schema, raw.train.histories, raw.item_table)
+    encoders = encoding.fit_encoders(
+        raw.train.table, schema, raw.train.histories, raw.item_table, raw.train.request
+    )
+    encoders.label_transforms = encoding.fit_label_transforms(raw.train.table, schema)
     encoded = {split: _encode_split(getattr(raw, split), schema, encoders) for split in SPLITS}
     return EncodedDataset(
         name=raw.name,
@@ -204,7 +212,7 @@ def encode_dataset(raw: RawDataset) -> EncodedDataset:
 
 def _encode_split(rs: RawSplit, schema: Schema, encoders: Encoders) -> EncodedSplit:
     table = rs.table
-    labels, masks = encoding.encode_labels(schema, table)
+    labels, masks = encoding.encode_labels(schema, table, encoders.label_transforms)
     histories, history_times = {}, {}
     for seq in schema.sequences:
         packed, times = encoding.encode_history(encoders, schema, seq.name, rs.histories[seq.name])

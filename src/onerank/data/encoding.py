@@ -117,16 +117,47 @@ class DenseScaler:
 
 
 @dataclass
+class LabelTransform:
+    """A regression label as the model learns it: ``(f(y) - mean) / std`` with ``f`` = log1p or the identity, fitted on
+    the train labels of the task's space; ``inverse`` maps predictions back to the label's units."""
+
+    log1p: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def fit(cls, kind: str, values: np.ndarray) -> "LabelTransform":
+        log1p = kind in ("log1p", "log1p_standardize")
+        if log1p and len(values) and values.min() <= -1:
+            raise SchemaError(f"transform {kind!r} needs labels > -1; found {values.min()!r}")
+        x = np.log1p(values) if log1p else values.astype(np.float64)
+        if kind not in ("standardize", "log1p_standardize") or len(x) == 0:
+            return cls(log1p=log1p)
+        std = float(np.std(x))
+        return cls(log1p=log1p, mean=float(np.mean(x)), std=std if std > 1e-12 else 1.0)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        x = np.log1p(values) if self.log1p else values.astype(np.float64)
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        x = np.asarray(values, dtype=np.float64) * self.std + self.mean
+        return (np.expm1(x) if self.log1p else x).astype(np.float32)
+
+
+@dataclass
 class Encoders:
     """Everything fitted on train that is needed to encode new data the same way (saved in checkpoints)."""
 
     vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
     scalers: dict[str, DenseScaler] = field(default_factory=dict)
+    label_transforms: dict[str, LabelTransform] = field(default_factory=dict)  # regression tasks only
 
     def state(self) -> dict:
         return {
             "vocabularies": {k: v.to_list() for k, v in self.vocabularies.items()},
             "scalers": {k: vars(v) for k, v in self.scalers.items()},
+            "label_transforms": {k: vars(v) for k, v in self.label_transforms.items()},
         }
 
     @classmethod
@@ -134,7 +165,15 @@ class Encoders:
         return cls(
             vocabularies={k: Vocabulary(v) for k, v in state["vocabularies"].items()},
             scalers={k: DenseScaler(**v) for k, v in state["scalers"].items()},
+            # checkpoints from before label transforms learned raw labels
+            label_transforms={k: LabelTransform(**v) for k, v in state.get("label_transforms", {}).items()},
         )
+
+    def to_label_units(self, predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Model outputs (probabilities, transformed regression values) -> the labels' units."""
+        return {
+            t: self.label_transforms[t].inverse(v) if t in self.label_transforms else v for t, v in predictions.items()
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,6 +199,7 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
             bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
             raise SchemaError(
                 f"{where}: dense column {f.source!r} must be numeric; found {col.dtype} with e.g. {bad.iloc[0]!r}"
+                f"{_na_hint(bad.iloc[0])}"
             )
         if f.fill_value is None and col.isna().any():
             raise SchemaError(
@@ -173,14 +213,33 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
         for t in schema.tasks:
             col = table[t.source]
             if not pd.api.types.is_numeric_dtype(col):
-                raise SchemaError(f"{where}: label column {t.source!r} must be numeric, found {col.dtype}")
-            if col.isna().any():
-                first = int(np.flatnonzero(col.isna().to_numpy())[0])
+                bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
+                example = f" with e.g. {bad.iloc[0]!r}" if len(bad) else ""
                 raise SchemaError(
-                    f"{where}: label column {t.source!r} has {int(col.isna().sum())} NaN labels (first at row {first})"
+                    f"{where}: label column {t.source!r} must be numeric, found {col.dtype}{example}"
+                    f"{_na_hint(bad.iloc[0]) if len(bad) else ''}"
+                )
+        spaces = task_spaces(schema, table)
+        for t in schema.tasks:
+            col = table[t.source]
+            # Entire-space logs leave a label missing where it cannot exist (no conversion without a click):
+            # outside the task's space a NaN is masked, inside it a NaN is a data error.
+            missing = col.isna().to_numpy() & spaces[t.name]
+            if missing.any():
+                rows = np.flatnonzero(missing)
+                shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+                fix = (
+                    "fill or drop those rows" if t.space is not None else
+                    "fill or drop those rows, or declare `space: <task>` if the label exists only where another "
+                    "task is positive (e.g. a conversion only after a click)"
+                )
+                where_space = f" inside its space ({t.space} = 1)" if t.space is not None else ""
+                raise SchemaError(
+                    f"{where}: label column {t.source!r} (task {t.name!r}) has {len(rows)} NaN labels{where_space} "
+                    f"at rows {shown}; {fix}"
                 )
             if t.kind == "binary":
-                values = col.to_numpy()
+                values = col.to_numpy()[spaces[t.name]]
                 if not np.isin(values, (0, 1)).all():
                     odd = values[~np.isin(values, (0, 1))][0].item()
                     raise SchemaError(f"{where}: binary label column {t.source!r} holds {odd!r}; expected 0 or 1")
@@ -189,6 +248,42 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
             if not pd.api.types.is_numeric_dtype(col) or col.isna().any():
                 raise SchemaError(f"{where}: value column {v!r} must be numeric without NaN (found {col.dtype}, "
                                   f"{int(col.isna().sum())} NaN)")
+
+
+def _na_hint(value) -> str:
+    """Why an empty cell is text: ``csv: {keep_default_na: false}`` keeps "" instead of reading NaN."""
+    if not (isinstance(value, str) and value.strip() == ""):
+        return ""
+    return (
+        " (an empty cell read as text, as `csv: {keep_default_na: false}` does: fill the column in every row, or set "
+        "`csv: {na_values: {COLUMN: ['']}}` to read its empty cells as missing)"
+    )
+
+
+def task_spaces(schema: Schema, table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per task, the rows where its label exists: every row, or the positives of its space task (a missing space
+    label counts as outside)."""
+    out: dict[str, np.ndarray] = {}
+    for t in schema.tasks:  # a space is a binary task of the schema; spaces can chain (cart in click, order in cart)
+        out[t.name] = np.ones(len(table), dtype=bool)
+    for t in _space_order(schema):
+        if t.space is not None:
+            space = table[schema.task(t.space).source].to_numpy(dtype=np.float64)
+            out[t.name] = out[t.space] & (np.nan_to_num(space, nan=0.0) > 0.5)
+    return out
+
+
+def _space_order(schema: Schema) -> list:
+    """Tasks with each task after the task of its space."""
+    done: list = []
+    pending = list(schema.tasks)
+    while pending:
+        ready = [t for t in pending if t.space is None or t.space in [d.name for d in done]]
+        if not ready:
+            raise SchemaError(f"task spaces form a cycle: {[(t.name, t.space) for t in pending]}")
+        done += ready
+        pending = [t for t in pending if t not in ready]
+    return done
 
 
 def _check_ids(col: pd.Series, where: str, name: str) -> None:
@@ -223,8 +318,12 @@ def fit_encoders(
     schema: Schema,
     histories: dict[str, RaggedHistory] | None = None,
     item_table: pd.DataFrame | None = None,
+    request: np.ndarray | None = None,
 ) -> Encoders:
     """Vocabularies and scalers from the train split only.
+
+    ``min_count`` counts rows, except for user and context fields of a split with requests (``request``, one id per
+    row): there a value counts once per request, since every candidate of a request repeats it.
 
     Items seen only in train histories count as train observations (they come from the train period); their side
     features come from the item table rows of items observed in train, so history-only items are not OOV there.
@@ -247,6 +346,8 @@ def fit_encoders(
         elif f.group == "item" and history_only is not None and f.source in item_table.columns:
             extra = _categorical_values(item_table[f.source])[history_only]
             values = pd.concat([values, extra], ignore_index=True)
+        if f.group != "item" and request is not None and f.min_count > 1:
+            values = values[~pd.DataFrame({"v": values.to_numpy(), "r": np.asarray(request)}).duplicated().to_numpy()]
         encoders.vocabularies[f.name] = Vocabulary.fit(values, f.min_count)
     for f in schema.dense:
         values = train[f.source].to_numpy(dtype=np.float64)
@@ -284,12 +385,53 @@ def encode_history(encoders: Encoders, schema: Schema, seq_name: str, history: R
     return packed, times
 
 
-def encode_labels(schema: Schema, table: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    labels = {t.name: table[t.source].to_numpy(dtype=np.float32) for t in schema.tasks}
-    masks = {}
+def fit_label_transforms(train: pd.DataFrame, schema: Schema) -> dict[str, LabelTransform]:
+    """Per regression task, its transform fitted on the train labels inside the task's space."""
+    spaces = task_spaces(schema, train)
+    return {
+        t.name: LabelTransform.fit(t.label_transform, train[t.source].to_numpy(dtype=np.float64)[spaces[t.name]])
+        for t in schema.tasks if t.kind == "regression"
+    }
+
+
+def encode_labels(
+    schema: Schema, table: pd.DataFrame, transforms: dict[str, LabelTransform] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Labels as the model learns them (regression tasks transformed) and the mask of rows inside each task's space;
+    a label outside its space is stored as 0 (masked, never used)."""
+    masks = task_spaces(schema, table)
+    labels = {}
     for t in schema.tasks:
-        mask = np.ones(len(table), dtype=bool)
-        if t.space is not None:
-            mask &= labels[t.space] > 0.5
-        masks[t.name] = mask
+        values = np.where(masks[t.name], table[t.source].to_numpy(dtype=np.float64), 0.0)
+        if transforms and t.name in transforms:
+            values = np.where(masks[t.name], transforms[t.name].transform(values), 0.0)
+        labels[t.name] = values.astype(np.float32)
     return labels, masks
+
+
+def check_constant_per_request(table: pd.DataFrame, request: np.ndarray, schema: Schema, where: str) -> None:
+    """User and context fields describe a request: a value that changes between the candidates of one request would
+    be read from the request's first row only by list-wise models. Raise naming the field and the fix."""
+    fields = [f for f in schema.categorical + schema.dense if f.group != "item"]
+    if not fields or len(table) == 0:
+        return
+    request = np.asarray(request)
+    order = np.argsort(request, kind="stable")
+    same_request = request[order][1:] == request[order][:-1]
+    for f in fields:
+        values = table[f.source].to_numpy()[order]
+        changed = same_request & ~_equal_or_both_missing(values[1:], values[:-1])
+        if changed.any():
+            at = int(np.flatnonzero(changed)[0])
+            n_requests = len(np.unique(request[order][1:][changed]))
+            raise SchemaError(
+                f"{where}: {f.group} field {f.name!r} varies within {n_requests} requests (e.g. {values[at]!r} and "
+                f"{values[at + 1]!r} in one request), but {f.group} fields are read once per request; declare it "
+                f"`group: item` if it describes the candidate (e.g. a display position), or make it constant per request"
+            )
+
+
+def _equal_or_both_missing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    missing_a, missing_b = pd.isna(a), pd.isna(b)
+    with np.errstate(invalid="ignore"):
+        return (a == b) | (missing_a & missing_b)

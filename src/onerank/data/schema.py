@@ -15,6 +15,7 @@ import yaml
 
 FieldGroup = Literal["user", "item", "context"]
 TaskKind = Literal["binary", "regression"]
+LABEL_TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
 
 
 class SchemaError(ValueError):
@@ -23,12 +24,20 @@ class SchemaError(ValueError):
 
 @dataclass
 class CategoricalField:
-    """A categorical column; its values are mapped to integer codes by a vocabulary fitted on the train split."""
+    """A categorical column; its values are mapped to integer codes by a vocabulary fitted on the train split.
+
+    ``group``: ``user`` and ``context`` fields describe the request (one value per request: list-wise models such as
+    OneRank read them once per request), ``item`` fields describe the candidate (one value per row).
+    ``min_count``: values seen fewer times in train share the out-of-vocabulary code, so that code is trained on the
+    rare values and serves unseen ones with a learned embedding. ``oov_dropout``: during training, this share of the
+    field's codes is replaced by the out-of-vocabulary code at random (0 = off).
+    """
 
     name: str
     group: FieldGroup = "context"
     column: str | None = None  # raw column name when it differs from ``name``
-    min_count: int = 1  # values seen fewer times in train become OOV
+    min_count: int = 1
+    oov_dropout: float = 0.0
 
     @property
     def source(self) -> str:
@@ -73,7 +82,12 @@ class TaskSpec:
     """A prediction target.
 
     ``space``: the name of another binary task whose positives define where this label exists (e.g. conversion
-    exists only where click = 1); the loss and the metrics use only those rows.
+    exists only where click = 1); the loss and the metrics use only those rows, and the label may be missing (NaN)
+    outside them (an entire-space log).
+    ``transform`` (regression tasks): the model learns the label after ``log1p`` and / or standardisation by train
+    statistics (``standardize``: the default for regression, so a task in seconds does not drown the others'
+    losses); predictions are mapped back to the label's units for metrics and serving.
+    ``loss_scale``: a constant factor on this task's loss, applied before any weighting strategy.
     """
 
     name: str
@@ -81,6 +95,14 @@ class TaskSpec:
     column: str | None = None
     weight: float = 1.0
     space: str | None = None
+    transform: str | None = None  # None: "standardize" for regression, "none" for binary
+    loss_scale: float = 1.0
+
+    @property
+    def label_transform(self) -> str:
+        if self.transform is not None:
+            return self.transform
+        return "standardize" if self.kind == "regression" else "none"
 
     @property
     def source(self) -> str:
@@ -151,9 +173,19 @@ class Schema:
                     raise SchemaError(f"task {t.name!r}: space {t.space!r} is not a task of the schema {task_names}")
                 if self.task(t.space).kind != "binary":
                     raise SchemaError(f"task {t.name!r}: space {t.space!r} must be a binary task")
+            if t.label_transform not in LABEL_TRANSFORMS:
+                raise SchemaError(f"task {t.name!r}: transform must be one of {LABEL_TRANSFORMS}, not {t.transform!r}")
+            if t.kind == "binary" and t.label_transform != "none":
+                raise SchemaError(f"task {t.name!r}: a binary task's labels stay 0 / 1; remove `transform`")
+            if not (t.loss_scale > 0 and t.loss_scale < float("inf")):
+                raise SchemaError(f"task {t.name!r}: loss_scale must be a positive number, got {t.loss_scale!r}")
         for f in self.categorical:
             if f.group not in ("user", "item", "context"):
                 raise SchemaError(f"field {f.name!r}: group must be user, item or context, not {f.group!r}")
+            if not (isinstance(f.min_count, int) and f.min_count >= 1):
+                raise SchemaError(f"field {f.name!r}: min_count must be an integer >= 1, got {f.min_count!r}")
+            if not 0.0 <= f.oov_dropout < 1.0:
+                raise SchemaError(f"field {f.name!r}: oov_dropout must be in [0, 1), got {f.oov_dropout!r}")
         if self.sequences and not self.item_id:
             raise SchemaError("behaviour sequences need `item_id`: the categorical field that identifies items")
         if self.item_id and self.item_id not in [f.name for f in self.categorical]:

@@ -61,7 +61,7 @@ class MultiTaskObjective:
     def __call__(
         self, logits: dict[str, Tensor], batch: Batch, auxiliary: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Unweighted loss per task (task weights are applied by the weighting strategy).
+        """Loss per task, times the task's ``loss_scale`` (task weights are applied by the weighting strategy).
 
         ``auxiliary``: a model's extra terms (``MultiTaskModel.auxiliary_losses``), each added to the loss of the task
         its key ``"<task>/<name>"`` names.
@@ -73,7 +73,7 @@ class MultiTaskObjective:
             loss = cfg.pointwise * pointwise_loss(x, y, m, task.kind) if cfg.pointwise > 0 else 0.0
             if cfg.listwise > 0 and task.kind == "binary":
                 loss = loss + cfg.listwise * listwise_loss(x, y, m, batch, cfg.temperature)
-            losses[task.name] = loss
+            losses[task.name] = loss * task.loss_scale if task.loss_scale != 1.0 else loss
         for key, term in (auxiliary or {}).items():
             task_name, sep, _ = key.partition("/")
             if not sep or task_name not in losses:

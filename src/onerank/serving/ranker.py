@@ -210,8 +210,11 @@ class Ranker:
         value (regression), in the request's order."""
         encoded = request if isinstance(request, EncodedRequest) else self.encode(request)
         logits = self.backend(encoded)
-        predictions = {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
-                       for t in self.tasks}
+        # regression outputs are learned in the task's transformed units (TaskSpec.transform): map them back
+        predictions = self.encoder.encoders.to_label_units(
+            {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
+             for t in self.tasks}
+        )
         return predictions if self.fitted is None else self.fitted.calibrate(predictions)
 
     def rank(self, request: RankRequest | dict, fusion: Fusion | None = None) -> RankResult:

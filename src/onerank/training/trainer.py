@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onerank.data.batching import Batch, BatchLoader, TensorSplit
+from onerank.data.batching import Batch, BatchLoader, TensorSplit, drop_to_oov
 from onerank.data.dataset import SPLITS, EncodedDataset
 from onerank.data.streaming import StreamingBatchLoader, stream_source_for
 from onerank.metrics.ranking import evaluate_predictions, monitor_value
@@ -38,6 +38,8 @@ from onerank.training.diagnostics import gradient_cosines
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"logloss", "mse", "mae"}
+# A task whose mean loss is this many times another's takes over the shared parameters (docs/datasets.md).
+DWARFING_RATIO = 20.0
 
 
 class TrainingInterrupted(RuntimeError):
@@ -86,6 +88,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
         self.by_request = bool(model.needs_requests or objective.needs_requests)
+        self.oov_dropout = {f.name: f.oov_dropout for f in dataset.schema.categorical if f.oov_dropout > 0}
         # rank 0 writes the Parquet copy of the train split, if streaming needs one, before the others read it
         stream_from = distributed.rank_zero_first(
             lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
@@ -236,7 +239,7 @@ class Trainer:
             batches = self.train_loader.epoch(epoch, start_step=self.state.step)
             bar = self._progress(batches, total=len(self.train_loader) - self.state.step, desc=f"epoch {epoch + 1}")
             for batch in bar:
-                batch = batch.to(self.device)
+                batch = drop_to_oov(batch.to(self.device), self.oov_dropout)
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
                 with self.grad_sync.step():
@@ -286,6 +289,8 @@ class Trainer:
                 self.model, self.objective, self.train_loader.epoch(epoch), self.device
             )
         self.weighting.epoch_end(mean_losses)
+        if epoch == 0:
+            record["loss_warning"] = dwarfing_loss_warning(mean_losses, self.tasks)
         improved = not math.isnan(signed) and signed > self.state.best_score
         if improved:
             self.state.best_score = signed
@@ -328,7 +333,8 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, split: str) -> dict[str, np.ndarray]:
-        """Predictions (probabilities / values) for every row of ``split``, in row order.
+        """Predictions for every row of ``split``, in row order: probabilities, and regression values in the label's
+        units (the inverse of the task's label transform), comparable with ``dataset.label_values(split)``.
 
         Under DDP each rank predicts a contiguous block of the batches and every rank receives all predictions, so
         metrics are exact on the whole split (not averaged over ranks)."""
@@ -345,12 +351,12 @@ class Trainer:
                 for t in parts:
                     parts[t].append(preds[t].float().cpu().numpy())
         local = {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in parts.items()}
-        return distributed.gather_predictions(local)
+        return self.dataset.encoders.to_label_units(distributed.gather_predictions(local))
 
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
         enc = self.dataset.split(split)
         preds = self.predict(split)
-        return evaluate_predictions(self.tasks, preds, enc.labels, enc.label_mask, enc.user)
+        return evaluate_predictions(self.tasks, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -358,6 +364,25 @@ class Trainer:
         if self._stream_scratch is not None:
             shutil.rmtree(self._stream_scratch, ignore_errors=True)
             self._stream_scratch = None
+
+
+def dwarfing_loss_warning(mean_losses: dict[str, float], tasks: list) -> str | None:
+    """A warning (also logged) when one task's mean loss is ``DWARFING_RATIO`` times another's: its gradients then
+    dominate the shared parameters and the other tasks barely learn. None when the losses are comparable."""
+    scaled = {t: v for t, v in mean_losses.items() if math.isfinite(v) and v > 0}
+    if len(scaled) < 2:
+        return None
+    top, low = max(scaled, key=scaled.get), min(scaled, key=scaled.get)
+    if scaled[top] < DWARFING_RATIO * scaled[low]:
+        return None
+    kind = next((t.kind for t in tasks if t.name == top), "binary")
+    fix = "set `transform: log1p_standardize` (or `standardize`) on it, or " if kind == "regression" else ""
+    message = (
+        f"task {top!r}'s mean training loss ({scaled[top]:.4g}) is {scaled[top] / scaled[low]:.0f}x task {low!r}'s "
+        f"({scaled[low]:.4g}) and will dominate the shared layers; {fix}lower its `loss_scale` in the schema"
+    )
+    log.warning(message)
+    return message
 
 
 def _rescaled(losses: dict[str, Any], scales: dict[str, float]) -> dict[str, Any]:
