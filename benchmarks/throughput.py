@@ -309,14 +309,19 @@ def main() -> int:
         print(f"\nOneRank training on {r['dataset']}: {r['train_flops_per_s'] / 1e9:.2f} GFLOP/s = "
               f"{r['peak_share']:.1%} of the {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s matrix-multiply peak "
               "measured just before it")
+    # On a shared machine the wall-clock rates move with the neighbours' load; samples per second of this process's
+    # CPU time (train/s divided by "busy", one thread) do not, so both ratios are printed.
     for dataset, target in TARGET_RATIOS.items():
-        speed = {r["model"]: r["train_samples_per_s"] for r in report["results"]
-                 if r["dataset"] == dataset and "error" not in r}
-        for label in [m for m in speed if m.startswith("onerank")] if "mmoe" in speed else []:
-            ratio = speed[label] / speed["mmoe"]
-            report.setdefault("onerank_over_mmoe", {}).setdefault(dataset, {})[label] = round(ratio, 3)
-            print(f"{label} / MMoE training samples/s on {dataset}: {speed[label]:,.0f} / {speed['mmoe']:,.0f} = "
-                  f"{ratio:.2f}x (target >= {target}x; same run, {args.threads} thread(s))")
+        rows = {r["model"]: r for r in report["results"] if r["dataset"] == dataset and "error" not in r}
+        for label in [m for m in rows if m.startswith("onerank")] if "mmoe" in rows else []:
+            a, b = rows[label], rows["mmoe"]
+            wall = a["train_samples_per_s"] / b["train_samples_per_s"]
+            cpu = (a["train_samples_per_s"] / max(a["busy"], 1e-9)) / (b["train_samples_per_s"] / max(b["busy"], 1e-9))
+            report.setdefault("onerank_over_mmoe", {}).setdefault(dataset, {})[label] = {
+                "wall": round(wall, 3), "cpu_time": round(cpu, 3)}
+            print(f"{label} / MMoE training samples/s on {dataset}: {wall:.2f}x wall clock "
+                  f"({a['train_samples_per_s']:,.0f} / {b['train_samples_per_s']:,.0f}), {cpu:.2f}x per CPU second "
+                  f"(target >= {target}x; same run, {args.threads} thread(s))")
     shutil.rmtree(stream_dir, ignore_errors=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
