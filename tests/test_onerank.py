@@ -257,9 +257,9 @@ def test_many_situational_fields_become_a_handful_of_group_tokens():
     schema = Schema(categorical=fields + [CategoricalField("item_id", "item")], dense=[DenseField("age", "user")],
                     tasks=[TaskSpec("click")], item_id="item_id")
     wide = FeatureSpace(schema, {f.name: 5 for f in schema.categorical})
-    # 21 SD fields: user (19 categorical + age) in tokens of at most 8 fields -> 3 tokens, context -> 1
-    assert model_for(wide, sd_tokens="auto").tokenizer.num_sd == 4
-    assert [len(g) for g in model_for(wide, sd_tokens="auto").tokenizer.sd_groups] == [8, 8, 4, 1]
+    # 21 SD fields: one token per schema group (user: 19 categorical + age, context: hour), or user in runs of 8
+    assert [len(g) for g in model_for(wide, sd_tokens="auto").tokenizer.sd_groups] == [20, 1]
+    assert [len(g) for g in model_for(wide, sd_tokens="auto", sd_group_size=8).tokenizer.sd_groups] == [8, 8, 4, 1]
     assert model_for(wide).tokenizer.num_sd == 21  # the default: one token per field
     assert model_for(make_space(), sd_tokens="auto").tokenizer.num_sd == 3  # few fields: one token each
 
