@@ -5,7 +5,6 @@ history is causal; every ablation switch trains; the model trains end to end, al
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np

@@ -16,6 +16,7 @@ from typing import Any
 
 
 from onerank.data.schema import SchemaError, read_yaml_mapping
+from onerank.resources import shipped
 from onerank.training.config import TrainConfig
 
 DEFAULT_SUITES_DIR = Path("benchmarks/suites")
@@ -71,6 +72,8 @@ def suite_path(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Path:
     if as_path.suffix in (".yaml", ".yml") and as_path.exists():
         return as_path
     path = Path(suites_dir) / f"{name}.yaml"
+    if not path.exists() and Path(suites_dir) == DEFAULT_SUITES_DIR:
+        path = shipped("suites") / f"{name}.yaml"  # outside a checkout: the suites installed with onerank
     if not path.exists():
         available = sorted(p.stem for p in Path(suites_dir).glob("*.yaml")) if Path(suites_dir).is_dir() else []
         raise FileNotFoundError(f"no benchmark suite {name!r}: {path} does not exist (available: {available})")

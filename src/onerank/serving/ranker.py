@@ -11,7 +11,6 @@ request's context once and scores the pool ``chunk_size`` candidates at a time) 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import onerank
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
+from onerank.training.checkpoint import file_sha256
 from onerank.serving.request import (
     EncodedRequest, RankRequest, RequestEncoder, RequestError, RequestLimits, parse_request,
 )
@@ -139,11 +139,7 @@ class RankResult:
 
 def checkpoint_version(path: str | Path) -> str:
     """A short content hash: two checkpoints with the same version hold the same bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 class Ranker:
@@ -174,7 +170,8 @@ class Ranker:
         self.space: FeatureSpace = model.space
         self.tasks = self.space.task_names
         self.task_kinds = {t.name: t.kind for t in self.space.tasks}
-        self.version = checkpoint_version(checkpoint)
+        self.checkpoint_sha256 = file_sha256(checkpoint)
+        self.version = self.checkpoint_sha256[:12]
         self.encoder = RequestEncoder(self.space, Encoders.from_state(meta["encoders"]), meta["item_table"], limits)
         self.fusion = (fusion or Fusion()).resolved(self.tasks, self.task_kinds)
         self.backend_name = backend
@@ -183,7 +180,7 @@ class Ranker:
         if backend == "torch":
             self.backend = TorchBackend(model, meta, chunk_size)
         elif backend == "onnx":
-            from onerank.serving.export import default_export_path
+            from onerank.serving.export import check_export_source, default_export_path
 
             path = Path(onnx_path) if onnx_path else default_export_path(self.checkpoint, "onnx")
             if not path.exists():
@@ -192,6 +189,9 @@ class Ranker:
                     "--format onnx`"
                 )
             self.backend = OnnxBackend(path, self.space, threads)
+            # an export of an earlier checkpoint would serve other scores under this checkpoint's version
+            check_export_source(self.backend.session.get_modelmeta().custom_metadata_map, path, self.checkpoint,
+                                self.checkpoint_sha256, "onnx")
         else:
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
 
