@@ -340,6 +340,18 @@ def test_bad_schemas(old, new, culprits, capsys, tmp_path, area):
     expect_error(capsys, argv, *culprits, watch=(area, tmp_path / "data.csv", tmp_path / "s.yaml"))
 
 
+def test_a_validation_split_without_a_metric_writes_no_checkpoint(capsys, tmp_path, area):
+    """Every validation label is 0: no AUC, so no epoch can be chosen as the best. The run says so and fails,
+    instead of printing "wrote checkpoint.pt" without writing one."""
+    frame = shop_frame(300)
+    argv = _tabular(tmp_path, frame, SCHEMA.replace("files: {data: data.csv}", "files: {train: data.csv, valid: "
+                                                    "valid.csv, test: data.csv}"))
+    frame.assign(click=0).to_csv(tmp_path / "valid.csv", index=False)
+    expect_error(capsys, argv, "no epoch gave a finite validation auc", "no checkpoint was written",
+                 watch=(area, tmp_path / "data.csv", tmp_path / "valid.csv"))
+    assert not (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_a_diverging_run_fails_loudly_instead_of_claiming_success(capsys, cache, area, tmp_path):
     """A learning rate far too large: the losses become inf / NaN within a few steps. The run stops there with an
     error naming the task and the fix, and writes no checkpoint and no metrics."""

@@ -102,8 +102,9 @@ def train(
     try:
         state = trainer.fit(stop_after_steps=stop_after_steps)
         if state.best_epoch <= 0:
-            raise TrainingDiverged(f"no epoch gave a finite validation {config.train.monitor}, so no checkpoint was "
-                                   "written; look for inf / NaN in the data or lower the learning rate")
+            raise TrainingDiverged(f"no epoch gave a finite validation {config.train.monitor} (no task has it: "
+                                   "predictions went NaN, or every task has one class only in the validation split), "
+                                   "so no checkpoint was written; check the data or set another train.monitor")
         result = {
             "model": config.model,
             "dataset": dataset.name,

@@ -52,8 +52,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, kind: str = "model") -> dict:
-    """A checkpoint written by onerank (``kind`` ``model`` or ``resume``), checked before use (see the module doc)."""
+def load(path: str | Path, kind: str | None = None) -> dict:
+    """A checkpoint written by onerank, checked before use (see the module doc); ``kind``: ``model`` or ``resume``
+    to insist on one (None: either)."""
+    expected = KINDS[kind] if kind else "a checkpoint"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -61,30 +63,30 @@ def load(path: str | Path, kind: str = "model") -> dict:
         hint = " (use its checkpoint.pt)" if (path / "checkpoint.pt").exists() else ""
         raise CheckpointError(f"checkpoint {path} is a folder{hint}; give the checkpoint file written by onerank train")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected {KINDS[kind]} written by onerank train")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected {expected} written by onerank train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.load's note when it dispatches a TorchScript archive to torch.jit
         try:
             # Checkpoints hold plain Python containers next to tensors (configs, vocabularies, RNG states).
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:
-            raise CheckpointError(f"{path} is not a readable checkpoint: {_sniff(path)}; expected {KINDS[kind]} "
+            raise CheckpointError(f"{path} is not a readable checkpoint: {_sniff(path)}; expected {expected} "
                                   "written by onerank train") from None
     if isinstance(state, torch.jit.ScriptModule):
         raise CheckpointError(f"{path} is a TorchScript export, not a checkpoint; give the checkpoint.pt it was "
                               "exported from")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not an onerank checkpoint; expected "
-                              f"{KINDS[kind]} written by onerank train")
+                              f"{expected} written by onerank train")
     if state.get("format", FORMAT) != FORMAT or not {"model", "meta"} <= set(state):
         raise CheckpointError(f"{path} is a PyTorch file with keys {sorted(map(str, state))[:8]}, not an onerank "
-                              f"checkpoint; expected {KINDS[kind]} written by onerank train")
+                              f"checkpoint; expected {expected} written by onerank train")
     if state.get("format_version", FORMAT_VERSION) > FORMAT_VERSION or _newer(state.get("onerank_version")):
         raise CheckpointError(f"{path} was written by onerank {state.get('onerank_version')} (checkpoint format "
                               f"{state.get('format_version')}); this is onerank {onerank.__version__}: upgrade onerank")
     # files of the first release carry no header: what they hold shows in their keys
     found = state.get("kind") or ("resume" if "optimizers" in state else "model")
-    if found != kind:
+    if kind is not None and found != kind:
         raise CheckpointError(f"{path} holds {KINDS[found]}, not {KINDS[kind]}")
     if not isinstance(state["meta"], dict) or "model" not in state["meta"]:
         raise CheckpointError(f"{path}: the checkpoint's metadata is damaged (no model name); train it again")
