@@ -440,6 +440,20 @@ def test_damaged_resumable_state(kind, culprits, capsys, run, cache, area, tmp_p
                  "last.pt", *culprits, watch=(area, copy))
 
 
+def test_a_checkpoint_evaluated_on_other_data_is_refused(capsys, tmp_path, area):
+    """The checkpoint's vocabularies were fitted on other data than --data-dir holds now: its metrics on that data
+    would score ids under codes they were never trained with."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert main(_tabular(tmp_path / "a", shop_frame())) == 0
+    shutil.copy(tmp_path / "a" / "s.yaml", tmp_path / "b" / "s.yaml")
+    shop_frame().assign(item=lambda f: f["item"] + 100).to_csv(tmp_path / "b" / "data.csv", index=False)
+    checkpoint = tmp_path / "a" / "out" / "checkpoint.pt"
+    expect_error(capsys, ["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "b"),
+                          "--cache-dir", str(tmp_path / "cache")],
+                 str(checkpoint), "vocabularies", "--data-dir", watch=(area, tmp_path / "a"))
+
+
 def test_an_export_of_another_checkpoint_is_refused(capsys, run, area, tmp_path):
     """The ONNX file next to a checkpoint was made from an earlier one (the run was trained again since): refused,
     not served under the new checkpoint's version."""

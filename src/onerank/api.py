@@ -95,7 +95,7 @@ def train(
     dataset = dataset or load_run_dataset(config)
     trainer = build_trainer(config, dataset, out_dir)
     if saved is not None:
-        if saved["meta"].get("space") != trainer.meta["space"]:
+        if not trained_on(saved["meta"], dataset):
             raise ckpt.CheckpointError(f"--resume: the dataset's schema or vocabularies differ from those the run in "
                                        f"{out_dir} was trained on (its data changed?); start a new run (--overwrite)")
         trainer.resume(Path(out_dir) / "last.pt", state=saved)
@@ -124,6 +124,13 @@ def train(
     if out_dir is not None and distributed.info().is_main:
         write_json(result, Path(out_dir) / "metrics.json")
     return result
+
+
+def trained_on(meta: dict, dataset: EncodedDataset) -> bool:
+    """Whether a checkpoint's metadata fits ``dataset``: the same schema, vocabulary sizes and vocabularies (the
+    same ids under the same codes)."""
+    return (meta.get("space") == FeatureSpace.from_dataset(dataset).to_dict()
+            and meta.get("encoders", {}).get("vocabularies") == dataset.encoders.state()["vocabularies"])
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -225,8 +232,7 @@ def evaluate_checkpoint(
     if cache_dir is not None:
         config.cache_dir = cache_dir
     dataset = load_run_dataset(config)
-    found = FeatureSpace.from_dataset(dataset).to_dict()
-    if found != meta["space"]:
+    if not trained_on(meta, dataset):
         raise ckpt.CheckpointError(
             f"{path} was trained on {meta['dataset']!r} with tasks {model.space.task_names} and other fields or "
             f"vocabularies than the data found now ({dataset.name!r}, tasks {dataset.schema.task_names}); evaluate it "
