@@ -126,10 +126,15 @@ def test_an_out_dir_holding_a_run_is_refused(capsys, cache, run, area):
     assert "checkpoint.pt" in message
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--epochs", "-1"], ["--patience", "-1"], ["--threads", "0"]])
-def test_bad_numbers_never_touch_the_run_already_there(flags, capsys, cache, run, area):
+@pytest.mark.parametrize("flags, culprit", [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--patience", "-1"], "--patience"),
+    (["--threads", "0"], "--threads"), (["--weighting", "sometimes"], "sometimes"),
+    (["--dataset-option", "num_users=-5"], "num_users"),
+])
+def test_bad_input_with_overwrite_never_touches_the_run_already_there(flags, culprit, capsys, cache, run, area):
+    """--overwrite replaces a run only once every check has passed, right before training starts."""
     expect_error(capsys, ["train", *SMALL, *cache, "--model", "mmoe", "--out", str(run), "--overwrite", *flags],
-                 flags[0], watch=(area,))
+                 culprit, watch=(area,))
 
 
 def test_an_out_dir_that_is_a_file(capsys, cache, area, tmp_path):
@@ -145,7 +150,7 @@ def test_a_read_only_out_dir(capsys, cache, area, tmp_path):
     target.mkdir()
     target.chmod(0o500)
     try:
-        expect_error(capsys, ["train", *SMALL, *cache, "--out", str(target)], str(target), "not writable",
+        expect_error(capsys, ["train", *SMALL, *cache, "--out", str(target)], str(target), "writable",
                      watch=(area,))
     finally:
         target.chmod(0o700)

@@ -87,18 +87,22 @@ def train(
     config = config.validated()
     build_config(config.model, config.model_options)  # a misspelled model or option fails before any data is read
     distributed.setup(config.train.device)  # joins torchrun's process group; a no-op in a plain process
+    if resume and out_dir is None:
+        raise ValueError("resume needs the output folder of the run to continue")
     if out_dir is not None:
-        prepare_out_dir(Path(out_dir), resume, overwrite)
+        check_out_dir(Path(out_dir), resume, overwrite)
     saved = ckpt.load(Path(out_dir) / "last.pt", kind="resume") if resume else None
     if saved is not None:
         check_same_run(saved["meta"], config, Path(out_dir) / "last.pt")
     dataset = dataset or load_run_dataset(config)
+    if saved is not None and not trained_on(saved["meta"], dataset):
+        raise ckpt.CheckpointError(f"--resume: the dataset's schema or vocabularies differ from those the run in "
+                                   f"{out_dir} was trained on (its data changed?); start a new run (--overwrite)")
     trainer = build_trainer(config, dataset, out_dir)
     if saved is not None:
-        if not trained_on(saved["meta"], dataset):
-            raise ckpt.CheckpointError(f"--resume: the dataset's schema or vocabularies differ from those the run in "
-                                       f"{out_dir} was trained on (its data changed?); start a new run (--overwrite)")
         trainer.resume(Path(out_dir) / "last.pt", state=saved)
+    if out_dir is not None:
+        claim_out_dir(Path(out_dir), overwrite)  # the last step before training: every check above has passed
     try:
         state = trainer.fit(stop_after_steps=stop_after_steps)
         if state.best_epoch <= 0:
@@ -133,9 +137,9 @@ def trained_on(meta: dict, dataset: EncodedDataset) -> bool:
             and meta.get("encoders", {}).get("vocabularies") == dataset.encoders.state()["vocabularies"])
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that is a file, is not writable, or holds another run (unless asked to continue or
-    replace it); with ``overwrite``, delete the old run's files first (rank 0), so nothing of it outlives the new one."""
+    replace it). Nothing is written yet: see ``claim_out_dir``."""
     if resume and overwrite:
         raise SchemaError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if out.exists() and not out.is_dir():
@@ -147,10 +151,17 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     elif present and not overwrite:
         raise SchemaError(f"--out {out} holds a run already ({', '.join(present)}); continue it with --resume, "
                           "replace it with --overwrite, or choose another --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SchemaError(f"--out {out}: {existing} is not a writable folder; choose another --out or fix its "
+                          "permissions")
+
+
+def claim_out_dir(out: Path, overwrite: bool) -> None:
+    """Create the output folder; with ``overwrite``, delete the old run's files first (rank 0), so that nothing of it
+    outlives the new one (a later --resume or serve would mix the two)."""
     if distributed.info().is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise SchemaError(f"--out {out} is not writable; choose another folder or fix its permissions")
         if overwrite:
             for name in RUN_FILES + RUN_ARTEFACTS:
                 target = out / name
