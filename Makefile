@@ -12,10 +12,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch is installed first and pinned: an unpinned torch would pull the multi-GB CUDA build.
+# torch is installed first, pinned to the tested release (the package itself accepts any 2.13.x build). PyPI's Linux
+# wheel is the CUDA build (about 0.5 GB plus ~19 nvidia / triton packages), so on a Linux machine without an NVIDIA
+# GPU the CPU build is taken: torch==X+cpu from the indexes or wheel folders pip is configured with when they hold
+# it (no download from elsewhere), else from PyTorch's CPU index (TORCH_CPU_INDEX). A torch X already in the venv
+# is kept.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP := $(BIN)/python -m pip install --quiet
+
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; \
+	then echo "torch $(TORCH_VERSION) already installed"; \
+	elif [ "$$(uname -s)" != Linux ] || nvidia-smi -L >/dev/null 2>&1; then $(PIP) torch==$(TORCH_VERSION); \
+	else $(PIP) torch==$(TORCH_VERSION)+cpu 2>/dev/null || \
+		$(PIP) torch==$(TORCH_VERSION)+cpu --extra-index-url $(TORCH_CPU_INDEX); fi
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +36,7 @@ demo: $(STAMP)
 	$(BIN)/onerank compare --config configs/demo.yaml --models single_task,shared_bottom,mmoe,ple,onerank --no-progress
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks setup.py
 	$(BIN)/python -m pytest -q
 
 clean:

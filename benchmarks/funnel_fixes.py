@@ -31,17 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from funnel_log import funnel_log
-
 from onerank import api
 from onerank.data.dataset import EncodedDataset
 from onerank.data.encoding import OOV
 from onerank.data.tabular import load
 from onerank.metrics.ranking import auc
 from onerank.training.config import RunConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from funnel_log import funnel_log  # noqa: E402  (tests/ holds the generator the tests share)
 
 VARIANTS = {
     "after (all fixes)": {},

@@ -206,7 +206,7 @@ def main() -> None:
               f"{r['p99_ms'] or 0:6.1f}  {r['server_p50_ms'] or 0:13.1f}  {r['server_p99_ms'] or 0:13.1f}  "
               f"{r['share_503']:9.1%}  {r['errors']:6d}")
     growth = after_soak - before_soak
-    print(f"server RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items())
+    print("server RSS (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in memory.items())
           + f"; growth across the soak of {soak['requests']} requests: {growth:+.1f} MiB")
     errors = sum(r["errors"] for r in levels) + soak["errors"]
     if args.json:

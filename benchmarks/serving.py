@@ -75,7 +75,7 @@ def train_checkpoints(work: Path, retrain: bool, names: tuple[str, ...] = ("oner
                 train=TrainConfig(epochs=1, batch_size=512, progress=False, tensorboard=False),
             )
             start = time.perf_counter()
-            api.train(config, out_dir=work / name)
+            api.train(config, out_dir=work / name, overwrite=True)  # retrain: replace the run there
             print(f"trained {name} in {time.perf_counter() - start:.1f}s -> {checkpoint}", flush=True)
         out[name] = checkpoint
     return out

@@ -62,3 +62,19 @@ def test_config_with_unknown_key_is_rejected(tmp_path):
     path.write_text("dataset: synthetic\nmodel: mmoe\ntrain: {epochs: 1, lerning_rate: 0.1}\n")
     proc = run_cli("train", "--config", str(path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "lerning_rate" in proc.stderr
+
+
+def test_a_run_is_replaced_only_with_overwrite_and_resumed_only_with_its_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *SMALL, "--cache-dir", str(tmp_path / "cache"), "--model", "shared_bottom", "--out", str(run)]
+    assert main(args) == 0
+    first = (run / "metrics.json").read_bytes()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (run / "metrics.json").read_bytes() == first
+    # more epochs is a setting a resumed run may change; it is recorded in metrics.json
+    assert main([*args, "--resume", "--epochs", "2"]) == 0
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["epochs"] == 2 and resumed["config"]["train"]["epochs"] == 2
+    assert main([*args, "--seed", "5", "--overwrite"]) == 0
+    replaced = json.loads((run / "metrics.json").read_text())
+    assert replaced["epochs"] == 1 and replaced["config"]["train"]["seed"] == 5

@@ -91,3 +91,18 @@ def test_cli_export_writes_both_formats(tiny_checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["export", "--checkpoint", str(tmp_path / "absent.pt"), "--format", "onnx"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_export_records_its_checkpoint_and_a_failed_one_replaces_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from onerank.serving import export
+    from onerank.training.checkpoint import file_sha256
+
+    checkpoint = tiny_checkpoint("mmoe")
+    out = tmp_path / "model.torchscript.pt"
+    export_checkpoint(checkpoint, "torchscript", out)
+    assert export.export_metadata(out, "torchscript")[export.CHECKPOINT_KEY] == file_sha256(checkpoint)
+    good = out.read_bytes()
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # every parity check fails
+    with pytest.raises(ValueError, match="nothing was written"):
+        export_checkpoint(checkpoint, "torchscript", out)
+    assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -179,3 +179,28 @@ def test_row_groups_are_cut_into_parts_when_ranks_outnumber_them(tiny_dataset, t
     assert all(len(p) > 0 for p in parts)  # every rank has data to train on
     assert _rows(parts[0] + parts[1] + parts[2]) == _rows(list(_loader(tiny_dataset, directory).epoch(0)))
     assert all(b.size == 5 * b.num_requests for p in parts for b in p)  # parts hold whole requests
+
+
+def test_a_stream_copy_is_reused_only_for_the_same_data(tiny_dataset, tmp_path):
+    """Two datasets of the same size with other labels (as synthetic data with another task_correlation): the copy
+    in OUT/train-parquet is keyed by the data, never by the row count, so the second one is written again."""
+    from onerank.data.dataset import EncodedSplit
+    from onerank.data.streaming import stream_source_for
+
+    arrays = tiny_dataset.train.arrays()
+    flipped = dataclasses.replace(
+        tiny_dataset, info=dict(tiny_dataset.info),
+        train=EncodedSplit.from_arrays({**arrays, "labels.click": 1 - arrays["labels.click"]}),
+    )
+    first = stream_source_for(tiny_dataset, "on", 0, tmp_path)
+    written = (first / "_onerank_parquet.json").stat().st_mtime_ns
+    assert stream_source_for(tiny_dataset, "on", 0, tmp_path) == first  # same data: reused as it is
+    assert (first / "_onerank_parquet.json").stat().st_mtime_ns == written
+    second = stream_source_for(flipped, "on", 0, tmp_path)
+    labels = np.concatenate([ParquetSource(second).read(f)["labels.click"] for f in ParquetSource(second).fragments])
+    np.testing.assert_array_equal(np.sort(labels), np.sort(flipped.train.labels["click"]))
+    assert labels.sum() != tiny_dataset.train.labels["click"].sum()
+    # a dataset from the cache is keyed by its cache key
+    keyed = dataclasses.replace(tiny_dataset, info={**tiny_dataset.info, "cache_key": "abc"})
+    stream_source_for(keyed, "on", 0, tmp_path)
+    assert json.loads((first / "_onerank_parquet.json").read_text())["key"] == "cache:abc"

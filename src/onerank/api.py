@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +17,33 @@ from onerank.data.dataset import EncodedDataset
 from onerank.data.registry import load_dataset
 from onerank.features.space import FeatureSpace
 from onerank.fusion.fit import FuseSettings
-from onerank.models.base import MultiTaskModel, build_model
+from onerank.models.base import MultiTaskModel, build_config, build_model
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
 from onerank.training import checkpoint as ckpt
 from onerank.training import distributed
 from onerank.training.config import RunConfig, objective_config
-from onerank.training.trainer import Trainer, write_json
+from onerank.data.schema import SchemaError
+from onerank.training.trainer import Trainer, TrainingDiverged, write_json
 
 log = logging.getLogger(__name__)
+
+# What makes a folder a run's: with any of these in it, a new run needs --resume or --overwrite.
+RUN_FILES = ("checkpoint.pt", "last.pt", "metrics.json")
+# Removed by --overwrite with the run files: what the old run wrote next to them (exports, logs).
+RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.torchscript.pt", "tensorboard")
+# Settings a resumed run may change: where and how fast it runs, and when it stops; anything else would make the
+# resumed run a different experiment than metrics.json says.
+RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", "train.progress", "train.tensorboard",
+                     "train.threads", "train.device", "train.compile", "train.eval_batch_size",
+                     "train.checkpoint_every"}
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
     import onerank.data.streaming  # noqa: F401  (registers the "encoded" dataset: a train split kept on disk)
+
+    if config.cache_dir is not None and Path(config.cache_dir).exists() and not Path(config.cache_dir).is_dir():
+        raise SchemaError(f"--cache-dir {config.cache_dir} is a file; give a folder (it is created when missing)")
 
     # Under torchrun, rank 0 builds the cache first and the other ranks then read it, instead of all writing it.
     return distributed.rank_zero_first(
@@ -64,22 +80,39 @@ def train(
     resume: bool = False,
     dataset: EncodedDataset | None = None,
     stop_after_steps: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train with early stopping on validation, then report test metrics of the best epoch.
 
     With ``out_dir``: ``checkpoint.pt`` (best epoch, everything needed to score new data), ``last.pt`` (resumable
-    state), ``metrics.json`` and TensorBoard logs are written there.
+    state), ``metrics.json`` and TensorBoard logs are written there. An ``out_dir`` holding another run is refused
+    unless ``resume`` (continue it, with the same settings) or ``overwrite`` (delete it first).
     """
+    config = config.validated()
+    build_config(config.model, config.model_options)  # a misspelled model or option fails before any data is read
     distributed.setup(config.train.device)  # joins torchrun's process group; a no-op in a plain process
+    if resume and out_dir is None:
+        raise ValueError("resume needs the output folder of the run to continue")
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), resume, overwrite)
+    saved = ckpt.load(Path(out_dir) / "last.pt", kind="resume") if resume else None
+    if saved is not None:
+        check_same_run(saved["meta"], config, Path(out_dir) / "last.pt")
     dataset = dataset or load_run_dataset(config)
+    if saved is not None and not trained_on(saved["meta"], dataset):
+        raise ckpt.CheckpointError(f"--resume: the dataset's schema or vocabularies differ from those the run in "
+                                   f"{out_dir} was trained on (its data changed?); start a new run (--overwrite)")
     trainer = build_trainer(config, dataset, out_dir)
-    if resume:
-        last = Path(out_dir) / "last.pt" if out_dir else None
-        if last is None or not last.exists():
-            raise FileNotFoundError(f"--resume: no resumable state at {last}")
-        trainer.resume(last)
+    if saved is not None:
+        trainer.resume(Path(out_dir) / "last.pt", state=saved)
+    if out_dir is not None:
+        claim_out_dir(Path(out_dir), overwrite)  # the last step before training: every check above has passed
     try:
         state = trainer.fit(stop_after_steps=stop_after_steps)
+        if state.best_epoch <= 0:
+            raise TrainingDiverged(f"no epoch gave a finite validation {config.train.monitor} (no task has it: "
+                                   "predictions went NaN, or every task has one class only in the validation split), "
+                                   "so no checkpoint was written; check the data or set another train.monitor")
         result = {
             "model": config.model,
             "dataset": dataset.name,
@@ -99,6 +132,69 @@ def train(
     if out_dir is not None and distributed.info().is_main:
         write_json(result, Path(out_dir) / "metrics.json")
     return result
+
+
+def trained_on(meta: dict, dataset: EncodedDataset) -> bool:
+    """Whether a checkpoint's metadata fits ``dataset``: the same schema, vocabulary sizes and vocabularies (the
+    same ids under the same codes)."""
+    return (meta.get("space") == FeatureSpace.from_dataset(dataset).to_dict()
+            and meta.get("encoders", {}).get("vocabularies") == dataset.encoders.state()["vocabularies"])
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that is a file, is not writable, or holds another run (unless asked to continue or
+    replace it). Nothing is written yet: see ``claim_out_dir``."""
+    if resume and overwrite:
+        raise SchemaError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    if out.exists() and not out.is_dir():
+        raise SchemaError(f"--out {out} is a file; give a folder for the run")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        if not (out / "last.pt").exists():
+            raise FileNotFoundError(f"--resume: no resumable state at {out / 'last.pt'}; drop --resume to start a run")
+    elif present and not overwrite:
+        raise SchemaError(f"--out {out} holds a run already ({', '.join(present)}); continue it with --resume, "
+                          "replace it with --overwrite, or choose another --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SchemaError(f"--out {out}: {existing} is not a writable folder; choose another --out or fix its "
+                          "permissions")
+
+
+def claim_out_dir(out: Path, overwrite: bool) -> None:
+    """Create the output folder; with ``overwrite``, delete the old run's files first (rank 0), so that nothing of it
+    outlives the new one (a later --resume or serve would mix the two)."""
+    if distributed.info().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES + RUN_ARTEFACTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    distributed.barrier()
+
+
+def check_same_run(saved_meta: dict, config: RunConfig, path: Path) -> None:
+    """A resumed run trains with the settings it started with (see RESUMABLE_CHANGES)."""
+    before = _flat(saved_meta.get("run_config") or {})
+    now = _flat(config.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise SchemaError(f"--resume: {path} was trained with other settings ({diffs}); resume with the run's own "
+                          "settings, or start a new run with --overwrite or another --out")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k == "train":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def compare(
@@ -123,11 +219,19 @@ def compare(
 
 def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, dict]:
     """The model of a ``checkpoint.pt`` with its metadata (schema, vocabularies, configs)."""
-    state = ckpt.load(path)
+    state = ckpt.load(path, kind="model")
     meta = state["meta"]
-    space = FeatureSpace.from_dict(meta["space"])
-    model = build_model(meta["model"], space, meta["model_config"])
-    model.load_state_dict(state["model"])
+    try:
+        space = FeatureSpace.from_dict(meta["space"])
+        model = build_model(meta["model"], space, meta["model_config"])
+    except (KeyError, SchemaError) as exc:
+        raise ckpt.CheckpointError(f"{path}: cannot rebuild its model {meta['model']!r} ({exc}); it was written by "
+                                   f"onerank {state.get('onerank_version', '< 0.1.0')}: retrain or use that version")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{path}: its weights do not fit its model {meta['model']!r} "
+                                   f"({str(exc).splitlines()[0]}); the file is damaged or was edited") from None
     model.eval()
     return model, meta
 
@@ -143,6 +247,12 @@ def checkpoint_trainer(
     if cache_dir is not None:
         config.cache_dir = cache_dir
     dataset = load_run_dataset(config)
+    if not trained_on(meta, dataset):
+        raise ckpt.CheckpointError(
+            f"{path} was trained on {meta['dataset']!r} with tasks {model.space.task_names} and other fields or "
+            f"vocabularies than the data found now ({dataset.name!r}, tasks {dataset.schema.task_names}); evaluate it "
+            "on the data it was trained on (--data-dir)"
+        )
     if not dataset.info.get("train_parquet"):
         config.train.streaming = "off"  # evaluation needs no Parquet copy of an in-memory train split
     trainer = Trainer(

@@ -8,14 +8,58 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+import onerank
 from onerank.data.schema import SchemaError
+from onerank.resources import shipped
 from onerank.training.config import RunConfig
 
 USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one line naming the flag, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, inclusive: bool = True, high: float | None = None):
+    """An argparse type: a ``kind`` number within [low, high] (or (low, high] when not ``inclusive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (value < low if inclusive else value <= low) or (
+                high is not None and value > high):
+            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE_FLOAT = _number(float, 0, inclusive=False)
+NON_NEGATIVE_FLOAT = _number(float, 0)
+PORT = _number(int, 0, high=65535)
+
+
+def _existing_parent(path: str, flag: str) -> Path:
+    """An output file whose folder must exist (a typo in it should not create a new folder tree)."""
+    out = Path(path)
+    if out.is_dir():
+        raise SchemaError(f"{flag} {out} is a folder; give a file path")
+    if not out.parent.is_dir():
+        raise SchemaError(f"{flag} {out}: folder {out.parent} does not exist; create it first or fix the path")
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -38,14 +82,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding the dataset's files")
     p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="loader option (repeatable)")
     p.add_argument("--tasks", help="comma-separated task subset, passed to the loader")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=int)
+    p.add_argument("--epochs", type=POSITIVE_INT)
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--lr", type=POSITIVE_FLOAT)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT)
+    p.add_argument("--patience", type=POSITIVE_INT, help="epochs without improvement before stopping (>= 1)")
     p.add_argument("--weighting", help="task weighting strategy (fixed, equal, uncertainty, gradnorm, pcgrad, dwa)")
-    p.add_argument("--listwise", type=float, help="weight of the list-wise loss (needs request grouping)")
-    p.add_argument("--temperature", type=float, help="temperature of the list-wise loss")
+    p.add_argument("--listwise", type=NON_NEGATIVE_FLOAT, help="weight of the list-wise loss (needs request grouping)")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, help="temperature of the list-wise loss")
     p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
@@ -53,11 +97,20 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast forward and loss (docs/scaling.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
-    p.add_argument("--threads", type=int, help="torch intra-op threads per process")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads per process")
+
+
+def _config_path(text: str) -> Path:
+    """A config file; outside a checkout, ``configs/NAME.yaml`` is also looked up among the installed configs."""
+    path = Path(text)
+    if path.exists() or path.is_absolute():
+        return path
+    packaged = shipped("configs") / (path.relative_to("configs") if path.parts[:1] == ("configs",) else path)
+    return packaged if packaged.exists() else path
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    config = RunConfig.from_yaml(_config_path(args.config)) if args.config else RunConfig()
     if args.dataset:
         config.dataset = args.dataset
     if args.data_dir:
@@ -84,7 +137,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         config.objective["temperature"] = args.temperature
     if args.cache_dir:
         config.cache_dir = args.cache_dir
-    return config
+    return config.validated()
 
 
 def format_table(comparison: dict) -> str:
@@ -123,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.model = args.model
     config.model_options.update(_key_values(args.model_option, "--model-option"))
     out = Path(args.out)
-    result = api.train(config, out_dir=out, resume=args.resume)
+    result = api.train(config, out_dir=out, resume=args.resume, overwrite=args.overwrite)
     if _is_main_process():  # under torchrun every rank holds the same result; one prints it
         print(format_table({"dataset": result["dataset"], "results": [result]}))
         print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
@@ -135,19 +188,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from onerank.training.trainer import write_json
 
     config = _run_config(args)
+    if args.output:
+        _existing_parent(args.output, "--output")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise SchemaError("--models names no model")
-    from onerank.models import model_class
+    from onerank.models.base import build_config
 
-    for m in models:
-        model_class(m)  # fail on a misspelled name before any training
     options: dict[str, dict] = {}
     for key, value in _key_values(args.model_option, "--model-option").items():
         model, _, option = key.partition(".")
         if not option:
             raise SchemaError(f"--model-option for compare is MODEL.KEY=VALUE, got {key!r}")
+        if model not in models:
+            raise SchemaError(f"--model-option {key}: model {model!r} is not in --models {models}")
         options.setdefault(model, {})[option] = value
+    for m in models:
+        build_config(m, options.get(m))  # a misspelled name or option fails before any training
     comparison = api.compare(config, models, options)
     if not _is_main_process():
         return 0
@@ -237,6 +294,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from onerank.serving.export import export_checkpoint
 
+    if args.out:
+        _existing_parent(args.out, "--out")
     report = export_checkpoint(args.checkpoint, args.format, args.out)
     print(f"wrote {report.path} ({report.model}, {report.format}; max |diff| vs PyTorch on an example request: "
           f"{report.max_abs_diff:.1e})")
@@ -260,8 +319,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onerank", description="Multi-task ranking for recommender systems")
+    parser = OneLineParser(prog="onerank", description="Multi-task ranking for recommender systems")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument("--version", action="version", version=f"onerank {onerank.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model; writes DIR/checkpoint.pt and DIR/metrics.json")
@@ -269,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (e.g. mmoe)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="model option (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with the same settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, an OUT holding a run is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train several models on the same data and print one table")
@@ -289,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, /healthz, /readyz, /metrics")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--onnx", help="ONNX file for --backend onnx (default: next to the checkpoint)")
     p.add_argument("--fusion", choices=["weighted_sum", "product"],
@@ -297,23 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "`onerank fuse`, else weighted_sum)")
     p.add_argument("--weight", action="append", metavar="TASK=W", help="fusion weight of a task (repeatable; "
                    "default 1 for every task, 0 for tasks left out once one is given)")
-    p.add_argument("--chunk-size", type=int, default=256,
+    p.add_argument("--chunk-size", type=POSITIVE_INT, default=256,
                    help="candidates scored at a time (the scores do not depend on it)")
-    p.add_argument("--max-candidates", type=int, default=4096, help="larger requests get 413")
-    p.add_argument("--max-history", type=int, default=1000, help="longer histories get 413")
-    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
-    p.add_argument("--workers", type=int, default=2, help="inference threads (requests scored at once)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--max-candidates", type=POSITIVE_INT, default=4096, help="larger requests get 413")
+    p.add_argument("--max-history", type=NON_NEGATIVE_INT, default=1000, help="longer histories get 413")
+    p.add_argument("--max-body-mb", type=POSITIVE_FLOAT, default=8.0, help="larger request bodies get 413")
+    p.add_argument("--workers", type=POSITIVE_INT, default=2, help="inference threads (requests scored at once)")
+    p.add_argument("--threads", type=POSITIVE_INT,
                    help="intra-op threads per inference (default: the cores divided by workers x processes)")
-    p.add_argument("--max-queue", type=int, default=8,
+    p.add_argument("--max-queue", type=NON_NEGATIVE_INT, default=8,
                    help="requests that may wait for a worker; past workers + max-queue in flight: 503 + Retry-After")
-    p.add_argument("--retry-after", type=int, default=1, help="seconds in the Retry-After header of a 503")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
+    p.add_argument("--retry-after", type=NON_NEGATIVE_INT, default=1, help="seconds in the Retry-After header of a 503")
+    p.add_argument("--graceful-timeout", type=POSITIVE_FLOAT, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM / SIGINT")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (an error where no GPU is present)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="torch backend: fp32, or bf16 autocast (matrix products in bfloat16)")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--processes", type=POSITIVE_INT, default=1,
                    help="server processes on the port, each with its own copy of the model (default 1)")
     p.add_argument("--fusion-file", help="fitted calibration + fusion (default: CHECKPOINT.fusion.json if present)")
     p.add_argument("--no-fusion-file", action="store_true", help="serve raw probabilities, ignore any fusion file")
@@ -355,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/NAME.yaml): tables, tests, plots")
     p.add_argument("--suite", required=True, help="suite name (benchmarks/suites/NAME.yaml) or a YAML path")
-    p.add_argument("--seeds", type=int, help="seeds per model (default: the suite's)")
+    p.add_argument("--seeds", type=POSITIVE_INT, help="seeds per model (default: the suite's)")
     p.add_argument("--out", help="output folder (default benchmarks/results/NAME)")
     p.add_argument("--models", help="comma-separated subset of the suite's models (names or labels)")
     p.add_argument("--suites-dir", help="where suites are looked up (default benchmarks/suites)")
@@ -364,14 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="re-render report.md and plots from OUT/results.json")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
-    p.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, help="runs trained in parallel processes (default 1)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("export-encoded", help="write a dataset for streaming: encoded train split as Parquet files")
     _add_run_flags(p)
     p.add_argument("--out", required=True, help="output folder (then: train --dataset encoded --data-dir OUT)")
-    p.add_argument("--rows-per-file", type=int, default=1_000_000)
-    p.add_argument("--row-group-rows", type=int, default=65_536, help="rows per row group (the unit of shuffling)")
+    p.add_argument("--rows-per-file", type=POSITIVE_INT, default=1_000_000)
+    p.add_argument("--row-group-rows", type=POSITIVE_INT, default=65_536, help="rows per row group (the unit of shuffling)")
     p.set_defaults(func=cmd_export_encoded)
 
     p = sub.add_parser("models", help="list model names")
@@ -389,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"onerank: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of our output went away (`onerank models | head`)
+        return 0
+    except OSError as exc:  # a path that is a file where a folder is needed, no permission, a full disk, ...
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"onerank: error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
         return 2
     finally:
         from onerank.training import distributed

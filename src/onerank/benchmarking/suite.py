@@ -9,13 +9,14 @@ traced to the exact suite definition that produced it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 from onerank.data.schema import SchemaError, read_yaml_mapping
+from onerank.resources import shipped
+from onerank.training.checkpoint import file_sha256
 from onerank.training.config import TrainConfig
 
 DEFAULT_SUITES_DIR = Path("benchmarks/suites")
@@ -61,16 +62,14 @@ class Suite:
         return [e for e in self.models if e.label in only or e.model in only]
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def suite_path(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Path:
     """A suite by name (``benchmarks/suites/NAME.yaml``) or by path to a YAML file."""
     as_path = Path(name)
     if as_path.suffix in (".yaml", ".yml") and as_path.exists():
         return as_path
     path = Path(suites_dir) / f"{name}.yaml"
+    if not path.exists() and Path(suites_dir) == DEFAULT_SUITES_DIR:
+        path = shipped("suites") / f"{name}.yaml"  # outside a checkout: the suites installed with onerank
     if not path.exists():
         available = sorted(p.stem for p in Path(suites_dir).glob("*.yaml")) if Path(suites_dir).is_dir() else []
         raise FileNotFoundError(f"no benchmark suite {name!r}: {path} does not exist (available: {available})")

@@ -304,12 +304,14 @@ def load_or_build(
     ``cache_root=False``-like values are not supported on purpose: ``ONERANK_CACHE`` picks the folder.
     """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    directory = root / f"{name}-{cache_key(key_parts)}"
+    key = cache_key(key_parts)
+    directory = root / f"{name}-{key}"
     if (directory / "manifest.json").exists():
         try:
             ds = EncodedDataset.load(directory)
             log.info("loaded cached %s from %s", name, directory)
             ds.info["cache_hit"] = True
+            ds.info["cache_key"] = key
             return ds
         except Exception as exc:  # a corrupt cache is rebuilt, never trusted
             log.warning("cache %s unreadable (%s); rebuilding", directory, exc)
@@ -318,6 +320,7 @@ def load_or_build(
     ds.info["preprocess_seconds"] = round(time.perf_counter() - start, 2)
     ds.save(directory)
     ds.info["cache_hit"] = False
+    ds.info["cache_key"] = key
     ds.info["cache_dir"] = str(directory)
     log.info("preprocessed %s in %.1fs, cached at %s", name, ds.info["preprocess_seconds"], directory)
     return ds

@@ -201,6 +201,13 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
                 f"{where}: dense column {f.source!r} must be numeric; found {col.dtype} with e.g. {bad.iloc[0]!r}"
                 f"{_na_hint(bad.iloc[0])}"
             )
+        infinite = np.isinf(col.to_numpy(dtype=np.float64, na_value=np.nan))
+        if infinite.any():
+            first = int(np.flatnonzero(infinite)[0])
+            raise SchemaError(
+                f"{where}: dense column {f.source!r} has {int(infinite.sum())} infinite values (first at row {first}, "
+                f"{col.iloc[first]}); clip or drop them, or mark them missing (NaN) and set fill_value"
+            )
         if f.fill_value is None and col.isna().any():
             raise SchemaError(
                 f"{where}: dense column {f.source!r} has {int(col.isna().sum())} NaN values; "

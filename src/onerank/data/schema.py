@@ -7,11 +7,13 @@ folders never reach back up the data flow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field
 
 FieldGroup = Literal["user", "item", "context"]
 TaskKind = Literal["binary", "regression"]
@@ -36,8 +38,8 @@ class CategoricalField:
     name: str
     group: FieldGroup = "context"
     column: str | None = None  # raw column name when it differs from ``name``
-    min_count: int = 1
-    oov_dropout: float = 0.0
+    min_count: Annotated[int, Field(ge=1)] = 1  # values seen fewer times in train become OOV
+    oov_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0  # training share of ids dropped to the OOV row
 
     @property
     def source(self) -> str:
@@ -52,7 +54,7 @@ class DenseField:
     group: FieldGroup = "context"
     column: str | None = None
     log1p: bool = False
-    fill_value: float | None = None  # NaN -> this value; None: NaN is an error
+    fill_value: Annotated[float, Field(allow_inf_nan=False)] | None = None  # NaN -> this value; None: NaN is an error
 
     @property
     def source(self) -> str:
@@ -68,7 +70,7 @@ class SequenceField:
     """
 
     name: str
-    max_len: int = 50
+    max_len: Annotated[int, Field(ge=1)] = 50
     column: str | None = None  # for tabular input: a column holding a list or a delimited string of item ids
     separator: str = "|"
 
@@ -93,7 +95,7 @@ class TaskSpec:
     name: str
     kind: TaskKind = "binary"
     column: str | None = None
-    weight: float = 1.0
+    weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     space: str | None = None
     transform: str | None = None  # None: "standardize" for regression, "none" for binary
     loss_scale: float = 1.0
@@ -209,15 +211,26 @@ class Schema:
 
         def build(kind: type, key: str) -> list:
             items = raw.get(key) or []
+            if not isinstance(items, list):
+                raise SchemaError(f"schema {key}: expected a list of entries (names or mappings), got "
+                                  f"{type(items).__name__} {items!r}; write `{key}: [{items}]`")
             out = []
-            for item in items:
+            for i, item in enumerate(items):
                 if isinstance(item, str):
                     item = {"name": item}
-                try:
-                    out.append(kind(**item))
-                except TypeError as exc:
-                    raise SchemaError(f"schema {key} entry {item!r}: {exc}") from None
+                if not isinstance(item, dict):
+                    raise SchemaError(f"schema {key}[{i}]: expected a name or a mapping, got {item!r}")
+                valid = {f.name for f in dataclasses.fields(kind)}
+                unknown = sorted(set(item) - valid)
+                if unknown:
+                    raise SchemaError(f"schema {key}[{i}] ({item.get('name')!r}): unknown keys {unknown}; "
+                                      f"valid: {sorted(valid)}")
+                out.append(typed(kind, item, f"schema {key}[{i}]"))
             return out
+
+        for key in ("item_id", "user_id", "timestamp", "request_id"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                raise SchemaError(f"schema {key}: expected a column name, got {raw[key]!r}")
 
         return cls(
             categorical=build(CategoricalField, "categorical"),
@@ -242,10 +255,49 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise SchemaError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise SchemaError(f"config file {path} is a folder; give a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise SchemaError(f"{path}: not a text file; expected YAML") from None
     except yaml.YAMLError as exc:
-        raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SchemaError(f"{path}: not valid YAML ({problem}{where}); fix the file") from None
     if not isinstance(raw, dict):
         raise SchemaError(f"{path}: expected a mapping at the top level")
     return raw
+
+
+def typed(kind: type, values: Any, where: str) -> Any:
+    """``kind(**values)`` for a config dataclass, each value checked and converted to its annotated type by pydantic
+    (``"1e-3"`` -> 0.001, ``"10"`` -> 10, a list -> a tuple) and to the constraints of ``Annotated`` fields; a wrong
+    value is a SchemaError naming the field as ``where.field``."""
+    from pydantic import ValidationError
+
+    if not isinstance(values, dict):
+        raise SchemaError(f"{where} must be a mapping of {kind.__name__} fields, got {type(values).__name__} "
+                          f"{values!r}")
+    try:
+        return _adapter(kind).validate_python(values)
+    except ValidationError as exc:
+        raise SchemaError(validation_message(exc, where)) from None
+
+
+def validation_message(exc: Any, where: str) -> str:
+    """One line from a pydantic ValidationError: the first field at fault, what is wrong, the value given."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = " ".join([where, ".".join(str(p) for p in first["loc"])]).strip()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    value = f" (got {first['input']!r})" if first["type"] != "missing" else ""
+    return f"{loc}: {first['msg']}{value}{more}".replace("\n", " ")
+
+
+@functools.cache
+def _adapter(kind: type) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(kind)

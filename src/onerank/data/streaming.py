@@ -19,6 +19,7 @@ out (the few rows left on the other ranks wait for the next epoch, which deals t
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -82,9 +83,11 @@ def _request_aligned_cuts(request: np.ndarray, every: int) -> list[int]:
 
 
 def write_encoded_parquet(
-    split: EncodedSplit, directory: str | Path, rows_per_file: int = 1_000_000, row_group_rows: int = 65_536
+    split: EncodedSplit, directory: str | Path, rows_per_file: int = 1_000_000, row_group_rows: int = 65_536,
+    key: str | None = None,
 ) -> Path:
-    """Write ``split`` as ``directory/part-*.parquet`` (atomically: a temporary sibling renamed at the end)."""
+    """Write ``split`` as ``directory/part-*.parquet`` (atomically: a temporary sibling renamed at the end);
+    ``key`` (recorded in the manifest) says which data it holds."""
     if rows_per_file < 1 or row_group_rows < 1:
         raise ValueError(f"rows_per_file and row_group_rows must be >= 1, got {rows_per_file}, {row_group_rows}")
     directory = Path(directory)
@@ -104,7 +107,7 @@ def write_encoded_parquet(
                 writer.write_table(table, row_group_size=hi - lo)
             if writer is not None:
                 writer.close()
-        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "rows": len(split)}))
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "rows": len(split), "key": key}))
         _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,7 +400,7 @@ def stream_source_for(
 
     ``mode``: ``on``, ``off`` or ``auto`` (stream when the split's tensors would exceed ``threshold_mb``). A dataset
     whose train split is on disk already (``--dataset encoded``) always streams. Otherwise the in-memory split is
-    written once to ``OUT/train-parquet`` (reused when it holds the same number of rows) and streamed from there;
+    written once to ``OUT/train-parquet`` (reused when it holds the same data: see ``train_split_key``) and streamed from there;
     without an output folder, to a new temporary folder that the caller removes when done.
     """
     if mode not in ("auto", "on", "off"):
@@ -412,13 +415,34 @@ def stream_source_for(
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="onerank-stream-")
     target = Path(out_dir) / "train-parquet"
+    key = train_split_key(ds)
     manifest = target / MANIFEST
-    if manifest.exists() and json.loads(manifest.read_text()).get("rows") == len(ds.train):
+    if manifest.exists() and _manifest(manifest).get("key") == key:
         return target
     log.info("writing the train split (%d rows) to %s for streaming", len(ds.train), target)
     # at least ~64 row groups (the unit of shuffling and sharding), of at most 65,536 rows
     row_group_rows = min(65_536, max(1_024, -(-len(ds.train) // 64)))
-    return write_encoded_parquet(ds.train, target, row_group_rows=row_group_rows)
+    return write_encoded_parquet(ds.train, target, row_group_rows=row_group_rows, key=key)
+
+
+def train_split_key(ds: EncodedDataset) -> str:
+    """What a Parquet copy of the train split is reused by: the dataset's cache key (its sources and options), or,
+    for a dataset built in memory, a hash of the split's contents. Never the row count: two datasets of one size
+    (e.g. synthetic data with another ``task_correlation``) hold other labels."""
+    if ds.info.get("cache_key"):
+        return f"cache:{ds.info['cache_key']}"
+    digest = hashlib.sha256()
+    for name, arr in sorted(ds.train.arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return f"content:{digest.hexdigest()[:16]}"
+
+
+def _manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # damaged: rewritten, never trusted
 
 
 __all__ = [

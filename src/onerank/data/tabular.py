@@ -48,7 +48,7 @@ from onerank.data.encoding import RaggedHistory, check_constant_per_request
 from onerank.data.histories import build_histories
 from onerank.data.registry import register_dataset
 from onerank.data.requests import group_requests, request_start_times, size_distribution
-from onerank.data.schema import Schema, SchemaError
+from onerank.data.schema import Schema, SchemaError, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,7 @@ def _parse_scalar(value: Any) -> Any:
 
 
 def read_config(path: str | Path) -> dict:
-    with open(path) as fh:
-        raw = yaml.safe_load(fh)
-    if not isinstance(raw, dict):
-        raise SchemaError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path)
     unknown = set(raw) - SCHEMA_KEYS - LOADER_KEYS
     if unknown:
         raise SchemaError(

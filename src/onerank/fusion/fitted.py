@@ -7,7 +7,6 @@ application of stale calibration maps and weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,17 +18,10 @@ import numpy as np
 
 from onerank.fusion.calibration import Calibration
 from onerank.fusion.forms import AnyFusion, fusion_from_dict
+from onerank.training.checkpoint import file_sha256
 
 FORMAT = 1
 SUFFIX = ".fusion.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_path(checkpoint: str | Path) -> Path:

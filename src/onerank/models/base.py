@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
-from onerank.data.schema import SchemaError
+from onerank.data.schema import SchemaError, typed
 from onerank.features.space import FeatureSpace
 from onerank.nn.mlp import MLP
 
@@ -147,13 +147,20 @@ def build_config(name: str, options: dict | None = None) -> Any:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise SchemaError(f"model {name!r} has no option(s) {unknown}; its options are {sorted(valid)}")
-    for f in dataclasses.fields(cls.Config):
-        # YAML gives lists where configs hold tuples
-        if f.name in options and isinstance(options[f.name], list):
-            options[f.name] = tuple(options[f.name])
-    return cls.Config(**options)
+    for key, value in options.items():
+        # sizes, counts and rates are never negative; a negative one is a typo that would fail deep inside torch
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 for v in numbers):
+            raise SchemaError(f"model {name!r} option {key}={value!r}: must not be negative")
+    # types checked and converted by pydantic: "64" -> 64, a YAML list -> the config's tuple; errors name the option
+    return typed(cls.Config, options, f"model {name!r} option")
 
 
 def build_model(name: str, space: FeatureSpace, options: dict | None = None) -> MultiTaskModel:
     cls = model_class(name)
-    return cls(space, build_config(name, options))
+    config = build_config(name, options)
+    try:
+        return cls(space, config)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise SchemaError(f"model {name!r} cannot be built with options {dict(options or {})}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

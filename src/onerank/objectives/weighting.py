@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from onerank.data.schema import SchemaError, TaskSpec

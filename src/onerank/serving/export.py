@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from onerank.data.batching import Batch
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
 from onerank.serving.request import EncodedRequest, RequestEncoder
+from onerank.training.checkpoint import file_sha256
 
 Format = Literal["onnx", "torchscript"]
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -138,8 +141,13 @@ def default_export_path(checkpoint: str | Path, fmt: Format) -> Path:
     return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
 
 
-def _metadata(wrapper: ExportableModel, model_name: str, fitted: dict | None = None) -> dict[str, str]:
+CHECKPOINT_KEY = "onerank.checkpoint_sha256"  # metadata key: the SHA-256 of the checkpoint an export was made from
+
+
+def _metadata(wrapper: ExportableModel, model_name: str, checkpoint_sha256: str,
+              fitted: dict | None = None) -> dict[str, str]:
     meta = {
+        CHECKPOINT_KEY: checkpoint_sha256,
         "onerank.model": model_name,
         "onerank.inputs": json.dumps([spec.name for spec in wrapper.specs]),
         "onerank.tasks": json.dumps(wrapper.space.task_names),
@@ -151,7 +159,7 @@ def _metadata(wrapper: ExportableModel, model_name: str, fitted: dict | None = N
 
 
 def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path, model_name: str,
-                fitted: dict | None = None) -> Path:
+                checkpoint_sha256: str = "", fitted: dict | None = None) -> Path:
     import onnx
 
     try:
@@ -177,7 +185,7 @@ def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str
             raise ValueError(f"model {model_name!r}: the ONNX exporter fixed the candidate axis of input "
                              f"{graph_input.name!r} to {axis.dim_value} (the model's code depends on the number of "
                              "candidates as a Python value)")
-    for key, value in _metadata(wrapper, model_name, fitted).items():
+    for key, value in _metadata(wrapper, model_name, checkpoint_sha256, fitted).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save_model(proto, str(path))
@@ -185,7 +193,8 @@ def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str
 
 
 def export_torchscript(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path,
-                       model_name: str, fitted: dict | None = None) -> Path:
+                       model_name: str, checkpoint_sha256: str = "",
+                       fitted: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -193,7 +202,8 @@ def export_torchscript(wrapper: ExportableModel, example: tuple[Tensor, ...], pa
         # about Python values are checked by the parity test on a batch of another size instead.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"onerank.json": json.dumps(_metadata(wrapper, model_name, fitted))})
+        torch.jit.save(traced, str(path),
+                       _extra_files={"onerank.json": json.dumps(_metadata(wrapper, model_name, checkpoint_sha256, fitted))})
     return path
 
 
@@ -201,6 +211,31 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location="cpu")
+
+
+def export_metadata(path: str | Path, fmt: Format) -> dict[str, str]:
+    """The onerank metadata an export carries (model, inputs, tasks, the checkpoint's SHA-256)."""
+    if fmt == "onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    extra = {"onerank.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["onerank.json"] or "{}")
+
+
+def check_export_source(metadata: dict[str, str], path: str | Path, checkpoint: str | Path, checkpoint_sha256: str,
+                        fmt: Format) -> None:
+    """Refuse an export that was not made from this very checkpoint (its recorded SHA-256 differs or is absent)."""
+    recorded = metadata.get(CHECKPOINT_KEY)
+    again = f"export it again: onerank export --checkpoint {checkpoint} --format {fmt}"
+    if not recorded:
+        raise ValueError(f"{path} does not record which checkpoint it was exported from (an older onerank); {again}")
+    if recorded != checkpoint_sha256:
+        raise ValueError(f"{path} was exported from another checkpoint (sha256 {recorded[:12]}) than {checkpoint} "
+                         f"({checkpoint_sha256[:12]}, retrained since?); {again}")
 
 
 def check_onnx_signature(session, space: FeatureSpace, path: str | Path) -> list[str]:
@@ -246,15 +281,25 @@ def export_checkpoint(checkpoint: str | Path, fmt: Format, out: str | Path | Non
     wrapper = ExportableModel(model, meta["item_table"])
     encoder = RequestEncoder(model.space, Encoders.from_state(meta["encoders"]), meta["item_table"])
     example = request_inputs(encoder, wrapper, 3)
-    if fmt == "onnx":
-        export_onnx(wrapper, example, out, meta["model"], fitted)
-    else:
-        export_torchscript(wrapper, example, out, meta["model"], fitted)
-    check = request_inputs(encoder, wrapper, 7)
-    diff = max_abs_diff(wrapper(*check), run_export(out, fmt, check))
-    if not diff <= PARITY_TOLERANCE:
-        raise ValueError(f"the {fmt} export {out} differs from PyTorch by {diff:.1e} (more than "
-                         f"{PARITY_TOLERANCE:.0e}) on an example request; do not serve it")
+    digest = file_sha256(checkpoint)
+    # Written next to the target and renamed over it only once the parity check passed: a failed export never
+    # replaces (or poses as) a good one at the path the service loads.
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if fmt == "onnx":
+            export_onnx(wrapper, example, tmp, meta["model"], digest, fitted)
+        else:
+            export_torchscript(wrapper, example, tmp, meta["model"], digest, fitted)
+        check = request_inputs(encoder, wrapper, 7)
+        diff = max_abs_diff(wrapper(*check), run_export(tmp, fmt, check))
+        if not diff <= PARITY_TOLERANCE:
+            raise ValueError(f"the {fmt} export of {checkpoint} differs from PyTorch by {diff:.1e} (more than "
+                             f"{PARITY_TOLERANCE:.0e}) on an example request; nothing was written to {out}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ExportReport(out, fmt, meta["model"], diff)
 
 

@@ -51,10 +51,12 @@ def serving_device(device: str | torch.device) -> torch.device:
             raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return resolved
 
+CPU = torch.device("cpu")
+
 
 class TorchBackend:
     def __init__(
-        self, model: torch.nn.Module, meta: dict, chunk_size: int, device: torch.device = torch.device("cpu"),
+        self, model: torch.nn.Module, meta: dict, chunk_size: int, device: torch.device = CPU,
         precision: str = "fp32",
     ) -> None:
         if precision not in PRECISIONS:
@@ -80,7 +82,7 @@ class TorchBackend:
 
 class OnnxBackend:
     def __init__(
-        self, path: str | Path, space: FeatureSpace, threads: int | None, device: torch.device = torch.device("cpu")
+        self, path: str | Path, space: FeatureSpace, threads: int | None, device: torch.device = CPU
     ) -> None:
         import onnxruntime as ort
 
@@ -173,10 +175,10 @@ class Ranker:
         self.space: FeatureSpace = model.space
         self.tasks = self.space.task_names
         self.task_kinds = {t.name: t.kind for t in self.space.tasks}
-        sha = file_sha256(checkpoint)
-        self.version = sha[:12]
+        self.checkpoint_sha256 = file_sha256(checkpoint)
+        self.version = self.checkpoint_sha256[:12]
         self.encoder = RequestEncoder(self.space, Encoders.from_state(meta["encoders"]), meta["item_table"], limits)
-        self.fitted = None if fusion_file is False else load_for_checkpoint(checkpoint, fusion_file, sha)
+        self.fitted = None if fusion_file is False else load_for_checkpoint(checkpoint, fusion_file, self.checkpoint_sha256)
         fitted_fusion = self.fitted.fusion if self.fitted is not None else None
         self.fusion = (fusion or fitted_fusion or Fusion()).resolved(self.tasks, self.task_kinds)
         self.backend_name = backend
@@ -185,7 +187,7 @@ class Ranker:
         if backend == "torch":
             self.backend = TorchBackend(model, meta, chunk_size, self.device, precision)
         elif backend == "onnx":
-            from onerank.serving.export import default_export_path
+            from onerank.serving.export import check_export_source, default_export_path
 
             path = Path(onnx_path) if onnx_path else default_export_path(self.checkpoint, "onnx")
             if not path.exists():
@@ -194,6 +196,9 @@ class Ranker:
                     "--format onnx`"
                 )
             self.backend = OnnxBackend(path, self.space, threads, self.device)
+            # an export of an earlier checkpoint would serve other scores under this checkpoint's version
+            check_export_source(self.backend.session.get_modelmeta().custom_metadata_map, path, self.checkpoint,
+                                self.checkpoint_sha256, "onnx")
         else:
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
 

@@ -296,6 +296,10 @@ class RequestEncoder:
             if None in raw_ids:
                 i = raw_ids.index(None)
                 raise RequestError(("candidates", i, item_id), f"field required: the item id {item_id!r}", "missing")
+            for i, v in enumerate(raw_ids):
+                if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+                    raise RequestError(("candidates", i, item_id), f"expected an item id (a string or an integer), "
+                                       f"got {v!r}", "type_error")
             item_codes = self._codes(item_id, raw_ids, ("candidates", item_id))
         for f in self.item_categorical:
             if f.name == item_id:
@@ -442,18 +446,24 @@ class RequestEncoder:
 
     def _dense(self, name: str, values: list, loc: tuple) -> np.ndarray:
         raw = np.array(values) if values else np.zeros(0)
-        if raw.dtype.kind not in "iuf":  # None (missing), or a value of the wrong type somewhere
+        # None (missing), or a value of the wrong type somewhere; a bool mixed with numbers hides in a numeric array
+        if raw.dtype.kind not in "iuf" or any(isinstance(v, bool) for v in values):
             wrong = [j for j, v in enumerate(values)
                      if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
             if wrong:
                 j = wrong[0]
                 raise RequestError(_locate(loc, j, None), f"expected a number, got {values[j]!r}", "type_error")
-            raw = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+            # NaN sent as a value is an error: null is how a missing value is sent
+            present = np.array([v is not None for v in values], dtype=bool)
+            raw = np.array([0.0 if v is None else v for v in values], dtype=np.float64)
+        else:
+            present = np.ones(len(raw), dtype=bool)
         raw = raw.astype(np.float64)
-        missing = np.isnan(raw)
-        if np.isinf(raw).any():
-            j = int(np.flatnonzero(np.isinf(raw))[0])
-            raise RequestError(_locate(loc, j, None), f"expected a finite number, got {raw[j]}")
+        if not np.isfinite(raw[present]).all():
+            j = int(np.flatnonzero(present & ~np.isfinite(raw))[0])
+            raise RequestError(_locate(loc, j, None), f"expected a finite number (null for a missing value), "
+                               f"got {raw[j]}")
+        missing = ~present
         scaled = self.encoders.scalers[name].transform(np.where(missing, 0.0, raw))
         return np.where(missing, np.float32(self.dense_fallback[name]), scaled).astype(np.float32)
 

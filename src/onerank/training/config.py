@@ -3,41 +3,58 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, Field
 
-from onerank.data.schema import SchemaError, read_yaml_mapping
+from onerank.data.schema import SchemaError, read_yaml_mapping, typed
 from onerank.objectives.losses import ObjectiveConfig
+
+
+# Ranges of the numeric settings (checked wherever a config is read: YAML, flags, Python; see RunConfig.validated).
+Positive = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _device(name: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", name):
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+Device = Annotated[str, AfterValidator(_device)]
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    embedding_lr: float | None = None  # a separate Adam optimiser for embedding tables when set
-    grad_clip: float | None = 10.0  # max global grad norm; None disables clipping
-    lr_schedule: str = "none"  # "none" or "cosine" (over all training steps)
-    patience: int = 2  # epochs without improvement of the monitor before stopping
+    epochs: Positive = 10
+    batch_size: Positive = 1024
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    embedding_lr: PositiveFloat | None = None  # a separate Adam optimiser for embedding tables when set
+    grad_clip: PositiveFloat | None = 10.0  # max global grad norm; None disables clipping
+    lr_schedule: Literal["none", "cosine"] = "none"  # "none" or "cosine" (over all training steps)
+    patience: Positive = 2  # epochs without improvement of the monitor before stopping
     monitor: str = "auc"  # metric averaged over tasks on validation: auc, gauc, logloss, mse, ...
     monitor_weights: dict[str, float] | None = None  # per-task weights of the monitor (None: equal)
-    seed: int = 0
-    eval_batch_size: int = 8192
-    checkpoint_every: int = 0  # also write the resumable state every N steps (0: only at epoch ends)
-    device: str = "auto"  # "auto", "cpu", "cuda"
+    seed: Annotated[int, Field(ge=0)] = 0
+    eval_batch_size: Positive = 8192
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0  # also write the resumable state every N steps (0: only at epoch ends)
+    device: Device = "auto"  # "auto", "cpu", "cuda"
     progress: bool = True
     tensorboard: bool = True
-    threads: int | None = None  # torch intra-op threads (None: leave PyTorch's default)
+    threads: Positive | None = None  # torch intra-op threads (None: leave PyTorch's default)
     gradient_diagnostics: bool = False  # log per-epoch cosines between task gradients on shared parameters
     # speed and scale (docs/scaling.md)
-    precision: str = "fp32"  # "fp32" or "bf16": autocast of forward and loss (parameters and optimiser stay fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast of forward and loss (parameters and optimiser stay fp32)
     compile: bool = False  # torch.compile the model (in place; checkpoints keep their parameter names)
-    streaming: str = "auto"  # "auto", "on", "off": train from a Parquet stream of the train split
-    streaming_threshold_mb: float = 4096.0  # auto: stream when the train split's tensors would exceed this
-    stream_buffer_rows: int = 262_144  # shuffle buffer of the stream, in impressions
+    streaming: Literal["auto", "on", "off"] = "auto"  # train from a Parquet stream of the train split
+    streaming_threshold_mb: PositiveFloat = 4096.0  # auto: stream when the train split's tensors would exceed this
+    stream_buffer_rows: Positive = 262_144  # shuffle buffer of the stream, in impressions
 
 
 @dataclass
@@ -58,16 +75,31 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        raw = dict(raw)
+        """A config from plain values (YAML), every field checked for its type and range (errors name it)."""
+        if not isinstance(raw, dict):
+            raise SchemaError(f"a run config is a mapping, got {type(raw).__name__}")
+        raw = {k: str(v) if isinstance(v, Path) else v for k, v in raw.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise SchemaError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
-        raw["train"] = _build(TrainConfig, raw.get("train") or {}, "train")
+        train = raw.get("train") or {}
+        raw["train"] = dataclasses.asdict(train) if dataclasses.is_dataclass(train) else train
+        _check_keys(TrainConfig, raw["train"], "train")
         objective = raw.get("objective") or {}
-        _build(ObjectiveConfig, objective, "objective")  # validates the keys
-        raw["objective"] = dict(objective)
-        return cls(**raw)
+        _check_keys(ObjectiveConfig, objective, "objective")
+        checked = typed(ObjectiveConfig, objective, "objective")
+        for key, (low, inclusive) in OBJECTIVE_LOWER_BOUNDS.items():
+            value = getattr(checked, key)
+            if key in objective and not (value >= low if inclusive else value > low) or not math.isfinite(value):
+                raise SchemaError(f"objective.{key} must be a finite number {'>=' if inclusive else '>'} {low}, "
+                                  f"got {objective[key]!r}")
+        raw["objective"] = {k: getattr(checked, k) for k in objective}
+        return typed(cls, raw, "config")
+
+    def validated(self) -> "RunConfig":
+        """A checked copy (types converted, ranges enforced), e.g. after flags were set on a config."""
+        return RunConfig.from_dict(self.to_dict())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
@@ -79,13 +111,14 @@ def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> Obj
     return ObjectiveConfig(**{**model_defaults, **config.objective})
 
 
-def _build(kind: type, values: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(values):
-        return values
+# ObjectiveConfig lives with the losses; its ranges are checked here, where configs are read: (bound, bound allowed)
+OBJECTIVE_LOWER_BOUNDS = {"pointwise": (0.0, True), "listwise": (0.0, True), "temperature": (0.0, False)}
+
+
+def _check_keys(kind: type, values: Any, where: str) -> None:
     if not isinstance(values, dict):
-        raise SchemaError(f"config section {where!r} must be a mapping")
+        raise SchemaError(f"config section {where!r} must be a mapping, got {values!r}")
     valid = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")
-    return kind(**values)

@@ -105,6 +105,9 @@ def _wants_cuda(device: str) -> bool:
 def resolve_device(device: str, where: DistInfo | None = None) -> torch.device:
     """``auto`` / ``cpu`` / ``cuda`` -> a concrete device; under DDP on CUDA, this rank's GPU (``LOCAL_RANK``)."""
     where = where or info()
+    if _wants_cuda(device) and device != "auto" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available to this PyTorch ({torch.__version__}); "
+                         "use --device cpu (or auto)")
     if not _wants_cuda(device):
         return torch.device(device if device != "auto" else "cpu")
     if where.enabled:

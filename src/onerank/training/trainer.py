@@ -46,6 +46,10 @@ class TrainingInterrupted(RuntimeError):
     """Raised when ``stop_after_steps`` ends a run early (used to simulate a crash in tests)."""
 
 
+class TrainingDiverged(ValueError):
+    """A loss became NaN or infinite: the run stops at once instead of training on (and reporting) garbage."""
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # the epoch in progress (or next to start)
@@ -178,6 +182,7 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def _resume_state(self) -> dict:
         return {
+            **ckpt.header("resume"),
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -196,12 +201,18 @@ class Trainer:
         if self.dist.is_main:  # one writer; every rank reads it on resume
             ckpt.save_atomic({**self._resume_state(), "rng_per_rank": rng_per_rank}, self.out_dir / "last.pt")
 
-    def resume(self, path: str | Path | None = None) -> None:
+    def resume(self, path: str | Path | None = None, state: dict | None = None) -> None:
+        """Continue from resumable state: ``state`` as read by ``checkpoint.load(..., "resume")``, or a path."""
         path = Path(path) if path else (self.out_dir / "last.pt" if self.out_dir else None)
-        if path is None:
-            raise ValueError("resume needs a checkpoint path or an output directory")
-        state = ckpt.load(path)
-        self.model.load_state_dict(state["model"])
+        if state is None:
+            if path is None:
+                raise ValueError("resume needs a checkpoint path or an output directory")
+            state = ckpt.load(path, kind="resume")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{path}: its weights do not fit this run's model "
+                                       f"({str(exc).splitlines()[0]}); start a new run (--overwrite)") from None
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):
@@ -220,7 +231,7 @@ class Trainer:
         self.best_model_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         if self.out_dir is not None and self.dist.is_main:
             ckpt.save_atomic(
-                {"model": self.best_model_state, "meta": self.meta, "epoch": self.state.epoch},
+                {**ckpt.header("model"), "model": self.best_model_state, "meta": self.meta, "epoch": self.state.epoch},
                 self.out_dir / "checkpoint.pt",
             )
 
@@ -257,7 +268,13 @@ class Trainer:
                 for sch in self.schedulers:
                     sch.step()
                 for t in loss_sums:
-                    loss_sums[t] += float(losses[t].detach())
+                    value = float(losses[t].detach())
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(
+                            f"the {t!r} loss is {value} at epoch {epoch + 1}, step {self.state.step + 1}: training "
+                            f"diverged; look for inf / NaN in the data or lower the learning rate (lr={cfg.lr})"
+                        )
+                    loss_sums[t] += value
                 self.state.step += 1
                 self.state.global_step += 1
                 self.state.train_samples += global_size
@@ -412,4 +429,4 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-__all__ = ["Trainer", "TrainState", "TrainingInterrupted", "write_json", "Batch"]
+__all__ = ["Trainer", "TrainState", "TrainingDiverged", "TrainingInterrupted", "write_json", "Batch"]
