@@ -224,6 +224,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         args.suite, out_dir=args.out, seeds=args.seeds, models=models, suites_dir=args.suites_dir,
         work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
         command=command, device=args.device, workers=args.workers,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(result["report"])
     return 0

@@ -9,13 +9,15 @@ with ``resume=True`` and the paired tests can be recomputed.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
+import json
 import logging
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -61,6 +63,33 @@ def _compact_history(history: list[dict]) -> list[dict]:
     ]
 
 
+def code_version() -> dict[str, Any]:
+    """The onerank version and, when the package runs from a git checkout, its commit and whether the tracked files
+    differ from it (so a result can be traced to the code that made it)."""
+    import subprocess
+
+    import onerank
+
+    out: dict[str, Any] = {"onerank": onerank.__version__, "git_commit": None, "git_dirty": None}
+    where = Path(onerank.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: the version alone identifies the code
+    return out
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def run_key(variant: Any, label: str, hparams: dict[str, Any], seed: int) -> str:
     hp = ",".join(f"{k}={v}" for k, v in sorted(hparams.items()))
     return f"v={variant}|{label}|{hp}|seed={seed}"
@@ -71,8 +100,6 @@ _DATASETS: dict[str, EncodedDataset] = {}
 
 def _dataset(config: RunConfig) -> EncodedDataset:
     """The run's dataset, loaded once per process (workers keep theirs between runs)."""
-    import json
-
     key = json.dumps([config.dataset, config.data_dir, config.dataset_options, config.cache_dir], sort_keys=True,
                      default=str)
     if key not in _DATASETS:
@@ -140,8 +167,11 @@ class SuiteRunner:
         command: str | None = None,
         device: str | None = None,
         workers: int = 1,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.suite = suite
+        self.progress = progress
+        self.code = code_version()
         self.out_dir = Path(out_dir)
         self.work_dir = Path(work_dir) if work_dir else Path("runs/benchmark") / suite.name
         self.seeds = int(seeds if seeds is not None else suite.seeds)
@@ -168,24 +198,28 @@ class SuiteRunner:
                 "torch": torch.__version__,
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             },
+            "code": self.code,
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "runs": [],
             "tuning": {},
         }
         self.predictions: dict[str, dict[str, np.ndarray]] = {}
+        self.session_runs = 0  # runs trained by this process (the time estimate's rate)
         if resume and (self.out_dir / "results.json").exists():
             self._load_previous()
 
     # ---- persistence ----------------------------------------------------------------------------------------------
     def _load_previous(self) -> None:
-        import json
-
         previous = json.loads((self.out_dir / "results.json").read_text())
-        if previous.get("suite_sha256") != self.suite.sha256:
-            log.warning("results.json was made by another version of the suite; starting afresh")
-            return
+        changed = previous.get("suite_sha256") != self.suite.sha256
+        if changed:
+            log.warning("results.json was made by another version of the suite: keeping only the runs whose "
+                        "configuration the new version still asks for")
+        wanted = {self._spec(*job)["key"]: self._spec(*job)["config_sha256"] for job in self._all_jobs()}
         for run in previous.get("runs", []):
             path = self._prediction_path(run["key"])
+            if changed and wanted.get(run["key"]) != run.get("config_sha256", "none"):
+                continue
             if path.exists():
                 self.results["runs"].append(run)
                 with np.load(path) as npz:
@@ -214,6 +248,26 @@ class SuiteRunner:
         self.results["runs"].append({**spec, **fields})
         log.info("benchmark %s: %s done (%s)", self.suite.name, spec["key"], fields.get("error", "ok"))
         self._save()
+        self._report_progress(spec, fields)
+
+    def total_runs(self) -> int:
+        """Runs of the whole suite: per variant, each tuned model's grid at seed 0 and its other seeds at the chosen
+        point, and every seed of each ablation."""
+        tuned = sum(not e.ablation for e in self.entries)
+        ablations = len(self.entries) - tuned
+        per_variant = tuned * (len(self._grid()) + self.seeds - 1) + ablations * self.seeds
+        return len(self.suite.variant_values) * per_variant
+
+    def _report_progress(self, spec: dict, fields: dict) -> None:
+        self.session_runs += 1
+        if self.progress is None:
+            return
+        done, total = len(self.results["runs"]), self.total_runs()
+        elapsed = time.time() - self.started
+        left = elapsed / self.session_runs * max(total - done, 0)
+        status = f"FAILED: {fields['error'][:80]}" if fields.get("error") else f"{fields.get('wall_seconds', 0):.0f} s"
+        self.progress(f"[{self.suite.name}] {done}/{total} runs done ({spec['label']}, {spec['variant']}, seed "
+                      f"{spec['seed']}: {status}); {_duration(elapsed)} elapsed, about {_duration(left)} left")
 
     # ---- runs -------------------------------------------------------------------------------------------------------
     def run_config(self, entry: ModelEntry, variant: Any, hparams: dict[str, Any], seed: int) -> RunConfig:
@@ -228,15 +282,26 @@ class SuiteRunner:
             train.device = self.device
         return RunConfig(
             dataset=suite.dataset, data_dir=suite.data_dir, dataset_options=options, model=entry.model,
-            model_options=dict(entry.options), objective=dict(suite.objective), train=train,
+            model_options=dict(entry.options), objective={**suite.objective, **entry.objective}, train=train,
             cache_dir=self.cache_dir,
         )
 
+    def _all_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
+        """Every run the suite can ask for given the tuning already done in ``previous``: each grid point of each
+        seed (the chosen points are among them): a kept run is one the current suite would train identically."""
+        return [(e, v, hp, seed) for v in self.suite.variant_values for e in self.entries for hp in self._grid()
+                for seed in range(self.seeds)]
+
     def _spec(self, entry: ModelEntry, variant: Any, hparams: dict, seed: int) -> dict[str, Any]:
+        config = self.run_config(entry, variant, hparams, seed).to_dict()
+        for machine_only in ("cache_dir",):
+            config.pop(machine_only, None)
+        fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         return {
             "key": run_key(variant, entry.label, hparams, seed), "variant": variant, "label": entry.label,
             "model": entry.model, "options": entry.options, "ablation": entry.ablation, "hparams": hparams,
-            "seed": seed,
+            "seed": seed, **({"objective": entry.objective} if entry.objective else {}),
+            "git_commit": self.code["git_commit"], "config_sha256": fingerprint,
         }
 
     def _execute(self, jobs: list[tuple[ModelEntry, Any, dict, int]]) -> None:
@@ -323,11 +388,10 @@ def run_benchmark(
     command: str | None = None,
     device: str | None = None,
     workers: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
     ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown)."""
-    import json
-
     from onerank.benchmarking.plots import make_plots
     from onerank.benchmarking.report import render_markdown
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
@@ -340,10 +404,11 @@ def run_benchmark(
         previous = json.loads((out / "results.json").read_text())
         command, seeds = previous.get("command"), previous.get("seeds", seeds)
     runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
-                         cache_dir=cache_dir, command=command, device=device, workers=workers)
+                         cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress)
     if report_only:  # re-rendering is not part of the suite's wall time
         runner.started = time.time()
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
+        runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
         runner.count_time = False
         results = runner.finalize()
     else:
