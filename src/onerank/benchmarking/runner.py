@@ -205,12 +205,17 @@ class SuiteRunner:
         }
         self.predictions: dict[str, dict[str, np.ndarray]] = {}
         self.session_runs = 0  # runs trained by this process (the time estimate's rate)
+        self.previous_summary: dict[str, Any] = {}
         if resume and (self.out_dir / "results.json").exists():
             self._load_previous()
 
     # ---- persistence ----------------------------------------------------------------------------------------------
-    def _load_previous(self) -> None:
+    def _load_previous(self, without_predictions: bool = False) -> None:
+        """Take over the finished runs of OUT/results.json. A run whose test predictions are gone is trained again
+        (the paired bootstrap needs them), unless ``without_predictions`` (re-rendering a report: its bootstrap
+        results are then taken from the previous summary)."""
         previous = json.loads((self.out_dir / "results.json").read_text())
+        self.previous_summary = previous.get("summary") or {}
         changed = previous.get("suite_sha256") != self.suite.sha256
         if changed:
             log.warning("results.json was made by another version of the suite: keeping only the runs whose "
@@ -224,6 +229,8 @@ class SuiteRunner:
                 self.results["runs"].append(run)
                 with np.load(path) as npz:
                     self.predictions[run["key"]] = {t: npz[t] for t in npz.files}
+            elif without_predictions:
+                self.results["runs"].append(run)
         self.results["started"] = previous.get("started", self.results["started"])
         self.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
 
@@ -351,7 +358,9 @@ class SuiteRunner:
                 if entry.ablation:
                     tuning[entry.label] = {"chosen": proposed, "grid": [], "from": self.suite.proposed}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
-        return jobs
+        # seed by seed over every variant and model: a suite cut short has every model at fewer seeds, not the last
+        # variants at none
+        return sorted(jobs, key=lambda job: job[3])
 
     def run(self) -> dict[str, Any]:
         grid = self._grid()
@@ -368,10 +377,13 @@ class SuiteRunner:
         self._tune(self._grid())
         labels = {}
         for variant in self.suite.variant_values:
-            enc = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0)).split("test")
-            labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user}
+            dataset = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
+            enc = dataset.split("test")
+            labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user,
+                                    "oracle": (dataset.info.get("oracle") or {}).get("test")}
         self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels)
+        self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels,
+                                            previous=self.previous_summary)
         self._save()
         return self.results
 
@@ -389,14 +401,19 @@ def run_benchmark(
     device: str | None = None,
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
+    publish: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
-    ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown)."""
+    ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown).
+    ``publish``: a Markdown page (e.g. BENCHMARKS.md) whose block for this suite (``publish_section``) is replaced by
+    the report, with image links relative to the page."""
     from onerank.benchmarking.plots import make_plots
     from onerank.benchmarking.report import render_markdown
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
 
     suite = load_suite(name, suites_dir or DEFAULT_SUITES_DIR)
+    if publish is not None:
+        _check_page(Path(publish), suite.name)  # before hours of training, not after
     out = Path(out_dir) if out_dir else Path("benchmarks/results") / suite.name
     if report_only and not (out / "results.json").exists():
         raise FileNotFoundError(f"--report-only: no results at {out / 'results.json'}")
@@ -406,6 +423,8 @@ def run_benchmark(
     runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
                          cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress)
     if report_only:  # re-rendering is not part of the suite's wall time
+        runner.results["runs"], runner.predictions = [], {}
+        runner._load_previous(without_predictions=True)
         runner.started = time.time()
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
         runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
@@ -416,4 +435,33 @@ def run_benchmark(
     plots = make_plots(results, suite, out)
     report = render_markdown(results, suite, plots)
     (out / "report.md").write_text(report + "\n")
+    if publish is not None:
+        page = Path(publish)
+        prefix = Path(os.path.relpath(out.resolve(), page.resolve().parent)).as_posix() + "/"
+        publish_section(page, suite.name, render_markdown(results, suite, plots, image_prefix=prefix))
     return {**results, "report": report, "plots": plots}
+
+
+def section_markers(suite_name: str) -> tuple[str, str]:
+    return f"<!-- onerank benchmark {suite_name}: begin -->", f"<!-- onerank benchmark {suite_name}: end -->"
+
+
+def _check_page(page: Path, suite_name: str) -> str:
+    """The page's text, once it is known to hold the suite's two markers in order."""
+    begin, end = section_markers(suite_name)
+    text = page.read_text() if page.is_file() else ""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"--publish {page}: the page needs one line {begin!r} and, after it, one line {end!r} "
+                         "around the place of the suite's tables")
+    return text
+
+
+def publish_section(page: str | Path, suite_name: str, markdown: str) -> None:
+    """Replace the text between the suite's two marker lines of ``page`` by ``markdown``; the rest of the page (the
+    analysis written around the tables) is kept as it is."""
+    page = Path(page)
+    text = _check_page(page, suite_name)
+    begin, end = section_markers(suite_name)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")

@@ -363,6 +363,27 @@ def _requests(
     return out
 
 
+def _check_request_level_fields(table: pd.DataFrame, schema: Schema, request: np.ndarray, split: str) -> None:
+    """User and context fields describe the request: list-wise models (OneRank) read them once, at the request's first
+    row. A field that differs between the rows of one request is an item field, and must say so."""
+    order = np.argsort(request, kind="stable")
+    same_request = request[order][1:] == request[order][:-1]
+    if not same_request.any():
+        return
+    for f in [*schema.categorical, *schema.dense]:
+        if f.group == "item" or f.source not in table.columns:
+            continue
+        values = pd.factorize(table[f.source], use_na_sentinel=False)[0][order]
+        differs = same_request & (values[1:] != values[:-1])
+        if differs.any():
+            row = order[1:][differs][0]
+            raise SchemaError(
+                f"tabular {split} split: field {f.name!r} (group {f.group}) differs within request "
+                f"{table[schema.request_id].iloc[row]!r}; a request shares its user and context fields: give "
+                f"{f.name!r} `group: item` in the schema if it describes the candidate"
+            )
+
+
 def _histories(
     tables: dict[str, pd.DataFrame], schema: Schema, requests: dict, behaviours: dict, item_source: str | None
 ) -> dict[str, dict[str, RaggedHistory]]:
@@ -452,6 +473,9 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
             for s, t in tables.items()
         }
     requests = _requests(tables, schema, opts["requests"], is_datetime)
+    if schema.request_id:
+        for s, t in tables.items():
+            _check_request_level_fields(t, schema, requests[s], s)
     item_source = None
     if schema.item_id:
         item_source = next(f.source for f in schema.categorical if f.name == schema.item_id)
