@@ -322,30 +322,22 @@ def sweep_tables(results: dict, option: str) -> list[str]:
     labels = list(summary[variants[0]]["models"])
     has_oracle = all(summary[v].get("oracle") for v in variants)
     header = ["model"] + [f"{option} = {v}" for v in variants]
+
+    def rows(cell) -> list[list[str]]:
+        """One row per model, ``cell(variant, task AUC stats)`` per variant ("-" where the model did not run)."""
+        return [[label] + [cell(v, e["tasks"][t]["auc"]) if "tasks" in e else "-"
+                           for v in variants for e in [summary[v]["models"].get(label, {})]] for label in labels]
+
     lines = []
     for t in tasks:
-        lines += [f"Test AUC of `{t}` (mean ± std over seeds) by {option}:", ""]
-        rows = []
-        for l in labels:
-            row = [l]
-            for v in variants:
-                e = summary[v]["models"].get(l, {})
-                row.append(_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) if "tasks" in e else "-")
-            rows.append(row)
+        auc_rows = rows(lambda v, auc: _fmt(auc["mean"], auc["std"]))
         if has_oracle:
-            rows.append(["*oracle*"] + [_fmt(summary[v]["oracle"][t]["auc"]) for v in variants])
-        lines += _table(header, rows) + [""]
+            auc_rows.append(["*oracle*"] + [_fmt(summary[v]["oracle"][t]["auc"]) for v in variants])
+        lines += [f"Test AUC of `{t}` (mean ± std over seeds) by {option}:", "", *_table(header, auc_rows), ""]
         if has_oracle:
-            lines += [f"Gap to the oracle on `{t}` (oracle AUC minus mean test AUC; smaller is better) by {option}:", ""]
-            rows = []
-            for l in labels:
-                row = [l]
-                for v in variants:
-                    e = summary[v]["models"].get(l, {})
-                    gap = summary[v]["oracle"][t]["auc"] - e["tasks"][t]["auc"]["mean"] if "tasks" in e else None
-                    row.append("-" if gap is None else f"{gap:.4f}")
-                rows.append(row)
-            lines += _table(header, rows) + [""]
+            gap_rows = rows(lambda v, auc: f"{summary[v]['oracle'][t]['auc'] - auc['mean']:.4f}")
+            lines += [f"Gap to the oracle on `{t}` (oracle AUC minus mean test AUC; smaller is better) by {option}:",
+                      "", *_table(header, gap_rows), ""]
     return lines
 
 
