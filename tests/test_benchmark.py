@@ -108,6 +108,11 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert kept == {r["key"]: r["train_seconds"] for r in results["runs"]}
     listwise_off = [r for r in changed["runs"] if r["label"] == "onerank[listwise=0]"]
     assert len(listwise_off) == 4 and all(r["objective"] == {"listwise": 0.0} for r in listwise_off)
+    # --rerun trains a model again (its code changed) and keeps the others
+    assert cli.main(args + ["--resume", "--suites-dir", str(suites), "--rerun", "onerank[listwise=0]"]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[smoke] ")]
+    assert len(progress) == 4 and all("onerank[listwise=0]" in line for line in progress)
+    assert cli.main(args + ["--resume", "--rerun", "mmoe"]) == 2  # not a model of the suite: exit 2
 
 
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")

@@ -225,6 +225,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
         command=command, device=args.device, workers=args.workers,
         progress=lambda line: print(line, file=sys.stderr, flush=True), publish=args.publish,
+        rerun=[m.strip() for m in args.rerun.split(",") if m.strip()] if args.rerun else None,
     )
     print(result["report"])
     return 0
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
     p.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    p.add_argument("--rerun", metavar="MODELS", help="with --resume: train these models again (names or labels, "
+                   "comma-separated; a model name takes its ablations too), e.g. after their code changed")
     p.add_argument("--publish", metavar="PAGE", help="also write the report into PAGE (e.g. BENCHMARKS.md) between "
                    "its lines '<!-- onerank benchmark NAME: begin -->' and '... NAME: end -->', links relative to PAGE")
     p.set_defaults(func=cmd_benchmark)

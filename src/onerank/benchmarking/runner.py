@@ -168,8 +168,10 @@ class SuiteRunner:
         device: str | None = None,
         workers: int = 1,
         progress: Callable[[str], None] | None = None,
+        rerun: list[str] | None = None,
     ) -> None:
         self.suite = suite
+        self.rerun = set(rerun or [])  # model names or labels whose earlier runs are trained again (code changed)
         self.progress = progress
         self.code = code_version()
         self.out_dir = Path(out_dir)
@@ -224,6 +226,8 @@ class SuiteRunner:
         for run in previous.get("runs", []):
             path = self._prediction_path(run["key"])
             if changed and wanted.get(run["key"]) != run.get("config_sha256", "none"):
+                continue
+            if run["label"] in self.rerun or run["model"] in self.rerun:
                 continue
             if path.exists():
                 self.results["runs"].append(run)
@@ -402,6 +406,7 @@ def run_benchmark(
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
     publish: str | Path | None = None,
+    rerun: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
     ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown).
@@ -412,6 +417,8 @@ def run_benchmark(
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
 
     suite = load_suite(name, suites_dir or DEFAULT_SUITES_DIR)
+    if rerun:
+        suite.entries(rerun)  # an unknown name fails here, with the suite's names
     if publish is not None:
         _check_page(Path(publish), suite.name)  # before hours of training, not after
     out = Path(out_dir) if out_dir else Path("benchmarks/results") / suite.name
@@ -421,7 +428,8 @@ def run_benchmark(
         previous = json.loads((out / "results.json").read_text())
         command, seeds = previous.get("command"), previous.get("seeds", seeds)
     runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
-                         cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress)
+                         cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress,
+                         rerun=rerun)
     if report_only:  # re-rendering is not part of the suite's wall time
         runner.results["runs"], runner.predictions = [], {}
         runner._load_previous(without_predictions=True)
