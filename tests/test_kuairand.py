@@ -51,6 +51,10 @@ def test_slice_sizes_tasks_and_cache(kuairand, slice_cache):
     day = 86_400_000
     assert ds.valid.time.min() > ds.train.time.min() + 9 * day
     assert ds.test.time.min() > ds.valid.time.min()
+    # value columns for offline evaluation, row-aligned with the labels
+    assert set(ds.test.values) == {"play_time_ms", "duration_ms", "long_view"}
+    assert np.array_equal(ds.test.values["long_view"], ds.test.labels["long_view"])
+    assert ds.test.values["play_time_ms"].min() >= 0 and ds.test.values["play_time_ms"].mean() > 1000
     again = load_dataset("kuairand", SLICE, slice_cache)
     assert again.info["cache_hit"] is True
     assert np.array_equal(again.test.histories["liked"], ds.test.histories["liked"])

@@ -1,10 +1,13 @@
 """The HTTP service, started for real (uvicorn on 127.0.0.1, a free port): rankings equal the Python ranker's, bad
 input gets a 4xx naming the problem (never a 500) and the service keeps serving, inference does not block the event
-loop, and `onerank serve` starts it from the command line."""
+loop, and `onerank serve` starts it from the command line. Operations: /metrics counts requests by status, latency
+and candidates in the Prometheus format; /readyz waits for the warm-up; past capacity the service answers 503 with
+Retry-After; a shutdown lets the request in flight finish; /model follows its pydantic model."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +19,11 @@ import httpx
 import pytest
 import uvicorn
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from onerank.serving import Ranker, RequestLimits
-from onerank.serving.app import create_app
+from onerank.serving.app import DrainingServer, create_app, drain
+from onerank.serving.request import ModelDescription
 
 
 class LiveServer:
@@ -28,7 +34,8 @@ class LiveServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        # the server `onerank serve` runs: a shutdown signal marks the app as draining first
+        self.server = DrainingServer(uvicorn.Config(app, log_level="warning", lifespan="on"), lambda: drain(app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -186,13 +193,14 @@ def test_concurrent_requests_are_all_served(live, ranker):
 
 
 class SlowRanker:
-    """A ranker whose inference takes 1 s: the event loop must stay free meanwhile."""
+    """A ranker whose inference (``respond``; not the warm-up) takes ``seconds``: the event loop must stay free."""
 
-    def __init__(self, ranker: Ranker) -> None:
+    def __init__(self, ranker: Ranker, seconds: float = 1.0) -> None:
         self._ranker = ranker
+        self._seconds = seconds
 
     def respond(self, request):
-        time.sleep(1.0)
+        time.sleep(self._seconds)
         return self._ranker.respond(request)
 
     def __getattr__(self, name):
@@ -240,3 +248,147 @@ def test_cli_serve_starts_the_service(tiny_checkpoint):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------------------------------
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed: (sample name, sorted labels) -> value."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_count_requests_by_status_latency_and_candidates(live, ranker):
+    before = scrape(live)
+    sizes = [3, 40, 7]
+    for n in sizes:
+        assert live.post("/rank", json=ranker.example_request(n)).status_code == 200
+    assert live.post("/rank", json={"candidates": []}).status_code == 422
+    after = scrape(live)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("onerank_requests_total", endpoint="/rank", status="200") == len(sizes)
+    assert delta("onerank_requests_total", endpoint="/rank", status="422") == 1
+    assert delta("onerank_request_duration_seconds_count", endpoint="/rank", status="200") == len(sizes)
+    assert delta("onerank_request_duration_seconds_count", endpoint="/rank", status="422") == 1
+    assert delta("onerank_request_duration_seconds_sum", endpoint="/rank", status="200") > 0
+    assert delta("onerank_candidates_per_request_count") == len(sizes)
+    assert delta("onerank_candidates_per_request_sum") == sum(sizes)
+    assert delta("onerank_candidates_per_request_bucket", le="10.0") == 2  # 3 and 7
+    assert delta("onerank_inference_duration_seconds_count") == len(sizes)
+    info = {labels: v for (name, labels), v in after.items() if name == "onerank_model_info"}
+    assert list(info.values()) == [1.0]
+    assert dict(next(iter(info))) == {"name": "mmoe", "version": ranker.version, "backend": "torch",
+                                      "device": "cpu", "precision": "fp32"}
+    assert after[("onerank_capacity", ())] == 2 + 8 and after[("onerank_requests_in_flight", ())] == 0
+
+
+def test_model_description_is_typed(live, ranker):
+    description = ModelDescription.model_validate(live.get("/model").json())
+    assert description.name == "mmoe" and description.device == "cpu" and description.precision == "fp32"
+    assert description.limits.max_candidates == 300
+    schema = live.get("/openapi.json").json()
+    model_response = schema["paths"]["/model"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert model_response["$ref"].endswith("/ModelDescription")
+
+
+class GatedRanker:
+    """A ranker whose ``rank`` (what the warm-up calls) waits until ``opened`` is set."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self._ranker = ranker
+        self.opened = threading.Event()
+
+    def rank(self, request, fusion=None):
+        assert self.opened.wait(timeout=30)
+        return self._ranker.rank(request, fusion)
+
+    def __getattr__(self, name):
+        return getattr(self._ranker, name)
+
+
+def test_readyz_answers_503_until_the_model_is_warmed(ranker):
+    gated = GatedRanker(ranker)
+    with LiveServer(create_app(gated, workers=1)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200  # alive, not ready
+        warming = client.get("/readyz")
+        assert warming.status_code == 503 and warming.json()["reason"] == "warming up"
+        assert scrape(client)[("onerank_ready", ())] == 0
+        gated.opened.set()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.05)
+        assert client.get("/readyz").json()["status"] == "ready"
+        assert scrape(client)[("onerank_ready", ())] == 1
+
+
+def test_past_capacity_the_service_answers_503_with_retry_after(ranker):
+    # one worker and one waiting slot: of 6 simultaneous 2-second requests, 2 are admitted, 4 refused at once
+    app = create_app(SlowRanker(ranker, seconds=2.0), workers=1, max_queue=1, retry_after_s=3)
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        request = ranker.example_request(3)
+        barrier = threading.Barrier(6)
+
+        def post(_):
+            with httpx.Client(base_url=server.url, timeout=30) as own:
+                barrier.wait()
+                start = time.perf_counter()
+                response = own.post("/rank", json=request)
+                return response, time.perf_counter() - start
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(post, range(6)))
+        statuses = sorted(r.status_code for r, _ in results)
+        assert statuses == [200, 200, 503, 503, 503, 503]
+        for response, seconds in results:
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "3" and seconds < 1.5  # refused without waiting
+                assert response.json()["detail"][0]["type"] == "overloaded"
+        metrics = scrape(client)
+        assert metrics[("onerank_requests_total", (("endpoint", "/rank"), ("status", "503")))] == 4
+        assert metrics[("onerank_requests_total", (("endpoint", "/rank"), ("status", "200")))] == 2
+        assert client.post("/rank", json=request).status_code == 200  # capacity is back once they are answered
+
+
+def test_shutdown_lets_the_request_in_flight_finish(ranker):
+    app = create_app(SlowRanker(ranker, seconds=1.5), workers=1)
+    server = LiveServer(app).__enter__()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, f"{server.url}/rank", json=ranker.example_request(5), timeout=30)
+            time.sleep(0.4)
+            assert not in_flight.done()
+            server.server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does to `onerank serve`
+            assert app.state.service.draining  # /readyz answers 503 from now on
+            response = in_flight.result()
+        assert response.status_code == 200 and len(response.json()["ranking"]) == 5
+        server.thread.join(timeout=30)
+        assert not server.thread.is_alive()  # the server stopped once the request was answered
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/healthz", timeout=2)
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("weights", [None, {"click": 1.0, "buy": 0.5}])
+def test_a_worker_process_builds_its_app_from_the_serve_options(tiny_checkpoint, monkeypatch, weights):
+    """`onerank serve --processes N`: each uvicorn worker process rebuilds the app from the options in the
+    environment (app_from_environment), default fusion or not."""
+    from onerank.serving.app import SERVE_OPTIONS_ENV, app_from_environment
+
+    options = {"checkpoint": str(tiny_checkpoint("mmoe")), "backend": "torch", "onnx_path": None,
+               "fusion": {"kind": "product" if weights else "weighted_sum", "weights": weights}, "chunk_size": 64,
+               "max_candidates": 100, "max_history": 50, "threads": 1, "device": "cpu", "precision": "fp32",
+               "workers": 1, "max_body_bytes": 100_000, "max_queue": 3, "retry_after_s": 2}
+    monkeypatch.setenv(SERVE_OPTIONS_ENV, json.dumps(options))
+    app = app_from_environment()
+    ranker = app.state.ranker
+    assert ranker.fusion.weights == (weights or {"click": 1.0, "buy": 1.0})
+    assert ranker.limits.max_candidates == 100 and app.state.metrics.capacity._value.get() == 4

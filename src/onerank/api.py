@@ -1,4 +1,5 @@
-"""The Python API behind the CLI: train one model, compare several on the same data, evaluate a checkpoint."""
+"""The Python API behind the CLI: train one model, compare several on the same data, evaluate a checkpoint, fit
+its calibration and fusion."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from onerank.data.dataset import EncodedDataset
 from onerank.data.registry import load_dataset
 from onerank.features.space import FeatureSpace
+from onerank.fusion.fit import FuseSettings
 from onerank.models.base import MultiTaskModel, build_model
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
@@ -128,10 +132,10 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, dict]:
     return model, meta
 
 
-def evaluate_checkpoint(
-    path: str | Path, split: str = "test", data_dir: str | None = None, cache_dir: str | None = None
-) -> dict[str, Any]:
-    """Re-load the checkpoint's dataset (from cache) and report the split's per-task metrics."""
+def checkpoint_trainer(
+    path: str | Path, data_dir: str | None = None, cache_dir: str | None = None
+) -> tuple[Trainer, EncodedDataset, dict]:
+    """A trainer around a checkpoint's model and its dataset (re-loaded from cache), ready to predict a split."""
     model, meta = load_checkpoint(path)
     config = RunConfig.from_dict(meta["run_config"])
     if data_dir is not None:
@@ -146,4 +150,72 @@ def evaluate_checkpoint(
         MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults)),
         build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options),
     )
+    return trainer, dataset, meta
+
+
+def evaluate_checkpoint(
+    path: str | Path, split: str = "test", data_dir: str | None = None, cache_dir: str | None = None
+) -> dict[str, Any]:
+    """Re-load the checkpoint's dataset (from cache) and report the split's per-task metrics."""
+    trainer, dataset, meta = checkpoint_trainer(path, data_dir, cache_dir)
     return {"model": meta["model"], "dataset": dataset.name, "split": split, "metrics": trainer.evaluate(split)}
+
+
+def split_value(dataset: EncodedDataset, split: str, value: str) -> np.ndarray:
+    """A split's value column for fusion: a value column of the schema, else a task's labels (0 outside the
+    task's space, e.g. no order without a click)."""
+    enc = dataset.split(split)
+    if value in enc.values:
+        return enc.values[value]
+    if value in enc.labels:
+        return np.where(enc.label_mask[value], enc.labels[value], 0.0).astype(np.float64)
+    raise ValueError(f"unknown value {value!r} for dataset {dataset.name!r}: its value columns are "
+                     f"{sorted(enc.values)} and its tasks {sorted(enc.labels)}")
+
+
+def fuse(
+    checkpoint: str | Path,
+    settings: FuseSettings,
+    out_dir: str | Path | None = None,
+    fusion_path: str | Path | None = None,
+    overwrite: bool = False,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Fit calibration and fusion on the checkpoint's validation split, evaluate once on test.
+
+    Writes the fusion file (default ``checkpoint.fusion.json`` beside the checkpoint; the ranker uses it by default)
+    and, in ``out_dir`` (default ``<checkpoint folder>/fusion``), ``report.json``, ``table.md``,
+    ``reliability.png`` and ``pareto.png``. Neither is replaced unless ``overwrite``.
+    """
+    from onerank.fusion import default_path, file_sha256
+    from onerank.fusion.fit import SplitData, format_report, fuse_predictions
+
+    checkpoint = Path(checkpoint)
+    fusion_path = Path(fusion_path) if fusion_path else default_path(checkpoint)
+    out_dir = Path(out_dir) if out_dir else checkpoint.parent / "fusion"
+    for target in (fusion_path, out_dir / "report.json"):
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target} exists; pass --overwrite to replace it")
+    sha = file_sha256(checkpoint) if checkpoint.exists() else None
+    trainer, dataset, meta = checkpoint_trainer(checkpoint, data_dir, cache_dir)
+    if dataset.vocab_sizes != dict(trainer.model.space.vocab_sizes):
+        raise ValueError(f"the dataset re-loaded for {checkpoint} has other vocabularies than the checkpoint's; "
+                         "pass the --data-dir it was trained on")
+    splits = {}
+    for name in ("valid", "test"):
+        enc = dataset.split(name)
+        if enc.user is None:
+            raise ValueError(f"dataset {dataset.name!r} has no user column: within-user ranking quality needs one")
+        splits[name] = SplitData(trainer.predict(name), enc.labels, enc.label_mask, enc.user,
+                                 split_value(dataset, name, settings.value))
+    kinds = {t.name: t.kind for t in dataset.schema.tasks}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fitted, report = fuse_predictions(splits["valid"], splits["test"], kinds, settings, sha, figures_dir=out_dir)
+    report.update(checkpoint=str(checkpoint), checkpoint_sha256=sha, model=meta["model"], dataset=dataset.name)
+    fitted.info.update(model=meta["model"], dataset=dataset.name)
+    fitted.save(fusion_path, overwrite=overwrite)
+    write_json(report, out_dir / "report.json")
+    (out_dir / "table.md").write_text(format_report(report) + "\n")
+    report["fusion_file"] = str(fusion_path)
+    return report

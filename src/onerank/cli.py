@@ -192,16 +192,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.checkpoint, host=args.host, port=args.port, backend=args.backend, onnx_path=args.onnx,
         fusion=_fusion(args), chunk_size=args.chunk_size, max_candidates=args.max_candidates,
         max_history=args.max_history, max_body_bytes=args.max_body_mb * 2**20, workers=args.workers,
-        threads=args.threads,
+        threads=args.threads, fusion_file=False if args.no_fusion_file else args.fusion_file,
+        max_queue=args.max_queue, retry_after_s=args.retry_after,
+        graceful_timeout_s=args.graceful_timeout, device=args.device, precision=args.precision,
+        processes=args.processes,
     )
     return 0
 
 
 def _fusion(args: argparse.Namespace):
+    """The --fusion / --weight override, or None: the checkpoint's fitted fusion, else uniform weights."""
     from onerank.serving import Fusion
 
     weights = {k: float(v) for k, v in _key_values(args.weight, "--weight").items()} or None
-    return Fusion(args.fusion, weights)
+    if args.fusion is None and weights is None:
+        return None
+    return Fusion(args.fusion or "weighted_sum", weights)
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from onerank import api
+    from onerank.fusion.fit import FuseSettings, format_report
+
+    settings = FuseSettings(
+        value=args.value, forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
+        calibration=None if args.calibration == "none" else args.calibration, k=args.k,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        auc_tolerance=None if args.auc_tolerance < 0 else args.auc_tolerance,
+        auc_weights={k: float(v) for k, v in _key_values(args.auc_weight, "--auc-weight").items()} or None,
+        budget=args.budget, hidden=args.hidden, seed=args.seed, bootstrap=args.bootstrap,
+        select_fraction=args.select_fraction,
+    )
+    report = api.fuse(args.checkpoint, settings, out_dir=args.out, fusion_path=args.fusion_file,
+                      overwrite=args.overwrite, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    print(f"value {report['value']}, test split ({report['rows']['test']} rows, {report['rows']['test_users']} users, "
+          f"{report['rows']['test_users_ranked']} with values to rank); "
+          f"fitted on validation, served: {report['chosen']}")
+    print(format_report(report))
+    print(f"wrote {report['fusion_file']} and {Path(report['figures']['pareto']).parent}/"
+          "{report.json,table.md,pareto.png,reliability.png}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -258,14 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, GET /healthz")
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP: POST /rank, GET /model, /healthz, /readyz, /metrics")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--onnx", help="ONNX file for --backend onnx (default: next to the checkpoint)")
-    p.add_argument("--fusion", default="weighted_sum", choices=["weighted_sum", "product"],
-                   help="how task predictions become one score")
+    p.add_argument("--fusion", choices=["weighted_sum", "product"],
+                   help="how task predictions become one score (default: the checkpoint's fitted fusion from "
+                   "`onerank fuse`, else weighted_sum)")
     p.add_argument("--weight", action="append", metavar="TASK=W", help="fusion weight of a task (repeatable; "
                    "default 1 for every task, 0 for tasks left out once one is given)")
     p.add_argument("--chunk-size", type=int, default=256,
@@ -275,8 +306,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413")
     p.add_argument("--workers", type=int, default=2, help="inference threads (requests scored at once)")
     p.add_argument("--threads", type=int,
-                   help="intra-op threads per inference (default: the cores divided by the workers)")
+                   help="intra-op threads per inference (default: the cores divided by workers x processes)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait for a worker; past workers + max-queue in flight: 503 + Retry-After")
+    p.add_argument("--retry-after", type=int, default=1, help="seconds in the Retry-After header of a 503")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds the requests in flight get to finish after SIGTERM / SIGINT")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (an error where no GPU is present)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="torch backend: fp32, or bf16 autocast (matrix products in bfloat16)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes on the port, each with its own copy of the model (default 1)")
+    p.add_argument("--fusion-file", help="fitted calibration + fusion (default: CHECKPOINT.fusion.json if present)")
+    p.add_argument("--no-fusion-file", action="store_true", help="serve raw probabilities, ignore any fusion file")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("fuse", help="fit per-task calibration and a fusion of the tasks on validation against a value "
+                       "column; evaluate once on test (docs/fusion.md)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--value", required=True, help="what the fused ranking is judged by: a value column of the dataset "
+                   "(kuairand: play_time_ms, long_view, duration_ms) or a task (synthetic: order)")
+    p.add_argument("--forms", default="weighted_sum,product,monotone", help="fusion forms to fit; the one with the "
+                   "best validation objective is written to the fusion file")
+    p.add_argument("--calibration", default="platt", choices=["platt", "isotonic", "none"],
+                   help="calibration the fusion and the ranker use (ECE is reported for both methods)")
+    p.add_argument("--k", type=int, default=10, help="cut-off of value-NDCG@k")
+    p.add_argument("--tasks", help="comma-separated tasks to fuse (default: all)")
+    p.add_argument("--auc-tolerance", type=float, default=0.05, help="constraint: each task's validation GAUC of the "
+                   "fused score stays within this of the task's own prediction's (negative: no constraint)")
+    p.add_argument("--auc-weight", action="append", metavar="TASK=W",
+                   help="objective += W * GAUC of the fused score on TASK (repeatable)")
+    p.add_argument("--budget", type=int, default=600, help="CMA-ES evaluations per form")
+    p.add_argument("--hidden", type=int, default=4, help="hidden units of the monotone fusion")
+    p.add_argument("--select-fraction", type=float, default=0.3, help="share of validation users held out from the "
+                   "fit to choose the form (0: choose by the fit's own objective)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="user resamples for the test intervals")
+    p.add_argument("--out", help="report folder (default: CHECKPOINT_DIR/fusion)")
+    p.add_argument("--fusion-file", help="where the fusion file goes (default: CHECKPOINT.fusion.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing fusion file and report")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_fuse)
 
     p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
     p.add_argument("--checkpoint", required=True)

@@ -23,6 +23,7 @@ from onerank.data.schema import Schema, SchemaError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+GROUPS = ("categorical", "dense", "labels", "label_mask", "histories", "history_times", "values")  # of EncodedSplit
 CACHE_FORMAT_VERSION = 1
 
 
@@ -61,13 +62,14 @@ class EncodedSplit:
     user: np.ndarray | None = None  # [n] user index (for GAUC and request grouping)
     request: np.ndarray | None = None  # [n] request index, rows of a request contiguous
     time: np.ndarray | None = None  # [n] event time
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # schema value column -> [n] float64 (evaluation only)
 
     def __len__(self) -> int:
         return len(next(iter(self.labels.values())))
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for group in ("categorical", "dense", "labels", "label_mask", "histories", "history_times"):
+        for group in GROUPS:
             for name, arr in getattr(self, group).items():
                 out[f"{group}.{name}"] = arr
         for name in ("user", "request", "time"):
@@ -77,9 +79,7 @@ class EncodedSplit:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "EncodedSplit":
-        groups: dict[str, dict[str, np.ndarray]] = {
-            g: {} for g in ("categorical", "dense", "labels", "label_mask", "histories", "history_times")
-        }
+        groups: dict[str, dict[str, np.ndarray]] = {g: {} for g in GROUPS}
         single = {}
         for key, arr in arrays.items():
             if "." in key:
@@ -230,6 +230,7 @@ def _encode_split(rs: RawSplit, schema: Schema, encoders: Encoders) -> EncodedSp
         user=user,
         request=None if request is None else np.asarray(request, dtype=np.int64),
         time=time_col,
+        values={v: table[v].to_numpy(dtype=np.float64) for v in schema.values},
     )
     if split.request is not None:
         split = _contiguous_requests(split)

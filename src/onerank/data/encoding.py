@@ -148,6 +148,7 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
     needed += [(f.source, "dense field") for f in schema.dense]
     if require_labels:
         needed += [(t.source, "task label") for t in schema.tasks]
+        needed += [(v, "value column") for v in schema.values]
     for column, what in needed:
         if column not in table.columns:
             close = [c for c in table.columns if c.lower().replace("_", "") == column.lower().replace("_", "")]
@@ -183,6 +184,11 @@ def validate_table(table: pd.DataFrame, schema: Schema, where: str = "table", re
                 if not np.isin(values, (0, 1)).all():
                     odd = values[~np.isin(values, (0, 1))][0].item()
                     raise SchemaError(f"{where}: binary label column {t.source!r} holds {odd!r}; expected 0 or 1")
+        for v in schema.values:
+            col = table[v]
+            if not pd.api.types.is_numeric_dtype(col) or col.isna().any():
+                raise SchemaError(f"{where}: value column {v!r} must be numeric without NaN (found {col.dtype}, "
+                                  f"{int(col.isna().sum())} NaN)")
 
 
 def _check_ids(col: pd.Series, where: str, name: str) -> None:

@@ -25,7 +25,7 @@ from onerank.data.schema import CategoricalField, DenseField, Schema, SchemaErro
 log = logging.getLogger(__name__)
 
 NAME = "kuairand"
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # 2: value columns play_time_ms, duration_ms, long_view (offline evaluation of fused rankings)
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "kuairand-pure"
 
 # task name -> (raw log column, kind)
@@ -41,6 +41,9 @@ TASKS: dict[str, tuple[str, str]] = {
     "play_time": ("play_time_ms", "regression"),  # label = log1p(play_time_ms / 1000), i.e. log1p(seconds)
 }
 DEFAULT_TASKS = ("click", "long_view", "like")
+# Raw log columns kept per row as values a fused ranking can be judged by offline (`onerank fuse --value`), whatever
+# the tasks: watch time in ms, the video's length, the long-view flag.
+VALUE_COLUMNS = ["play_time_ms", "duration_ms", "long_view"]
 
 # behaviour name -> (log column marking the event, or None for every exposure; column of the user_sequences summary)
 BEHAVIOURS: dict[str, tuple[str | None, str | None]] = {
@@ -323,6 +326,7 @@ def build_schema(opts: dict) -> Schema:
         item_id="video_id",
         user_id="user_id",
         timestamp="time_ms",
+        values=list(VALUE_COLUMNS),
     )
 
 

@@ -97,6 +97,9 @@ class Schema:
     user_id: str | None = None  # raw column used to group impressions for GAUC and requests
     timestamp: str | None = None  # raw column giving event time (used for splits, histories, request grouping)
     request_id: str | None = None  # raw column naming a request, when the data has one
+    # Numeric columns kept per row for offline evaluation only (e.g. watch time as the value a fused ranking is
+    # judged by, onerank.fusion); never model inputs.
+    values: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,14 +158,19 @@ class Schema:
             raise SchemaError("behaviour sequences need `item_id`: the categorical field that identifies items")
         if self.item_id and self.item_id not in [f.name for f in self.categorical]:
             raise SchemaError(f"item_id {self.item_id!r} is not a categorical field of the schema")
+        if len(set(self.values)) != len(self.values):
+            raise SchemaError(f"value columns must be unique: {self.values}")
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["values"]:
+            del out["values"]  # schemas written before value columns existed (and the cache keys built from them)
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Schema":
-        known = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id"}
+        known = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id", "values"}
         unknown = set(raw) - known
         if unknown:
             raise SchemaError(f"unknown schema keys {sorted(unknown)}; expected some of {sorted(known)}")
@@ -188,6 +196,7 @@ class Schema:
             user_id=raw.get("user_id"),
             timestamp=raw.get("timestamp"),
             request_id=raw.get("request_id"),
+            values=list(raw.get("values") or []),
         )
 
     @classmethod

@@ -47,7 +47,8 @@ from onerank.data.schema import Schema, SchemaError
 
 NAME = "tabular"
 LOADER_VERSION = 1
-SCHEMA_KEYS = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id"}
+SCHEMA_KEYS = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id",
+               "values"}
 LOADER_KEYS = {"name", "files", "split", "requests", "histories", "schema"}
 FILE_ROLES = ("train", "valid", "test", "data", "items")
 OPTION_KEYS = {
@@ -435,7 +436,7 @@ def _histories(
 # ---------------------------------------------------------------------------------------------------------------------
 def _needed_columns(schema: Schema, behaviours: dict) -> list[str]:
     cols = [f.source for f in schema.categorical] + [f.source for f in schema.dense]
-    cols += [t.source for t in schema.tasks] + [s.source for s in schema.sequences]
+    cols += [t.source for t in schema.tasks] + [s.source for s in schema.sequences] + list(schema.values)
     cols += [c for c in (schema.user_id, schema.timestamp, schema.request_id) if c]
     cols += [c for c in behaviours.values() if c]
     return list(dict.fromkeys(cols))

@@ -42,6 +42,16 @@ class DNNEncoder(nn.Module):
         candidate = self.embedding.candidate(batch).flatten(1)
         parts = [context, candidate, self.embedding.dense_values(batch)]
         for seq in self.sequences:
+            if shares_one_history(batch.histories[seq]):  # a serving pool: embed and attend to the history once
+                items, mask = self.embedding.history(batch.slice(0, 1), seq)
+                parts.append(self.attention[seq](candidate, items[0].flatten(1), mask[0]))
+                continue
             items, mask = self.embedding.history(batch, seq)
             parts.append(self.attention[seq](candidate, items.flatten(2), mask))
         return torch.cat(parts, dim=1)
+
+
+def shares_one_history(codes: dict[str, Tensor]) -> bool:
+    """Whether every row of a sequence holds the same history because the rows are one row broadcast (stride 0), as
+    the ranker builds a request's pool: then the history is embedded and its attention terms computed once."""
+    return all(c.dim() == 2 and c.shape[0] > 1 and c.stride(0) == 0 for c in codes.values())

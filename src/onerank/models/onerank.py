@@ -36,25 +36,38 @@ class OneRankConfig:
     ffn_multiplier: int = 4  # FFN hidden width = ffn_multiplier * d (encoder and cross-task layer)
     dropout: float = 0.0
     item_mlp_hidden: tuple[int, ...] = (64,)  # shared item projection: MLP(concat item field embeddings) -> d
-    sd_tokens: str = "field"  # "field": one SD token per field; "group": one per schema group (user, context)
+    # "field": one SD token per field; "group": each schema group (user, context) cut into tokens of at most
+    # sd_group_size fields, each a projection of its fields; "auto": "group" when there are more SD fields than that.
+    sd_tokens: str = "auto"
+    sd_group_size: int = 8
     anchor_sequences: tuple[str, ...] = ()  # behaviour sequences used as preference-anchor groups (not history)
+    # "candidate": task token k of group i enters the encoder as t_k + c_i (the candidate reaches every layer of its
+    # task tokens, not through one key among the context's); "template": the bare t_k (the paper's figure; ablation).
+    task_token_input: str = "candidate"
+    scorer: str = "dot"  # s = <z_k, r> a_k + b_k; "bilinear": z_k^T W_k r a_k + b_k with W_k = I at the start
     # ---- ablation switches (section 1.6) ----
     attention: str = "structured"  # "structured" mask, or "full" bidirectional attention over all tokens
     task_tokens: str = "per_task"  # "per_task" tokens t_k; one "shared" token; "projection": r_k = P_k(c_i)
-    contextualization: str = "sd"  # "sd": h_k = MHCA_k(f_k(s), r_k); "random_sd": s untrained; "off": h_k = f_k(s)
+    # "sd": h_k = MHCA_k(f_k(s), r_k); "random_sd": s untrained; "mean_pool": h_k = mean of r_k over the pool (no
+    # contextualization); "off": h_k = f_k(s) (no pool)
+    contextualization: str = "sd"
     sd_representation: str = "pooled"  # s = mean of the SD token outputs ("pooled") or an MLP over SD embeddings
-    cross_task: str = "full"  # "full", "cascade" (schema order = funnel order), "parallel", or "none" (no layer)
+    # "auto": "cascade" when the schema declares nested task spaces (a funnel), "full" otherwise; "cascade" (schema
+    # order = funnel order), "full", "parallel", or "none" (no layer)
+    cross_task: str = "auto"
     cross_task_matrix: tuple[tuple[bool, ...], ...] | None = None  # explicit K x K [reader][read]; overrides cross_task
     detach_cross_task: bool = True  # task k reads h_j (j != k) through h_j.detach()
 
     def validate(self, space: FeatureSpace) -> None:
         choices = {
-            "sd_tokens": ("field", "group"),
+            "sd_tokens": ("auto", "field", "group"),
+            "task_token_input": ("candidate", "template"),
+            "scorer": ("dot", "bilinear"),
             "attention": ("structured", "full"),
             "task_tokens": ("per_task", "shared", "projection"),
-            "contextualization": ("sd", "random_sd", "off"),
+            "contextualization": ("sd", "random_sd", "mean_pool", "off"),
             "sd_representation": ("pooled", "mlp"),
-            "cross_task": ("full", "cascade", "parallel", "none"),
+            "cross_task": ("auto", "full", "cascade", "parallel", "none"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -62,13 +75,22 @@ class OneRankConfig:
         if self.num_layers < 1 or self.dim < 1 or self.num_heads < 1:
             raise SchemaError(f"onerank: dim, num_layers and num_heads must be >= 1, got dim={self.dim}, "
                               f"num_layers={self.num_layers}, num_heads={self.num_heads}")
+        if self.sd_group_size < 1:
+            raise SchemaError(f"onerank: sd_group_size must be >= 1, got {self.sd_group_size}")
         if self.dim % self.num_heads:
             raise SchemaError(f"onerank: dim={self.dim} is not divisible by num_heads={self.num_heads}")
         unknown = sorted(set(self.anchor_sequences) - set(space.sequences))
         if unknown:
             raise SchemaError(f"onerank: anchor_sequences {unknown} are not sequences of the schema {space.sequences}")
 
-    def task_visibility(self, num_tasks: int) -> Tensor:
+    def cross_task_mode(self, funnel: bool) -> str:
+        """``cross_task`` with "auto" resolved: "cascade" where the schema declares nested task spaces (``funnel``:
+        a task exists only inside another's positives, e.g. order only where click = 1), "full" otherwise."""
+        if self.cross_task != "auto":
+            return self.cross_task
+        return "cascade" if funnel else "full"
+
+    def task_visibility(self, num_tasks: int, funnel: bool = False) -> Tensor:
         """[K, K] bool: may task k (row) read task j (column) in the cross-task layer."""
         if self.cross_task_matrix is not None:
             matrix = torch.tensor([[bool(v) for v in row] for row in self.cross_task_matrix])
@@ -81,7 +103,7 @@ class OneRankConfig:
             return matrix
         full = torch.ones(num_tasks, num_tasks, dtype=torch.bool)
         return {"full": full, "cascade": full.tril(), "parallel": torch.eye(num_tasks, dtype=torch.bool)}.get(
-            self.cross_task, full
+            self.cross_task_mode(funnel), full
         )
 
 
@@ -144,19 +166,34 @@ class Tokenizer(nn.Module):
             self.anchor_position = nn.Embedding(longest, d)
             nn.init.normal_(self.anchor_position.weight, std=0.05)
             self.anchor_delimiters = nn.Parameter(torch.randn(len(self.anchors), 2, d) * 0.05)  # BOS, EOS per group
-        # SD tokens: fields are [context categorical..., SD dense...]; "group" concatenates a schema group's fields
-        # and projects them to one token (fewer, wider tokens for datasets with many user fields).
+        # SD tokens: fields are [context categorical..., SD dense...]. Grouped, each token is a linear projection of
+        # up to sd_group_size fields of one schema group: one token per field lets 30-odd user fields crowd out the
+        # candidate and the history in every attention row (KuaiRand: 62-69 % of the task tokens' attention) and
+        # costs width; a handful of group tokens keeps the user side's detail in their projections.
         groups = [f.group for f in space.schema.categorical if f.group != "item"]
         groups += [dense[i].group for i in self.sd_dense]
         self.sd_groups = []
-        if config.sd_tokens == "group":
-            self.sd_groups = [[i for i, g in enumerate(groups) if g == name] for name in dict.fromkeys(groups)]
+        if config.sd_tokens == "group" or (config.sd_tokens == "auto" and len(groups) > config.sd_group_size):
+            size = config.sd_group_size
+            for name in dict.fromkeys(groups):
+                members = [i for i, g in enumerate(groups) if g == name]
+                self.sd_groups += [members[start:start + size] for start in range(0, len(members), size)]
         self.group_projections = nn.ModuleList(nn.Linear(len(m) * d, d) for m in self.sd_groups)
         self.num_sd = len(self.sd_groups) if self.sd_groups else len(groups)
 
     def items(self, codes: dict[str, Tensor]) -> Tensor:
         """Item field codes of any leading shape -> [..., d] through the shared item projection."""
         return self.item_projection(self.embedding.items(codes).flatten(-2))
+
+    def distinct_items(self, sequences: list[dict[str, Tensor]]) -> list[Tensor]:
+        """``items`` of several code sets (e.g. every behaviour sequence of a batch, [R, L] each), each distinct item
+        projected once: a batch's histories repeat the same popular items (and padding) many times over."""
+        fields = self.space.item_fields
+        stacked = [torch.stack([codes[f] for f in fields], dim=-1) for codes in sequences]
+        flat = torch.cat([s.reshape(-1, len(fields)) for s in stacked])
+        distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        tokens = self.items({f: distinct[:, j] for j, f in enumerate(fields)})[inverse]
+        return [t.view(*s.shape[:-1], -1) for s, t in zip(stacked, tokens.split([s[..., 0].numel() for s in stacked]))]
 
     def situational(self, requests: Batch) -> Tensor:
         """[R, U_sd, d] SD tokens."""
@@ -170,9 +207,11 @@ class Tokenizer(nn.Module):
     def context(self, requests: Batch) -> ContextTokens:
         """The context tokens of each request, from ``request_inputs(batch)`` (one row per request)."""
         tokens, valid, blocks = [], [], []
-        for segment, seq in enumerate(self.history + self.anchors):
+        sequences = self.history + self.anchors
+        projected = self.distinct_items([requests.histories[seq] for seq in sequences]) if sequences else []
+        for segment, seq in enumerate(sequences):
             codes = requests.histories[seq]
-            items = self.items(codes) + self.behaviour.weight[self.space.sequences.index(seq)]
+            items = projected[segment] + self.behaviour.weight[self.space.sequences.index(seq)]
             present = codes[self.space.schema.item_id] != 0
             L = present.shape[1]
             recency = torch.arange(L - 1, -1, -1, device=present.device)  # left-padded: the last slot is the newest
@@ -248,6 +287,13 @@ class ContextCache:
     def num_requests(self) -> int:
         return self.valid.shape[0]
 
+    def rows(self, request: Tensor) -> "ContextCache":
+        """The cache of request ``request[b]`` for each b: one request per candidate (packed groups)."""
+        return ContextCache(
+            [(key[request], value[request]) for key, value in self.keys_values], self.valid[request],
+            self.sd_states[request], self.situation[request],
+        )
+
 
 class Encoder(nn.Module):
     """L pre-LN blocks whose weights all tokens share: tasks differ only in what they may see."""
@@ -305,19 +351,21 @@ class Encoder(nn.Module):
         return x[:, :context_outputs], x[:, context_outputs:].unflatten(1, (N, -1)), cache
 
     def groups(
-        self, candidates: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0
+        self, inputs: Tensor, template: Tensor | None, cache: ContextCache, first_output: int = 0
     ) -> Tensor:
-        """Groups [c_i, template] (candidates [R, N, d], the task-token template [F, d] or None) -> final states
-        [R, N, 1 + F - first_output, d] of their tokens ``first_output:``. Every group reads only its request's
-        context and, inside itself, what ``group_mask`` allows (``prefix_group_attention`` implements that rule
-        structurally). Before the first layer the task tokens are the same in every group, so that layer handles
-        them once per request."""
+        """The explicit groups (inputs [R, N, S, d]; template None), or the groups [c_i, template] (inputs: the
+        candidates [R, N, d], template [F, d] shared by every group) -> final states [R, N, S - first_output, d] of
+        their tokens ``first_output:``. Every group reads only its request's context and, inside itself, what
+        ``group_mask`` allows (``prefix_group_attention`` implements that rule structurally). With a shared template
+        the task tokens are the same in every group before the first layer, so that layer handles them once per
+        request."""
         last = len(self.blocks) - 1
-        x, bias = candidates.unsqueeze(2), attention_bias(cache.valid, candidates.dtype)
+        x = inputs if template is not None or inputs.dim() == 4 else inputs.unsqueeze(2)
+        bias = attention_bias(cache.valid, inputs.dtype)
         for layer, (block, kv) in enumerate(zip(self.blocks, cache.keys_values)):
             first = first_output if layer == last else 0
             if layer == 0 and template is not None:
-                x = block.attend_template_groups(candidates, template, kv, bias, first)
+                x = block.attend_template_groups(inputs, template, kv, bias, first)
             else:
                 x = block.attend_groups(x, kv, bias, first)
         return self.norm(x)
@@ -330,13 +378,18 @@ class TaskChannel(nn.Module):
     """Everything private to one task: its task token t_k (or projection P_k), situation query f_k, pool attention
     MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
 
-    def __init__(self, config: OneRankConfig, with_token: bool, with_projection: bool, pool_attention: bool) -> None:
+    def __init__(self, config: OneRankConfig, with_token: bool, with_projection: bool) -> None:
         super().__init__()
         d = config.dim
+        self.contextualization = config.contextualization
         self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
         self.projection = nn.Linear(d, d) if with_projection else None
-        self.query = nn.Linear(d, d)  # f_k
-        self.pool_attention = MultiHeadAttention(d, config.num_heads) if pool_attention else None  # MHCA_k
+        reads_situation = config.contextualization != "mean_pool"
+        self.query = nn.Linear(d, d) if reads_situation else None  # f_k
+        pools = config.contextualization in ("sd", "random_sd")
+        self.pool_attention = MultiHeadAttention(d, config.num_heads) if pools else None  # MHCA_k
+        # W_k of the bilinear scorer, the identity at the start: the same scores as the dot product until it learns.
+        self.bilinear = nn.Parameter(torch.eye(d)) if config.scorer == "bilinear" else None
         # Our addition: a learnable scale and bias per task. z and r leave LayerNorms with norms near sqrt(d), so
         # a_k = 1/sqrt(d) starts <z, r> a_k at logit scale (attention's usual scaling); b_k lets the point-wise
         # probabilities calibrate, while the list-wise softmax ignores it.
@@ -344,7 +397,11 @@ class TaskChannel(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     def contextualize(self, situation: Tensor, r: Tensor, present: Tensor) -> Tensor:
-        """h_k = MHCA_k(query = f_k(s), keys = values = r[k, i] over the request's valid candidates): [R, d]."""
+        """h_k = MHCA_k(query = f_k(s), keys = values = r[k, i] over the request's valid candidates): [R, d]; the mean
+        of r[k, i] over them with ``mean_pool``, f_k(s) with ``off``."""
+        if self.query is None:
+            weights = present.to(r.dtype)
+            return (r * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
         query = self.query(situation)
         if self.pool_attention is None:
             return query
@@ -407,7 +464,6 @@ class OneRank(MultiTaskModel):
                 config,
                 with_token=config.task_tokens == "per_task",
                 with_projection=config.task_tokens == "projection",
-                pool_attention=config.contextualization != "off",
             )
             for t in self.tasks
         })
@@ -419,8 +475,9 @@ class OneRank(MultiTaskModel):
             self.register_buffer("random_sd", torch.randn(num_sd * d, d) / max(num_sd * d, 1) ** 0.5)
         elif config.sd_representation == "mlp" and num_sd:
             self.sd_mlp = MLP(num_sd * d, [d], output_dim=d)
+        funnel = any(t.space is not None for t in space.schema.tasks)
         self.cross_task = (
-            CrossTaskAttention(config, config.task_visibility(len(self.tasks)))
+            CrossTaskAttention(config, config.task_visibility(len(self.tasks), funnel))
             if config.cross_task != "none" or config.cross_task_matrix is not None else None
         )
 
@@ -437,13 +494,23 @@ class OneRank(MultiTaskModel):
             return self.shared_task_token[None]
         return torch.stack([self.channels[t].token for t in self.tasks])
 
+    def _shared_followers(self) -> Tensor | None:
+        """The task template when the tokens after c_i are the same in every group (``task_token_input: template``):
+        the encoder's first layer then handles them once per request. None when they differ per group."""
+        return self._task_template() if self.config.task_token_input == "template" else None
+
     def _groups(self, candidates: Tensor) -> Tensor:
-        """[R, N, d] candidate tokens -> the explicit groups [R, N, S, d] (S = 1 + K, 2 or 1)."""
+        """[R, N, d] candidate tokens -> the explicit groups [R, N, S, d] (S = 1 + K, 2 or 1): [c_i, t_k + c_i ...]
+        with ``task_token_input: candidate``, [c_i, t_k ...] with ``template``. c_i carries no task token, so adding
+        it to every task token of its group opens no path from task j to task k: the channels stay private."""
         template = self._task_template()
         if template is None:
             return candidates[:, :, None]
         R, N, d = candidates.shape
-        return torch.cat([candidates[:, :, None], template.expand(R, N, -1, d)], dim=2)
+        followers = template.expand(R, N, -1, d)
+        if self.config.task_token_input == "candidate":
+            followers = followers + candidates[:, :, None]
+        return torch.cat([candidates[:, :, None], followers], dim=2)
 
     @property
     def _first_output(self) -> int:
@@ -465,12 +532,14 @@ class OneRank(MultiTaskModel):
         none otherwise. History and anchor tokens only offer keys and values, so the last layer skips their queries
         and feed-forward."""
         U = context.tokens.shape[1]
-        pools_sd_states = self.config.contextualization != "random_sd" and self.config.sd_representation == "pooled"
+        pools_sd_states = (
+            self.config.contextualization not in ("random_sd", "mean_pool") and self.config.sd_representation == "pooled"
+        )
         return U - context.num_sd if pools_sd_states else U
 
     def _situation(self, context: ContextTokens, sd_states: Tensor) -> Tensor:
         """s of section 1.3: [R, d] (sd_states: the final SD token states, read only when s pools them)."""
-        if context.num_sd == 0:
+        if context.num_sd == 0 or self.config.contextualization == "mean_pool":
             return sd_states.new_zeros(sd_states.shape[0], self.config.dim)
         sd_inputs = context.tokens[:, -context.num_sd:]
         if self.config.contextualization == "random_sd":
@@ -496,19 +565,35 @@ class OneRank(MultiTaskModel):
         slot, present = batch.list_layout()
         return context, self._groups(self.tokenizer.candidates(batch)[slot]), present
 
-    def encode(self, batch: Batch) -> tuple[ContextCache, Tensor]:
-        """Context and candidates in one pass (``Encoder.joint``; what training and ``score_pool`` of a pool within
-        one chunk run): (the requests' ContextCache, r [R, N, K, d]). The same as ``encode_context`` followed by
-        ``encode_candidates``, with the token-wise work of context and groups done in shared operator calls."""
+    def encode(self, batch: Batch, pack: bool | None = None) -> tuple[ContextCache, Tensor]:
+        """Context and candidates (what training and ``score_pool`` of a pool within one chunk run): (the requests'
+        ContextCache, r [R, N, K, d]). The same as ``encode_context`` followed by ``encode_candidates``.
+
+        Requests of one size (a serving pool, the synthetic lists) run in one pass (``Encoder.joint``, the token-wise
+        work of context and groups in shared operator calls). Ragged requests are packed (``pack`` None: when
+        padding to the largest request would add more than a quarter of the candidates): the context is encoded
+        once per request, then every candidate's group against its own request's keys / values, so no group is
+        computed for a padded slot (KuaiRand: one request of 20 among 900 of one would pad 18,000 groups)."""
         if self.config.attention == "full":
             raise ValueError("onerank: with attention='full' the context depends on the candidates; nothing to cache")
-        context, groups, _ = self.tokens(batch)
-        return self.encode_tokens(context, groups)
+        slot, present = batch.list_layout()
+        if pack is None:
+            pack = present.numel() * 4 > batch.size * 5  # shapes only: the same choice when a graph is traced
+        if not pack:
+            context, groups, _ = self.tokens(batch)
+            return self.encode_tokens(context, groups)
+        cache = self.encode_context(batch)
+        request = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)[present]
+        row_request = torch.empty_like(request).index_put_((slot[present],), request)  # request of each row
+        candidates, template = self.tokenizer.candidates(batch)[:, None], self._shared_followers()
+        inputs = candidates if template is not None else self._groups(candidates)
+        states = self.encoder.groups(inputs, template, cache.rows(row_request), self._first_output)  # [B, 1, S', d]
+        return cache, self._task_states(states)[:, 0][slot]
 
     def encode_tokens(self, context: ContextTokens, groups: Tensor) -> tuple[ContextCache, Tensor]:
         """``encode`` from the encoder's input (``tokens``): the structured encoder alone."""
         sd_states, states, keys_values = self.encoder.joint(
-            context, groups, self._first_output, self._task_template(), self._first_context_output(context)
+            context, groups, self._first_output, self._shared_followers(), self._first_context_output(context)
         )
         cache = ContextCache(keys_values, context.valid, sd_states, self._situation(context, sd_states))
         return cache, self._task_states(states)
@@ -522,13 +607,15 @@ class OneRank(MultiTaskModel):
                 f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}; "
                 "group a serving pool with as_one_request(batch)"
             )
-        candidates, template = self.tokenizer.candidates(batch), self._task_template()
+        candidates, template = self.tokenizer.candidates(batch), self._shared_followers()
+
+        def encode(rows: Tensor) -> Tensor:
+            inputs = candidates[rows] if template is not None else self._groups(candidates[rows])
+            return self.encoder.groups(inputs, template, cache, self._first_output)
+
         if chunk_size is None:  # one pass, and no Python loop over a data-dependent N (graph export follows it)
-            return self._task_states(self.encoder.groups(candidates[slot], template, cache, self._first_output))
-        chunks = [
-            self.encoder.groups(candidates[slot[:, start:start + chunk_size]], template, cache, self._first_output)
-            for start in range(0, slot.shape[1], max(chunk_size, 1))
-        ]
+            return self._task_states(encode(slot))
+        chunks = [encode(slot[:, start:start + chunk_size]) for start in range(0, slot.shape[1], max(chunk_size, 1))]
         return self._task_states(torch.cat(chunks, dim=1))
 
     def score_with_context(
@@ -562,6 +649,8 @@ class OneRank(MultiTaskModel):
             [self.channels[t].contextualize(situation, r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=1
         )
         z = h if self.cross_task is None else self.cross_task(h)
+        if self.config.scorer == "bilinear":
+            z = torch.einsum("rkd,kde->rke", z, torch.stack([self.channels[t].bilinear for t in self.tasks]))
         scale = torch.stack([self.channels[t].scale for t in self.tasks])
         bias = torch.stack([self.channels[t].bias for t in self.tasks])
         scores = torch.einsum("rkd,rnkd->rnk", z, r) * scale + bias

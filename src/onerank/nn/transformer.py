@@ -95,18 +95,24 @@ def prefix_group_attention(
     One softmax over [prefix scores, score to the anchor, score to itself] is exactly the masked attention over
     ``[prefix, own group]``, but the prefix is read once per request instead of once per group: O(N S P) rather
     than the O((P + N S)^2) of the equivalent masked full attention, and only the two allowed in-group scores are
-    computed (the reference builds the explicit mask; the tests check that they agree).
+    computed (the reference builds the explicit mask; the tests check that they agree). Without gradients on the CPU
+    the prefix part runs in the fused kernel (``prefix_attention``) and the two in-group keys are merged into its
+    result (``merge_extra_keys``).
     """
     R, H, N, Sq, dh = query.shape
     P, S = prefix_key.shape[-2], group_key.shape[-2]
     query = query * dh**-0.5
-    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, Sq, P]
     anchor_key, anchor_value = group_key[..., :1, :], group_value[..., :1, :]
     own_key, own_value = group_key[..., S - Sq:, :], group_value[..., S - Sq:, :]
     to_anchor = (query * anchor_key).sum(-1, keepdim=True)
     to_self = (query * own_key).sum(-1, keepdim=True)
     if Sq == S:  # the anchor's "self" is the anchor: count it once
         to_self = to_self.masked_fill(torch.arange(S, device=query.device).view(S, 1) == 0, float("-inf"))
+    if fused_attention_applies(query):
+        out, log_total = prefix_attention(query.reshape(R, H, N * Sq, dh), prefix_key, prefix_value, prefix_bias)
+        return merge_extra_keys(out.unflatten(2, (N, Sq)), log_total.unflatten(2, (N, Sq)),
+                                [to_anchor.squeeze(-1), to_self.squeeze(-1)], [anchor_value, own_value])
+    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, Sq, P]
     probs = torch.softmax(torch.cat([to_prefix, to_anchor, to_self], dim=-1), dim=-1)
     out = torch.matmul(probs[..., :P].reshape(R, H, N * Sq, P), prefix_value).view(R, H, N, Sq, dh)
     return out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
@@ -120,10 +126,46 @@ def prefix_self_attention(
     ``prefix_group_attention`` with groups of one token, without its in-group bookkeeping."""
     dh, P = query.shape[-1], prefix_key.shape[-2]
     query = query * dh**-0.5
-    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, P]
     to_self = (query * key).sum(-1, keepdim=True)
+    if fused_attention_applies(query):
+        out, log_total = prefix_attention(query, prefix_key, prefix_value, prefix_bias)
+        return merge_extra_keys(out, log_total, [to_self.squeeze(-1)], [value])
+    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, P]
     probs = torch.softmax(torch.cat([to_prefix, to_self], dim=-1), dim=-1)
     return torch.matmul(probs[..., :P], prefix_value) + probs[..., P:] * value
+
+
+def fused_attention_applies(x: Tensor) -> bool:
+    """Whether ``prefix_attention`` may run: inference (no gradient) on the CPU, outside graph capture (export and
+    tracing record the explicit softmax, which every exporter knows). Training keeps the explicit path."""
+    return (
+        x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    )
+
+
+def prefix_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Scaled queries [R, H, L, dh] attending to their request's prefix (keys / values [R, H, P, dh], additive bias
+    [R, P]) in PyTorch's fused CPU attention kernel (the one ``scaled_dot_product_attention`` dispatches to, called
+    directly because it also returns the softmax's log-sum-exp): (output [R, H, L, dh], log-sum-exp [R, H, L]).
+    The [L, P] scores are never materialised. A request whose prefix has no valid key gets a log-sum-exp of -inf
+    (the kernel reports 0), so that ``merge_extra_keys`` gives its prefix no weight."""
+    out, log_total = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=bias[:, None, None, :].to(query.dtype), scale=1.0
+    )
+    empty = torch.isinf(bias).all(-1)  # bias is 0 or -inf
+    return out, log_total.masked_fill(empty[:, None, None], float("-inf"))
+
+
+def merge_extra_keys(out: Tensor, log_total: Tensor, scores: list[Tensor], values: list[Tensor]) -> Tensor:
+    """An attention's output over some keys (``out`` [..., dh], the log-sum-exp of its scores ``log_total`` [...])
+    -> the output of one softmax over those keys plus a few more, each with its score [...] and value [..., dh]:
+    the softmax over [log_total, scores...] weighs each part, exactly (the split-softmax identity)."""
+    weights = torch.softmax(torch.stack([log_total.to(scores[0].dtype), *scores], dim=-1), dim=-1).unsqueeze(-1)
+    merged = weights[..., 0, :] * out
+    for k, value in enumerate(values, start=1):
+        merged = merged + weights[..., k, :] * value
+    return merged
 
 
 def template_attention(

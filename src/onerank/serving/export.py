@@ -138,15 +138,20 @@ def default_export_path(checkpoint: str | Path, fmt: Format) -> Path:
     return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
 
 
-def _metadata(wrapper: ExportableModel, model_name: str) -> dict[str, str]:
-    return {
+def _metadata(wrapper: ExportableModel, model_name: str, fitted: dict | None = None) -> dict[str, str]:
+    meta = {
         "onerank.model": model_name,
         "onerank.inputs": json.dumps([spec.name for spec in wrapper.specs]),
         "onerank.tasks": json.dumps(wrapper.space.task_names),
     }
+    if fitted is not None:
+        # the checkpoint's calibration and fusion (its fusion file), so the export ranks as the ranker does
+        meta["onerank.fusion"] = json.dumps(fitted)
+    return meta
 
 
-def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path, model_name: str) -> Path:
+def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path, model_name: str,
+                fitted: dict | None = None) -> Path:
     import onnx
 
     try:
@@ -172,7 +177,7 @@ def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str
             raise ValueError(f"model {model_name!r}: the ONNX exporter fixed the candidate axis of input "
                              f"{graph_input.name!r} to {axis.dim_value} (the model's code depends on the number of "
                              "candidates as a Python value)")
-    for key, value in _metadata(wrapper, model_name).items():
+    for key, value in _metadata(wrapper, model_name, fitted).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save_model(proto, str(path))
@@ -180,7 +185,7 @@ def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str
 
 
 def export_torchscript(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path,
-                       model_name: str) -> Path:
+                       model_name: str, fitted: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -188,7 +193,7 @@ def export_torchscript(wrapper: ExportableModel, example: tuple[Tensor, ...], pa
         # about Python values are checked by the parity test on a batch of another size instead.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"onerank.json": json.dumps(_metadata(wrapper, model_name))})
+        torch.jit.save(traced, str(path), _extra_files={"onerank.json": json.dumps(_metadata(wrapper, model_name, fitted))})
     return path
 
 
@@ -222,12 +227,18 @@ class ExportReport:
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: Format, out: str | Path | None = None) -> ExportReport:
-    """Export a checkpoint's model and check the export against PyTorch on a request of another size."""
+    """Export a checkpoint's model and check the export against PyTorch on a request of another size.
+
+    The checkpoint's fusion file (``onerank fuse``), when there is one, is embedded in the export's metadata
+    (``onerank.fusion``)."""
     from onerank import api
+    from onerank.fusion import load_for_checkpoint
 
     if fmt not in SUFFIXES:
         raise ValueError(f"export format must be one of {sorted(SUFFIXES)}, not {fmt!r}")
     model, meta = api.load_checkpoint(checkpoint)
+    fitted = load_for_checkpoint(checkpoint)
+    fitted = None if fitted is None else fitted.to_dict()
     reason = UNSUPPORTED.get((meta["model"], fmt))
     if reason:
         raise ValueError(f"model {meta['model']!r} cannot be exported to {fmt}: {reason}")
@@ -236,9 +247,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: Format, out: str | Path | Non
     encoder = RequestEncoder(model.space, Encoders.from_state(meta["encoders"]), meta["item_table"])
     example = request_inputs(encoder, wrapper, 3)
     if fmt == "onnx":
-        export_onnx(wrapper, example, out, meta["model"])
+        export_onnx(wrapper, example, out, meta["model"], fitted)
     else:
-        export_torchscript(wrapper, example, out, meta["model"])
+        export_torchscript(wrapper, example, out, meta["model"], fitted)
     check = request_inputs(encoder, wrapper, 7)
     diff = max_abs_diff(wrapper(*check), run_export(out, fmt, check))
     if not diff <= PARITY_TOLERANCE:

@@ -6,13 +6,12 @@
 
 Two backends compute the same logits: ``"torch"`` (the checkpoint's model, ``model.score_pool``: OneRank encodes the
 request's context once and scores the pool ``chunk_size`` candidates at a time) and ``"onnx"`` (an export made by
-``onerank export``, run in ONNX Runtime).
+``onerank export``, run in ONNX Runtime). Both run on the CPU by default, or on ``device="cuda"`` where a GPU is
+present; the torch backend may compute in bfloat16 (``precision="bf16"``, autocast: matrix products in bf16).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,76 +22,66 @@ import torch
 import onerank
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
+from onerank.fusion import AnyFusion, Fusion, file_sha256, load_for_checkpoint
 from onerank.serving.request import (
     EncodedRequest, RankRequest, RequestEncoder, RequestError, RequestLimits, parse_request,
 )
 
-PRODUCT_EPS = 1e-12  # floor of a probability raised to a power in the product fusion (log of 0 is -inf)
 # Candidates per model call. On CPU, chunks of 256 were the fastest of 128 / 256 / 512 / 1024 for OneRank and MMoE
 # with 1000 and 4096 candidates (activations stay in cache); the scores do not depend on it.
 DEFAULT_CHUNK_SIZE = 256
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fusion of per-task predictions into one score
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Fusion:
-    """``weighted_sum``: ``sum_t w_t p_t``; ``product``: ``prod_t p_t ** w_t`` (computed as ``exp(sum_t w_t log p_t)``).
-
-    ``weights`` defaults to 1 for every task; tasks it does not name have weight 0.
-    """
-
-    kind: Literal["weighted_sum", "product"] = "weighted_sum"
-    weights: dict[str, float] | None = None
-
-    def resolved(self, tasks: list[str], kinds: dict[str, str]) -> "Fusion":
-        """A copy with explicit weights for ``tasks``, checked (errors name the task at fault)."""
-        if self.kind not in ("weighted_sum", "product"):
-            raise ValueError(f"fusion kind must be 'weighted_sum' or 'product', not {self.kind!r}")
-        weights = {t: 1.0 for t in tasks} if self.weights is None else dict(self.weights)
-        for task, w in weights.items():
-            if task not in tasks:
-                raise ValueError(f"fusion weight for unknown task {task!r}; the model's tasks are {tasks}")
-            if not math.isfinite(w):
-                raise ValueError(f"fusion weight of task {task!r} must be finite, got {w}")
-            if self.kind == "product" and w != 0 and kinds[task] != "binary":
-                raise ValueError(f"fusion 'product' needs probabilities; task {task!r} is a regression task")
-        if not any(w != 0 for w in weights.values()):
-            raise ValueError(f"fusion weights {weights} give every task weight 0")
-        return Fusion(self.kind, {t: float(weights.get(t, 0.0)) for t in tasks})
-
-    def __call__(self, predictions: dict[str, np.ndarray]) -> np.ndarray:
-        weights = self.weights or {}
-        active = [(t, w) for t, w in weights.items() if w != 0]
-        if self.kind == "weighted_sum":
-            return sum(w * predictions[t].astype(np.float64) for t, w in active)
-        log_score = sum(w * np.log(np.maximum(predictions[t].astype(np.float64), PRODUCT_EPS)) for t, w in active)
-        return np.exp(log_score)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "weights": dict(self.weights or {})}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Backends: encoded request -> logits per task
 # ---------------------------------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def serving_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> the device, or a one-line error when the GPU asked for is absent."""
+    resolved = torch.device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', not {str(device)!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible to PyTorch {torch.__version__}; "
+                             "serve with --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return resolved
+
+
 class TorchBackend:
-    def __init__(self, model: torch.nn.Module, meta: dict, chunk_size: int) -> None:
-        self.model = model.eval()
+    def __init__(
+        self, model: torch.nn.Module, meta: dict, chunk_size: int, device: torch.device = torch.device("cpu"),
+        precision: str = "fp32",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.device = device
+        self.model = model.eval().to(device)
         self.chunk_size = chunk_size
+        self.autocast_dtype = PRECISIONS[precision]
         self.item_id = model.space.schema.item_id
+        # the item table stays on the CPU: requests are encoded there, then the whole batch moves at once
         self.item_table = {k: torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in meta["item_table"].items()}
 
     def __call__(self, encoded: EncodedRequest) -> dict[str, np.ndarray]:
         batch = encoded.to_batch(self.item_table, self.item_id)
-        with torch.inference_mode():
+        if self.device.type != "cpu":
+            batch = batch.to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                  enabled=self.autocast_dtype is not None)
+        with torch.inference_mode(), autocast:
             logits = self.model.score_pool(batch, self.chunk_size)
-        return {t: v.float().numpy() for t, v in logits.items()}
+        return {t: v.float().cpu().numpy() for t, v in logits.items()}
 
 
 class OnnxBackend:
-    def __init__(self, path: str | Path, space: FeatureSpace, threads: int | None) -> None:
+    def __init__(
+        self, path: str | Path, space: FeatureSpace, threads: int | None, device: torch.device = torch.device("cpu")
+    ) -> None:
         import onnxruntime as ort
 
         from onerank.serving.export import check_onnx_signature, input_arrays
@@ -101,7 +90,13 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("device 'cuda' with the onnx backend needs onnxruntime-gpu (this onnxruntime has "
+                                 f"{ort.get_available_providers()}); use --backend torch or --device cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.space = space
         self.output_names = check_onnx_signature(self.session, space, path)
         self._input_arrays = input_arrays
@@ -122,7 +117,7 @@ class RankResult:
     probabilities: dict[str, np.ndarray]  # task -> [N]: probability (binary task) or value (regression task)
     scores: np.ndarray  # [N] fused score
     order: np.ndarray  # [N] candidate indices sorted by score, best first (ties keep the request order)
-    fusion: Fusion
+    fusion: AnyFusion
 
     def to_dict(self, top_k: int | None = None) -> list[dict[str, Any]]:
         """The JSON-ready ranking (``RankResponse``'s ``ranking``), best first."""
@@ -137,20 +132,17 @@ class RankResult:
         ]
 
 
-def checkpoint_version(path: str | Path) -> str:
-    """A short content hash: two checkpoints with the same version hold the same bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 class Ranker:
     """Scores raw requests with a checkpoint's model (see the module docstring).
 
     ``chunk_size``: candidates scored at a time by ``model.score_pool`` (torch backend); the scores do not depend on
-    it. ``threads``: intra-op threads of the backend (None: leave the library default).
+    it. ``threads``: intra-op threads of the backend (None: leave the library default). ``device``: ``"cpu"`` or
+    ``"cuda[:N]"`` (an error when absent). ``precision``: ``"fp32"`` or ``"bf16"`` (torch backend, autocast).
+
+    ``fusion_file``: the checkpoint's fitted calibration and fusion (``onerank fuse``); by default the
+    ``checkpoint.fusion.json`` beside the checkpoint when there is one, ``False`` for none. Its calibration maps the
+    probabilities, its fusion is the default fusion (``fusion`` or a request's own fusion override it). A file
+    fitted on another checkpoint is refused.
     """
 
     def __init__(
@@ -162,11 +154,18 @@ class Ranker:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         limits: RequestLimits | None = None,
         threads: int | None = None,
+        fusion_file: str | Path | Literal[False] | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
         from onerank import api
 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.device = serving_device(device)
+        if precision != "fp32" and backend != "torch":
+            raise ValueError(f"precision {precision!r} needs the torch backend; the {backend} backend runs in fp32")
+        self.precision = precision
         model, meta = api.load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
         self.meta = meta
@@ -174,14 +173,17 @@ class Ranker:
         self.space: FeatureSpace = model.space
         self.tasks = self.space.task_names
         self.task_kinds = {t.name: t.kind for t in self.space.tasks}
-        self.version = checkpoint_version(checkpoint)
+        sha = file_sha256(checkpoint)
+        self.version = sha[:12]
         self.encoder = RequestEncoder(self.space, Encoders.from_state(meta["encoders"]), meta["item_table"], limits)
-        self.fusion = (fusion or Fusion()).resolved(self.tasks, self.task_kinds)
+        self.fitted = None if fusion_file is False else load_for_checkpoint(checkpoint, fusion_file, sha)
+        fitted_fusion = self.fitted.fusion if self.fitted is not None else None
+        self.fusion = (fusion or fitted_fusion or Fusion()).resolved(self.tasks, self.task_kinds)
         self.backend_name = backend
         if threads:
             torch.set_num_threads(threads)
         if backend == "torch":
-            self.backend = TorchBackend(model, meta, chunk_size)
+            self.backend = TorchBackend(model, meta, chunk_size, self.device, precision)
         elif backend == "onnx":
             from onerank.serving.export import default_export_path
 
@@ -191,7 +193,7 @@ class Ranker:
                     f"ONNX file {path} does not exist; write it with `onerank export --checkpoint {checkpoint} "
                     "--format onnx`"
                 )
-            self.backend = OnnxBackend(path, self.space, threads)
+            self.backend = OnnxBackend(path, self.space, threads, self.device)
         else:
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
 
@@ -204,11 +206,13 @@ class Ranker:
         return self.encoder.encode(request)
 
     def predict(self, request: RankRequest | dict | EncodedRequest) -> dict[str, np.ndarray]:
-        """Per task, every candidate's probability (binary) or value (regression), in the request's order."""
+        """Per task, every candidate's probability (binary; calibrated when the fusion file has a calibration) or
+        value (regression), in the request's order."""
         encoded = request if isinstance(request, EncodedRequest) else self.encode(request)
         logits = self.backend(encoded)
-        return {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
-                for t in self.tasks}
+        predictions = {t: _sigmoid(logits[t]) if self.task_kinds[t] == "binary" else logits[t].astype(np.float32)
+                       for t in self.tasks}
+        return predictions if self.fitted is None else self.fitted.calibrate(predictions)
 
     def rank(self, request: RankRequest | dict, fusion: Fusion | None = None) -> RankResult:
         """Predictions, fused scores and the candidates sorted best first.
@@ -253,6 +257,8 @@ class Ranker:
             "version": self.version,
             "onerank_version": onerank.__version__,
             "backend": self.backend_name,
+            "device": str(self.device),
+            "precision": self.precision,
             "tasks": [{"name": t.name, "kind": t.kind, "space": t.space} for t in schema.tasks],
             "schema": {
                 "user": [f.name for f in schema.categorical + schema.dense if f.group == "user"],
@@ -265,6 +271,7 @@ class Ranker:
             },
             "limits": {"max_candidates": self.limits.max_candidates, "max_history": self.limits.max_history},
             "fusion": self.fusion.to_dict(),
+            "fitted": None if self.fitted is None else self.fitted.summary(),
             "example_request": self.example_request(),
         }
 

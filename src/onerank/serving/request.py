@@ -96,9 +96,51 @@ class RankResponse(BaseModel):
     model: str
     version: str
     tasks: list[str]
-    fusion: FusionSpec
+    fusion: dict[str, Any] = Field(description="the fusion used: its kind and parameters (a FusionSpec, or a fitted "
+                                               "monotone fusion's network)")
     num_candidates: int
     ranking: list[RankedCandidate]
+
+
+class TaskDescription(BaseModel):
+    name: str
+    kind: Literal["binary", "regression"]
+    space: str | None = Field(None, description="the impression space the task's labels live in (e.g. click)")
+
+
+class SchemaDescription(BaseModel):
+    user: list[str] = Field(description="user fields (categorical and dense)")
+    context: list[str] = Field(description="context fields (categorical and dense)")
+    candidate: list[str] = Field(description="item fields a candidate may carry")
+    item_id: str | None
+    dense: list[str] = Field(description="dense fields (optional in a request)")
+    histories: dict[str, dict[str, int]] = Field(description="behaviour sequence -> {max_len}")
+    vocab_sizes: dict[str, int]
+
+
+class LimitsDescription(BaseModel):
+    max_candidates: int
+    max_history: int
+
+
+class ModelDescription(BaseModel):
+    """``GET /model``: what is served, on what, and how to call it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    version: str = Field(description="content hash of the checkpoint file")
+    onerank_version: str
+    backend: Literal["torch", "onnx"]
+    device: str
+    precision: Literal["fp32", "bf16"]
+    tasks: list[TaskDescription]
+    request_schema: SchemaDescription = Field(alias="schema")
+    limits: LimitsDescription
+    fusion: dict[str, Any] = Field(description="the default fusion: a FusionSpec, or a fitted monotone fusion's network")
+    fitted: dict[str, Any] | None = Field(
+        None, description="the fusion file (onerank fuse): path, checkpoint hash, calibration per task, fitted fusion"
+    )
+    example_request: RankRequest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
