@@ -23,7 +23,7 @@ from onerank.metrics.ranking import auc
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 RESULTS = ROOT / "benchmarks" / "results"
-PUBLISHED = ("census", "kuairand", "synthetic")
+PUBLISHED = ("census", "kuairand", "lists", "synthetic")
 
 
 def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
