@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onerank import __version__ as ONERANK_VERSION
 from onerank import cli
 from onerank.benchmarking import file_sha256, load_suite
 from onerank.benchmarking.stats import _SortedAUC, paired_bootstrap_auc, paired_t
@@ -21,7 +23,7 @@ from onerank.metrics.ranking import auc
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 RESULTS = ROOT / "benchmarks" / "results"
-PUBLISHED = ("census", "kuairand", "synthetic")
+PUBLISHED = ("census", "kuairand", "lists", "synthetic")
 
 
 def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
@@ -29,8 +31,17 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["benchmark", "--suite", "smoke", "--out", str(out), "--work-dir", str(work)]
     assert cli.main(args) == 0  # about 15 s on an idle core (no wall-time assertion: the test machine is shared)
-    report = capsys.readouterr().out
+    captured = capsys.readouterr()
+    report = captured.out
+    # progress without -v: one line per run, done / total, elapsed and an estimate
+    progress = [line for line in captured.err.splitlines() if line.startswith("[smoke] ")]
+    assert len(progress) == 16 and progress[-1].startswith("[smoke] 16/16 runs done") and "left" in progress[-1]
     results = json.loads((out / "results.json").read_text())
+    # the code that made the results: the version, and the commit of this checkout (None outside git)
+    assert results["code"]["onerank"] == ONERANK_VERSION
+    commit = results["code"]["git_commit"]
+    assert commit is None or re.fullmatch("[0-9a-f]{40}", commit)
+    assert all(r["git_commit"] == commit and len(r["config_sha256"]) == 64 for r in results["runs"])
     suite = load_suite("smoke")
     assert results["suite_sha256"] == file_sha256(SUITES / "smoke.yaml") == suite.sha256
     # 2 variants x (2 tuned models x (2 grid points + 1 more seed) + 1 ablation x 2 seeds)
@@ -47,15 +58,21 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
             pair = block["against_every_baseline"]["single_task"][task]  # the same comparison, by name
             assert pair["delta_auc"] == sig["delta_auc"] and pair["bootstrap_auc"]["p"] == sig["bootstrap_auc"]["p"]
         assert set(block["negative_transfer"]) == {"onerank"}
+        # the synthetic data knows its true probabilities: an oracle above every model
+        assert set(block["oracle"]) == {"click", "cart", "order"}
+        assert all(block["oracle"][t]["auc"] > onerank["tasks"][t]["auc"]["mean"] for t in block["oracle"])
         chosen = results["tuning"][variant]
         assert chosen["onerank[cross_task=none]"]["chosen"] == chosen["onerank"]["chosen"]
     history = next(r for r in results["runs"] if r["label"] == "onerank")["history"]
     assert "gradient_cosine" in history[0] and "auc" in history[0]["valid"]["click"]
-    for png in ("auc_vs_correlation.png", "ablations.png", "training_curves_task_correlation=0.9.png",
-                "gradient_cosine_task_correlation=0.9.png"):
+    for png in ("auc_vs_task_correlation.png", "gap_to_oracle_vs_task_correlation.png",
+                "training_curves_task_correlation=0.9.png", "gradient_cosine_task_correlation=0.9.png"):
         assert (out / png).stat().st_size > 0 and f"({png})" in report
     assert (out / "report.md").read_text().strip() == report.strip()
     assert "| **onerank** |" in report and "bootstrap p" in report and "seesaw" in report
+    assert "| *oracle (true probabilities)* |" in report and "Gap to the oracle on `click`" in report
+    # one epoch at most: every run's best epoch is its last, and the report says so for every model
+    assert report.count("Not converged") == 2 and "onerank[cross_task=none] (2 of 2 seeds)" in report
 
     # resuming a finished suite trains nothing; --report-only re-renders from the stored runs
     before = (out / "results.json").read_text()
@@ -63,6 +80,54 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert len(json.loads((out / "results.json").read_text())["runs"]) == len(json.loads(before)["runs"])
     assert cli.main(args + ["--report-only"]) == 0
     assert json.loads((out / "results.json").read_text())["summary"].keys() == results["summary"].keys()
+
+    # --publish writes the report into a page between the suite's markers, links relative to the page
+    page = tmp_path / "docs" / "PAGE.md"
+    page.parent.mkdir()
+    page.write_text("# intro\n\nan analysis\n")
+    assert cli.main(args + ["--report-only", "--publish", str(page)]) == 2  # no markers: a clear error, exit 2
+    assert "needs one line '<!-- onerank benchmark smoke: begin -->'" in capsys.readouterr().err
+    page.write_text("# intro\n<!-- onerank benchmark smoke: begin -->\nold\n<!-- onerank benchmark smoke: end -->\nafter\n")
+    assert cli.main(args + ["--report-only", "--publish", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# intro\n") and text.endswith("-->\nafter\n") and "old" not in text
+    assert "](../out/auc_vs_task_correlation.png)" in text
+    assert not broken_image_links(page)
+
+    # a changed suite keeps the runs it would train identically and trains only what is new
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "smoke.yaml").write_text((SUITES / "smoke.yaml").read_text().replace(
+        "ablations:\n", "ablations:\n  - {label: \"onerank[listwise=0]\", objective: {listwise: 0.0}}\n"))
+    capsys.readouterr()
+    assert cli.main(args + ["--resume", "--suites-dir", str(suites)]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[smoke] ")]
+    assert len(progress) == 4 and progress[-1].startswith("[smoke] 20/20 runs done")  # 2 variants x 2 seeds
+    changed = json.loads((out / "results.json").read_text())
+    kept = {r["key"]: r["train_seconds"] for r in changed["runs"] if "listwise" not in r["label"]}
+    assert kept == {r["key"]: r["train_seconds"] for r in results["runs"]}
+    listwise_off = [r for r in changed["runs"] if r["label"] == "onerank[listwise=0]"]
+    assert len(listwise_off) == 4 and all(r["objective"] == {"listwise": 0.0} for r in listwise_off)
+    # --rerun trains a model again (its code changed) and keeps the others
+    assert cli.main(args + ["--resume", "--suites-dir", str(suites), "--rerun", "onerank[listwise=0]"]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[smoke] ")]
+    assert len(progress) == 4 and all("onerank[listwise=0]" in line for line in progress)
+    assert cli.main(args + ["--resume", "--rerun", "mmoe"]) == 2  # not a model of the suite: exit 2
+
+
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def broken_image_links(page: Path) -> list[str]:
+    """The image links of a Markdown page that do not resolve from the page's folder."""
+    return [link for link in IMAGE_LINK.findall(page.read_text())
+            if "://" not in link and not (page.parent / link).is_file()]
+
+
+def test_every_image_link_of_the_published_pages_resolves():
+    pages = [ROOT / "BENCHMARKS.md", ROOT / "README.md", *sorted(RESULTS.glob("*/report.md")),
+             *sorted((ROOT / "docs").glob("*.md"))]
+    assert {p: broken_image_links(p) for p in pages} == {p: [] for p in pages}
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

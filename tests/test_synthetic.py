@@ -1,6 +1,9 @@
-"""The synthetic funnel dataset: determinism, task correlation, base rates, funnel, requests, histories, cache."""
+"""The synthetic funnel dataset: determinism, task correlation, base rates, funnel, requests, histories, cache, and the
+list effects with their oracle."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -10,8 +13,10 @@ from onerank.data import SchemaError, load_dataset
 from onerank.data.synthetic import (
     BASE_TIME,
     DAY,
+    LIST_EFFECTS,
     SyntheticConfig,
     build_raw,
+    list_effect_logits,
     load,
     simulate,
     synthetic_schema,
@@ -182,3 +187,117 @@ def test_cache_hit_and_key(cache_root, ds):
     assert other.info["cache_hit"] is False
     assert other.info["cache_dir"] != ds.info["cache_dir"]
     assert ds.info["config"]["label_noise"] == 0.5 and other.info["config"]["label_noise"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# List effects: each one is real in the generated labels, and off by default
+# ---------------------------------------------------------------------------------------------------------------------
+LISTS = dict(num_users=1000)  # about 35 k impressions in requests of 20: enough for the stratified rates below
+
+
+def _stratified_gap(labels: np.ndarray, utility: np.ndarray, flag: np.ndarray) -> float:
+    """Click rate of the flagged rows minus the others', within deciles of the list-blind utility (so a difference
+    is not the item's or user's own appeal), averaged over deciles weighted by size."""
+    bins = np.searchsorted(np.quantile(utility, np.linspace(0, 1, 11)[1:-1]), utility)
+    gaps, weights = [], []
+    for b in range(10):
+        rows = bins == b
+        yes, no = labels[rows & flag], labels[rows & ~flag]
+        if len(yes) > 20 and len(no) > 20:
+            gaps.append(yes.mean() - no.mean())
+            weights.append(rows.sum())
+    return float(np.average(gaps, weights=weights))
+
+
+def _pool_statistics(s) -> dict[str, np.ndarray]:
+    """Per impression: its click, list-blind utility, how strong its competitors are (log-mean-exp of the other
+    candidates' utilities) and how many other candidates share its category."""
+    n = s.config.candidates_per_request
+    utility = s.click_utility.reshape(-1, n)
+    top = utility.max(axis=1, keepdims=True)
+    shares = np.exp(utility - top)
+    category = s.impressions["category"].to_numpy().reshape(-1, n)
+    return {
+        "click": s.impressions["click"].to_numpy(),
+        "utility": s.click_utility,
+        "competitors": (np.log(shares.sum(axis=1, keepdims=True) - shares) + top).ravel(),
+        "same_category": ((category[:, :, None] == category[:, None, :]).sum(axis=2) - 1).ravel(),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _pool_statistics(simulate(**LISTS))
+
+
+def test_default_data_is_the_published_one():
+    """The list effects are off by default and the default world is byte for byte the one of generator v1 (the
+    digest was taken from v1), so the published synthetic results stay reproducible."""
+    s = simulate()
+    assert s.config.list_effects == {"request_intent": 0.0, "satiation": 0.0, "choice_competition": 0.0}
+    digest = hashlib.sha256()
+    for column in ("user_id", "item_id", "time", "click", "cart", "order"):
+        digest.update(s.impressions[column].to_numpy().tobytes())
+    assert digest.hexdigest() == "73a840f80e721ed5c120ddc7fcf7e4c1e48a666bf8d22cd50b033f636b05e1eb"
+
+
+def test_choice_competition_lowers_clicks_next_to_better_alternatives(plain):
+    stats = _pool_statistics(simulate(**LISTS, choice_competition=1.0))
+    strong = stats["competitors"] > np.median(stats["competitors"])
+    assert _stratified_gap(stats["click"], stats["utility"], strong) < -0.08
+    no_effect = _stratified_gap(plain["click"], plain["utility"], plain["competitors"] > np.median(plain["competitors"]))
+    assert abs(no_effect) < 0.03
+    # the ground truth itself: one item, the same pool but for one alternative that gets better
+    utility = np.array([[0.0, -1.0, -1.0, -1.0], [0.0, 2.0, -1.0, -1.0]])
+    category = np.arange(8).reshape(2, 4)
+    logits = list_effect_logits(utility, category, np.zeros_like(utility, dtype=bool), {"choice_competition": 1.0})
+    assert logits[1, 0] < logits[0, 0] - 1.0
+
+
+def test_request_intent_shapes_the_pool_and_the_clicks(plain):
+    s = simulate(**LISTS, request_intent=1.0)
+    stats = _pool_statistics(s)
+    # retrieval: the intent category is over-represented in its pool (the pool reveals the intent) ...
+    intent_share = (s.impressions["category"].to_numpy() == s.intent).mean()
+    blind = simulate(**LISTS)
+    assert intent_share > 2 * (blind.impressions["category"].to_numpy() == blind.intent).mean()
+    # ... and engagement: an item whose category fills its pool is clicked more than the same appeal alone
+    assert _stratified_gap(stats["click"], stats["utility"], stats["same_category"] >= 2) > 0.05
+    assert abs(_stratified_gap(plain["click"], plain["utility"], plain["same_category"] >= 2)) < 0.03
+
+
+def test_satiation_lowers_clicks_among_similar_items(plain):
+    stats = _pool_statistics(simulate(**LISTS, satiation=1.0))
+    assert _stratified_gap(stats["click"], stats["utility"], stats["same_category"] >= 2) < -0.05
+    assert _stratified_gap(stats["click"], stats["utility"], stats["same_category"] == 0) > 0.05
+
+
+def test_oracle_probabilities_and_metrics():
+    plain_raw, lists_raw = build_raw(**LISTS), build_raw(**LISTS, preset="lists", strength=1.0)
+    for raw in (plain_raw, lists_raw):
+        assert set(raw.info["oracle"]) == {"train", "valid", "test"}
+        assert raw.info["oracle"]["test"]["order"]["auc"] > 0.9
+    # without list effects the oracle's click ranking is the list-blind utility's; with them, the pool explains more
+    assert plain_raw.info["oracle"]["test"]["click"]["auc"] == pytest.approx(plain_raw.info["list_blind_click_auc"]["test"])
+    assert lists_raw.info["oracle"]["test"]["click"]["auc"] > lists_raw.info["list_blind_click_auc"]["test"] + 0.05
+    assert lists_raw.info["list_effects"] == {"request_intent": 1.0, "satiation": 1.0, "choice_competition": 1.0}
+    # the probabilities are calibrated: the mean probability in each decile matches the label rate
+    s = simulate(**LISTS, preset="lists", strength=1.0)
+    for task in ("click", "cart"):
+        p, y = s.probability[task], s.impressions[task].to_numpy()
+        bins = np.searchsorted(np.quantile(p, np.linspace(0, 1, 11)[1:-1]), p)
+        for b in range(10):
+            assert abs(p[bins == b].mean() - y[bins == b].mean()) < 0.03, (task, b)
+    assert (s.probability["order"] <= s.probability["cart"]).all() and (s.probability["cart"] <= s.probability["click"]).all()
+
+
+def test_list_effect_options_are_validated():
+    assert SyntheticConfig(preset="lists", strength=0.5).list_effects == dict.fromkeys(LIST_EFFECTS, 0.5)
+    with pytest.raises(SchemaError, match="unknown preset 'list'"):
+        SyntheticConfig(preset="list")
+    with pytest.raises(SchemaError, match="give either the preset or those options"):
+        SyntheticConfig(preset="lists", satiation=0.3)
+    with pytest.raises(SchemaError, match="satiation must be a finite number >= 0"):
+        SyntheticConfig(satiation=-1.0)
+    with pytest.raises(SchemaError, match="strength"):
+        SyntheticConfig(preset="lists", strength=float("nan"))

@@ -225,6 +225,79 @@ def test_aliexpress_sample(tmp_path):
         assert np.array_equal(s.label_mask["conversion"], s.labels["click"] > 0.5)
 
 
+ALIEXPRESS = pytest.mark.skipif(not (SAMPLES / "aliexpress").is_dir(),
+                                reason=f"no AliExpress sample at {SAMPLES / 'aliexpress'}")
+
+
+@ALIEXPRESS
+def test_aliexpress_searches_are_requests_with_a_shared_user_side(tmp_path):
+    """A search is a request: its rows share the user-side fields, differ in the item fields, and a list-wise model
+    trains on whole searches and ranks a search's items apart (the sample is for formats only: no metric here)."""
+    from onerank import api
+    from onerank.training.config import RunConfig, TrainConfig
+
+    ds = load_dataset("tabular", SAMPLES / "aliexpress", tmp_path, schema=str(CONFIGS / "aliexpress.yaml"))
+    schema = ds.schema
+    user = [f.name for f in schema.categorical if f.group == "user"] + [f.name for f in schema.dense if f.group == "user"]
+    item = schema.item_fields + [f.name for f in schema.dense if f.group == "item"]
+    assert len(user) == 10 + 26 and len(item) == 6 + 37
+    train = ds.train
+    sizes = np.bincount(train.request)
+    starts = np.cumsum(sizes) - sizes
+    assert sizes.max() == 20  # the sample's largest search, kept whole
+    for name in user:
+        column = train.categorical.get(name, train.dense.get(name))
+        np.testing.assert_array_equal(column, np.repeat(column[starts], sizes, axis=0))
+    config = RunConfig(
+        dataset="tabular", data_dir=str(SAMPLES / "aliexpress"), cache_dir=str(tmp_path),
+        dataset_options={"schema": str(CONFIGS / "aliexpress.yaml")}, model="onerank",
+        model_options={"dim": 8, "num_layers": 1, "num_heads": 1, "item_mlp_hidden": [16]},
+        train=TrainConfig(epochs=1, batch_size=64, threads=1, device="cpu", progress=False, tensorboard=False),
+    )
+    trainer = api.build_trainer(config, ds)
+    try:
+        assert trainer.objective.needs_requests  # OneRank's list-wise loss: batches of whole searches
+        state = trainer.fit()
+        scores = trainer.predict("train")["click"]
+    finally:
+        trainer.close()
+    assert state.history and all(np.isfinite(v) for v in state.history[0]["train_loss"].values())
+    largest = int(np.argmax(sizes))
+    in_search = scores[starts[largest]:starts[largest] + sizes[largest]]
+    assert np.unique(np.round(in_search, 6)).size > 1  # the items of one search are told apart
+
+
+@ALIEXPRESS
+def test_aliexpress_official_file_names_load_with_the_same_code(tmp_path):
+    """The official per-country release (AliExpress_NL/train.csv, test.csv, ...) loads from any folder with the same
+    schema file: here the sample under the official names."""
+    country = tmp_path / "data" / "AliExpress_NL"
+    country.mkdir(parents=True)
+    for split in ("train", "test"):
+        (country / f"{split}.csv").write_bytes((SAMPLES / "aliexpress" / f"aliexpress_{split}_sample.csv").read_bytes())
+    official = load_dataset("tabular", country, tmp_path / "cache", schema=str(CONFIGS / "aliexpress.yaml"))
+    sample = load_dataset("tabular", SAMPLES / "aliexpress", tmp_path / "cache", schema=str(CONFIGS / "aliexpress.yaml"))
+    assert official.info["cache_dir"] != sample.info["cache_dir"]  # other files, other cache entry
+    for split in ("train", "valid", "test"):
+        a, b = official.split(split), sample.split(split)
+        np.testing.assert_array_equal(a.request, b.request)
+        for name in a.categorical:
+            np.testing.assert_array_equal(a.categorical[name], b.categorical[name])
+        np.testing.assert_array_equal(a.labels["conversion"], b.labels["conversion"])
+
+
+@ALIEXPRESS
+def test_a_user_field_that_differs_within_a_search_is_an_error(tmp_path):
+    raw = pd.read_csv(SAMPLES / "aliexpress" / "aliexpress_train_sample.csv")
+    largest = raw["search_id"].value_counts().idxmax()
+    rows = raw.index[raw["search_id"] == largest]
+    raw.loc[rows[1], "categorical_3"] = raw.loc[rows[0], "categorical_3"] + 1
+    raw.to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "test.csv").write_bytes((SAMPLES / "aliexpress" / "aliexpress_test_sample.csv").read_bytes())
+    with pytest.raises(SchemaError, match="user field 'categorical_3' varies within 1 requests.*declare it `group: item`"):
+        load_dataset("tabular", tmp_path, tmp_path / "cache", schema=str(CONFIGS / "aliexpress.yaml"))
+
+
 @pytest.mark.skipif(not (SAMPLES / "ali-ccp").is_dir(), reason=f"no Ali-CCP sample at {SAMPLES / 'ali-ccp'}")
 def test_ali_ccp_sample(tmp_path):
     ds = load_dataset("tabular", SAMPLES / "ali-ccp", tmp_path, schema=str(CONFIGS / "ali_ccp.yaml"))

@@ -313,6 +313,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         args.suite, out_dir=args.out, seeds=args.seeds, models=models, suites_dir=args.suites_dir,
         work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
         command=command, device=args.device, workers=args.workers,
+        progress=lambda line: print(line, file=sys.stderr, flush=True), publish=args.publish,
+        rerun=[m.strip() for m in args.rerun.split(",") if m.strip()] if args.rerun else None,
     )
     print(result["report"])
     return 0
@@ -427,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, help="runs trained in parallel processes (default 1)")
+    p.add_argument("--rerun", metavar="MODELS", help="with --resume: train these models again (names or labels, "
+                   "comma-separated; a model name takes its ablations too), e.g. after their code changed")
+    p.add_argument("--publish", metavar="PAGE", help="also write the report into PAGE (e.g. BENCHMARKS.md) between "
+                   "its lines '<!-- onerank benchmark NAME: begin -->' and '... NAME: end -->', links relative to PAGE")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("export-encoded", help="write a dataset for streaming: encoded train split as Parquet files")

@@ -1,8 +1,14 @@
 """The suite's figures (matplotlib, Agg backend), written next to results.json: training curves, gradient cosines,
-AUC against task correlation, OneRank's ablation bars."""
+test AUC (and the gap to the oracle) against the swept option, OneRank's ablation bars, negative transfer.
+
+Every figure draws a model with the same colour and marker (``style``: a fixed map, so a reader can compare figures
+and suites at a glance), shows the spread over seeds (error bars or bands of one standard deviation), keeps its
+legend outside the axes and puts epochs on whole-number ticks.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -10,20 +16,102 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from onerank.benchmarking.report import final_runs  # noqa: E402
 
+# One (colour, marker) per model of the zoo, never shared; ablations of OneRank are dashed, in their own colours.
+MODEL_STYLES: dict[str, tuple[str, str]] = {
+    "single_task": ("#7f7f7f", "o"),
+    "shared_bottom": ("#8c564b", "s"),
+    "omoe": ("#bcbd22", "v"),
+    "mmoe": ("#1f77b4", "^"),
+    "ple": ("#2ca02c", "D"),
+    "esmm": ("#9467bd", "P"),
+    "aitm": ("#e377c2", "X"),
+    "stem": ("#17becf", "<"),
+    "dtrn": ("#ff7f0e", ">"),
+    "dtrn_mmoe": ("#aec7e8", "h"),
+    "dtrn_ple": ("#98df8a", "H"),
+    "transformer_mmoe": ("#393b79", "p"),
+    "transformer_ple": ("#637939", "*"),
+    "onerank": ("#d62728", "o"),
+}
+ABLATION_STYLES: dict[str, tuple[str, str]] = {
+    "cross_task=none": ("#ff9896", "s"),
+    "cross_task=parallel": ("#c49c94", "^"),
+    "detach_cross_task=false": ("#1b9e77", "D"),
+    "contextualization=off": ("#843c39", "v"),
+    "contextualization=mean_pool": ("#7570b3", "<"),
+    "listwise=0": ("#e6ab02", "P"),
+    "task_token_input=template": ("#66a61e", "X"),
+    "task_tokens=shared": ("#a6761d", ">"),
+    "attention=full": ("#525252", "h"),
+}
+_FALLBACK = [("#000000", "o"), ("#5254a3", "s"), ("#8ca252", "^"), ("#bd9e39", "D"), ("#6b6ecf", "v")]
+ORACLE_STYLE = {"color": "black", "marker": "*", "linestyle": ":", "markersize": 9}
 
-def _subplots(n: int, width: float = 4.2, height: float = 3.2):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, axes[0]
+
+def style(label: str) -> dict:
+    """Matplotlib keywords for ``label``: the same in every figure of every suite."""
+    if label in MODEL_STYLES:
+        colour, marker = MODEL_STYLES[label]
+        return {"color": colour, "marker": marker, "linestyle": "-"}
+    inner = label[label.find("[") + 1:-1] if label.endswith("]") and "[" in label else label
+    colour, marker = ABLATION_STYLES.get(inner) or _FALLBACK[
+        int(hashlib.sha1(label.encode()).hexdigest(), 16) % len(_FALLBACK)]
+    return {"color": colour, "marker": marker, "linestyle": "--"}
 
 
-def _save(fig, path: Path) -> str:
+def _subplots(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, axes
+
+
+def _save(fig, axes, path: Path) -> str:
+    """Legend outside the axes (to the right, one entry per label), then write the PNG."""
+    handles, labels = {}, []
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=7, frameon=False)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path.name
+
+
+def _epoch_axis(ax) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _per_epoch(histories: list[list[dict]], value) -> tuple[list[int], list[float], list[float]]:
+    """Mean and std over seeds of ``value(h)`` at each epoch (seeds that stopped earlier drop out)."""
+    epochs = sorted({h["epoch"] for hist in histories for h in hist})
+    means, stds = [], []
+    for e in epochs:
+        vals = [v for hist in histories for h in hist if h["epoch"] == e
+                for v in [value(h)] if v is not None and not math.isnan(v)]
+        means.append(float(np.mean(vals)) if vals else math.nan)
+        stds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+    return epochs, means, stds
+
+
+def _band(ax, xs, means, stds, label: str) -> None:
+    kw = style(label)
+    ax.plot(xs, means, label=label, **kw)
+    lo, hi = np.subtract(means, stds), np.add(means, stds)
+    ax.fill_between(xs, lo, hi, color=kw["color"], alpha=0.15, linewidth=0)
+
+
+def _histories(results: dict, variant: str, label: str) -> list[list[dict]]:
+    return [r["history"] for r in final_runs(results, variant, label) if not r.get("error") and r.get("history")]
 
 
 def training_curves(results: dict, variant: str, out_dir: Path, suffix: str = "") -> str | None:
@@ -31,72 +119,92 @@ def training_curves(results: dict, variant: str, out_dir: Path, suffix: str = ""
     tasks, labels = block["tasks"], [m for m, e in block["models"].items() if not e["ablation"]]
     if not tasks:
         return None
-    fig, axes = _subplots(len(tasks))
+    fig, axes = _subplots(1, len(tasks))
     for label in labels:
-        runs = [r for r in final_runs(results, variant, label) if not r.get("error") and r["seed"] == 0]
-        if not runs:
+        histories = _histories(results, variant, label)
+        if not histories:
             continue
-        history = runs[0]["history"]
-        for ax, t in zip(axes, tasks):
-            ax.plot([h["epoch"] for h in history], [h["valid"][t].get("auc", math.nan) for h in history],
-                    marker="o", label=label)
-    for ax, t in zip(axes, tasks):
-        ax.set_title(f"{t}: validation AUC (seed 0)")
-        ax.set_xlabel("epoch")
+        for ax, t in zip(axes[0], tasks):
+            epochs, means, stds = _per_epoch(histories, lambda h, t=t: h["valid"][t].get("auc", math.nan))
+            _band(ax, epochs, means, stds, label)
+    for ax, t in zip(axes[0], tasks):
+        ax.set_title(f"{t}: validation AUC (mean ± std over seeds)", fontsize=9)
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
-    return _save(fig, out_dir / f"training_curves{suffix}.png")
+    return _save(fig, axes, out_dir / f"training_curves{suffix}.png")
 
 
 def gradient_cosine(results: dict, variant: str, out_dir: Path, suffix: str = "") -> str | None:
     block = results["summary"][variant]
     labels = [m for m, e in block["models"].items() if not e["ablation"]]
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    series: dict[str, dict[str, list[list[dict]]]] = {}
     for label in labels:
-        runs = [r for r in final_runs(results, variant, label) if not r.get("error") and r["seed"] == 0]
-        if not runs:
-            continue
-        for h in runs[0]["history"]:
-            for pair, cos in (h.get("gradient_cosine") or {}).items():
-                series.setdefault(pair, {}).setdefault(label, []).append((h["epoch"], cos))
+        for history in _histories(results, variant, label):
+            pairs = {p for h in history for p in (h.get("gradient_cosine") or {})}
+            for pair in pairs:
+                series.setdefault(pair, {}).setdefault(label, []).append(history)
     # a model without shared parameters (single_task) has all-zero cosines: nothing to show
-    series = {p: {m: v for m, v in s.items() if any(abs(c) > 1e-9 for _, c in v)} for p, s in series.items()}
+    series = {
+        p: {m: hs for m, hs in s.items()
+            if any(abs((h.get("gradient_cosine") or {}).get(p, 0.0)) > 1e-9 for hist in hs for h in hist)}
+        for p, s in series.items()
+    }
     series = {p: s for p, s in series.items() if s}
     if not series:
         return None
-    fig, axes = _subplots(len(series))
-    for ax, (pair, per_model) in zip(axes, series.items()):
-        for label, points in per_model.items():
-            ax.plot([e for e, _ in points], [c for _, c in points], marker="o", label=label)
+    fig, axes = _subplots(1, len(series))
+    for ax, (pair, per_model) in zip(axes[0], series.items()):
+        for label, histories in per_model.items():
+            epochs, means, stds = _per_epoch(
+                histories, lambda h, pair=pair: (h.get("gradient_cosine") or {}).get(pair, math.nan))
+            _band(ax, epochs, means, stds, label)
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_title(f"cos(grad {pair.replace('|', ', grad ')})")
-        ax.set_xlabel("epoch")
+        ax.set_title(f"cos(grad {pair.replace('|', ', grad ')})", fontsize=9)
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
-    return _save(fig, out_dir / f"gradient_cosine{suffix}.png")
+    return _save(fig, axes, out_dir / f"gradient_cosine{suffix}.png")
 
 
-def auc_vs_correlation(results: dict, option: str, out_dir: Path) -> str | None:
+def _rows_of_labels(summary: dict, proposed: str) -> list[list[str]]:
+    """The models of the sweep figures: the baselines and the proposed model; then, if there are ablations, the
+    proposed model with its ablations (so each panel stays readable)."""
+    models = summary[next(iter(summary))]["models"]
+    main = [m for m, e in models.items() if not e["ablation"]]
+    ablations = [m for m, e in models.items() if e["ablation"]]
+    return [main] + ([[proposed] + ablations] if ablations and proposed in models else [])
+
+
+def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap: bool = False) -> str | None:
+    """Test AUC (or, with ``gap``, the oracle's AUC minus it) against the swept option, mean ± std over seeds; the
+    oracle as a dotted black line where the dataset knows it."""
     summary = results["summary"]
     variants = list(summary)
     if len(variants) < 2:
         return None
+    has_oracle = all(summary[v].get("oracle") for v in variants)
+    if gap and not has_oracle:
+        return None
     tasks = summary[variants[0]]["tasks"]
-    labels = [m for m, e in summary[variants[0]]["models"].items() if not e["ablation"]]
     xs = [float(v) for v in variants]
-    fig, axes = _subplots(len(tasks))
-    for ax, t in zip(axes, tasks):
-        for label in labels:
-            points = [(x, summary[v]["models"][label]["tasks"][t]["auc"]) for x, v in zip(xs, variants)
-                      if "tasks" in summary[v]["models"].get(label, {})]
-            ax.errorbar([x for x, _ in points], [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
-                        marker="o", capsize=2, label=label)
-        ax.set_title(f"{t}: test AUC")
-        ax.set_xlabel(option)
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
-    return _save(fig, out_dir / "auc_vs_correlation.png")
+    rows = _rows_of_labels(summary, proposed)
+    fig, axes = _subplots(len(rows), len(tasks))
+    for row, labels in zip(axes, rows):
+        for ax, t in zip(row, tasks):
+            for label in labels:
+                points = [(x, v, summary[v]["models"][label]["tasks"][t]["auc"]) for x, v in zip(xs, variants)
+                          if "tasks" in summary[v]["models"].get(label, {})]
+                if not points:
+                    continue
+                ys = [(summary[v]["oracle"][t]["auc"] - s["mean"]) if gap else s["mean"] for _, v, s in points]
+                ax.errorbar([x for x, _, _ in points], ys, yerr=[s["std"] for _, _, s in points], capsize=2,
+                            label=label, **style(label))
+            if has_oracle and not gap:
+                ax.plot(xs, [summary[v]["oracle"][t]["auc"] for v in variants], label="oracle", **ORACLE_STYLE)
+            ax.set_title(f"{t}: {'oracle AUC - test AUC' if gap else 'test AUC'}", fontsize=9)
+            ax.set_xlabel(option)
+            ax.set_xticks(xs)
+            ax.grid(alpha=0.3)
+    return _save(fig, axes, out_dir / f"{'gap_to_oracle' if gap else 'auc'}_vs_{option}.png")
 
 
 def ablation_bars(results: dict, variant: str, proposed: str, out_dir: Path) -> str | None:
@@ -105,41 +213,47 @@ def ablation_bars(results: dict, variant: str, proposed: str, out_dir: Path) -> 
     labels = [proposed] + [m for m, e in models.items() if e["ablation"] and "tasks" in e]
     if len(labels) < 2 or "tasks" not in models.get(proposed, {}):
         return None
-    fig, axes = _subplots(len(tasks), width=4.6, height=3.6)
-    for ax, t in zip(axes, tasks):
+    fig, axes = _subplots(1, len(tasks), width=4.6, height=3.6)
+    for ax, t in zip(axes[0], tasks):
         means = [models[m]["tasks"][t]["auc"]["mean"] for m in labels]
         stds = [models[m]["tasks"][t]["auc"]["std"] for m in labels]
-        ax.bar(range(len(labels)), means, yerr=stds, capsize=3,
-               color=["tab:red"] + ["tab:blue"] * (len(labels) - 1))
+        ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=[style(m)["color"] for m in labels])
         lo, hi = min(means) - 2 * max(stds + [1e-4]), max(means) + 2 * max(stds + [1e-4])
         ax.set_ylim(lo, hi)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([m.replace(f"{proposed}[", "[") for m in labels], rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{t}: test AUC")
+        ax.set_title(f"{t}: test AUC (mean ± std over seeds)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    return _save(fig, out_dir / "ablations.png")
+    fig.tight_layout()
+    path = out_dir / "ablations.png"
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the bars are named on the axis: no legend
+    plt.close(fig)
+    return path.name
 
 
 def negative_transfer(results: dict, variant: str, reference: str, out_dir: Path, suffix: str = "") -> str | None:
-    """Per task, each multi-task model's mean test AUC minus the single-task reference's: the seesaw at a glance."""
+    """Per task, each multi-task model's mean test AUC minus the single-task reference's: the seesaw at a glance.
+    The error bar is the standard deviation of that difference over seeds (the two stds combined)."""
     block = results["summary"][variant]
-    gains, tasks = block["negative_transfer"], block["tasks"]
+    gains, tasks, models = block["negative_transfer"], block["tasks"], block["models"]
     if not gains:
         return None
-    models = list(gains)
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(tasks) + 0.3 * len(models), 3.4))
-    for i, m in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [gains[m]["auc_gain"][t] for t in tasks], width, label=m)
+    names = list(gains)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(tasks) + 0.3 * len(names), 3.4))
+    ref = models[reference]["tasks"]
+    for i, m in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
+        errs = [math.hypot(models[m]["tasks"][t]["auc"]["std"], ref[t]["auc"]["std"]) for t in tasks]
+        ax.bar(xs, [gains[m]["auc_gain"][t] for t in tasks], width, yerr=errs, capsize=2, label=m,
+               color=style(m)["color"])
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks)
     ax.set_ylabel(f"test AUC - {reference}")
-    ax.set_title("gain over single-task models (below 0: negative transfer)")
+    ax.set_title("gain over single-task models (below 0: negative transfer)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    return _save(fig, out_dir / f"negative_transfer{suffix}.png")
+    return _save(fig, np.array([ax]), out_dir / f"negative_transfer{suffix}.png")
 
 
 def make_plots(results: dict, suite, out_dir: str | Path) -> list[str]:
@@ -149,11 +263,13 @@ def make_plots(results: dict, suite, out_dir: str | Path) -> list[str]:
     variants = list(results["summary"])
     made = []
     if len(variants) > 1:
-        made.append(auc_vs_correlation(results, suite.variant_option, out_dir))
+        made.append(auc_vs_variant(results, suite.variant_option, suite.proposed, out_dir))
+        made.append(auc_vs_variant(results, suite.variant_option, suite.proposed, out_dir, gap=True))
     for variant in variants:
         suffix = "" if len(variants) == 1 else f"_{suite.variant_option}={variant}"
         made.append(training_curves(results, variant, out_dir, suffix))
         made.append(gradient_cosine(results, variant, out_dir, suffix))
         made.append(negative_transfer(results, variant, suite.reference, out_dir, suffix))
-    made.append(ablation_bars(results, variants[0], suite.proposed, out_dir) if variants else None)
+    if len(variants) == 1:  # with a sweep, the ablations are lines of the figures against the swept option
+        made.append(ablation_bars(results, variants[0], suite.proposed, out_dir))
     return [m for m in made if m]

@@ -29,7 +29,10 @@ def final_runs(results: dict[str, Any], variant: str, label: str) -> list[dict]:
     return sorted(runs, key=lambda r: r["seed"])
 
 
-def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labels: dict[str, dict]) -> dict:
+def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labels: dict[str, dict],
+              previous: dict[str, Any] | None = None) -> dict:
+    """Per variant: each model's mean ± std, the paired comparisons, negative transfer, the oracle. ``previous``: an
+    earlier summary of the same runs, whose bootstrap results stand in where the test predictions are gone."""
     summary: dict[str, Any] = {}
     order = [e.label for e in suite.models if any(r["label"] == e.label for r in results["runs"])]
     for variant in [str(v) for v in suite.variant_values]:
@@ -55,9 +58,20 @@ def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labe
                 for field in ("params", "flops_per_sample", "train_samples_per_s", "infer_candidates_per_s",
                               "epochs", "best_epoch", "train_seconds"):
                     entry[field] = _nan_stats([float(r[field]) for r in ok if r.get(field) is not None])[0]
+                # the best validation epoch is the last one trained: more epochs might still have helped
+                entry["not_converged"] = sum(1 for r in ok if r.get("epochs") and r.get("best_epoch") == r["epochs"])
             models[label] = entry
         block = {"models": models, "tasks": tasks}
+        oracle = (labels.get(variant) or {}).get("oracle")
+        if oracle:
+            block["oracle"] = {t: oracle[t] for t in tasks if t in oracle}
         pairs = _against_every_baseline(results, suite, variant, models, tasks, predictions, labels)
+        earlier = ((previous or {}).get(variant) or {}).get("against_every_baseline") or {}
+        for baseline, per_task in pairs.items():
+            for t, comparison in per_task.items():
+                kept = ((earlier.get(baseline) or {}).get(t) or {}).get("bootstrap_auc")
+                if "bootstrap_auc" not in comparison and kept and comparison["seeds"] == earlier[baseline][t]["seeds"]:
+                    comparison["bootstrap_auc"] = kept
         block["significance"] = _against_the_best_baseline(models, tasks, pairs)
         block["against_every_baseline"] = pairs
         block["negative_transfer"] = _negative_transfer(suite, models, tasks)
@@ -176,7 +190,8 @@ def _name(label: str, entry: dict, seeds: int, proposed: str) -> str:
 
 
 def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool = False) -> list[str]:
-    """Mean ± std over seeds of each task's test AUC and GAUC; the best mean per column in bold."""
+    """Mean ± std over seeds of each task's test AUC and GAUC; the best mean per column in bold; last, where the
+    dataset knows its true probabilities, the oracle's row."""
     models, tasks = block["models"], block["tasks"]
     labels = [m for m, e in models.items() if include_ablations or not e["ablation"]]
     metrics = [(t, m) for t in tasks for m in ("auc", "gauc")
@@ -203,7 +218,30 @@ def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool =
         row += [_num(e["params"]), _num(e["flops_per_sample"]), _num(e["train_samples_per_s"]),
                 _num(e["infer_candidates_per_s"]), f"{e['epochs']:.1f} ({e['best_epoch']:.1f})"]
         rows.append(row)
+    oracle = block.get("oracle")
+    if oracle:
+        rows.append(["*oracle (true probabilities)*"] + [_fmt(oracle[t].get(m, float("nan"))) for t, m in metrics]
+                    + [""] * 5)
     return _table(header, rows)
+
+
+def oracle_gap_table(block: dict, proposed: str, seeds: int) -> list[str]:
+    """Per model and ablation: the oracle's test AUC minus the model's mean (smaller is better)."""
+    oracle, models, tasks = block.get("oracle"), block["models"], block["tasks"]
+    if not oracle:
+        return []
+    rows = [[_name(m, e, seeds, proposed)] + [f"{oracle[t]['auc'] - e['tasks'][t]['auc']['mean']:.4f}" for t in tasks]
+            for m, e in models.items() if "tasks" in e]
+    return _table(["model"] + [f"{t} gap (oracle {oracle[t]['auc']:.4f})" for t in tasks], rows)
+
+
+def convergence_lines(block: dict) -> list[str]:
+    """One line per model whose best validation epoch was the last one trained in some seed."""
+    late = [(m, e) for m, e in block["models"].items() if e.get("not_converged")]
+    if not late:
+        return ["Every run converged: its best validation epoch came before its last epoch."]
+    return ["Not converged (best validation epoch = the last epoch trained, so more epochs might still help): "
+            + ", ".join(f"{m} ({e['not_converged']} of {e['seeds']} seeds)" for m, e in late) + "."]
 
 
 def significance_table(block: dict, proposed: str) -> list[str]:
@@ -274,29 +312,54 @@ def ablation_table(block: dict, proposed: str, seeds: int) -> list[str]:
     return _table(header, rows)
 
 
-def sweep_tables(results: dict) -> list[str]:
+def sweep_tables(results: dict, option: str) -> list[str]:
+    """Per task: test AUC by variant (and the oracle's), then, where there is an oracle, the gap to it by variant."""
     summary = results["summary"]
     variants = list(summary)
     if len(variants) < 2:
         return []
     tasks = summary[variants[0]]["tasks"]
     labels = list(summary[variants[0]]["models"])
+    has_oracle = all(summary[v].get("oracle") for v in variants)
+    header = ["model"] + [f"{option} = {v}" for v in variants]
+
+    def rows(cell) -> list[list[str]]:
+        """One row per model, ``cell(variant, task AUC stats)`` per variant ("-" where the model did not run)."""
+        return [[label] + [cell(v, e["tasks"][t]["auc"]) if "tasks" in e else "-"
+                           for v in variants for e in [summary[v]["models"].get(label, {})]] for label in labels]
+
     lines = []
     for t in tasks:
-        lines += [f"Test AUC of `{t}` (mean ± std over seeds) by task correlation:", ""]
-        rows = []
-        for l in labels:
-            row = [l]
-            for v in variants:
-                e = summary[v]["models"].get(l, {})
-                row.append(_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) if "tasks" in e else "-")
-            rows.append(row)
-        lines += _table(["model"] + [f"c = {v}" for v in variants], rows) + [""]
+        auc_rows = rows(lambda v, auc: _fmt(auc["mean"], auc["std"]))
+        if has_oracle:
+            auc_rows.append(["*oracle*"] + [_fmt(summary[v]["oracle"][t]["auc"]) for v in variants])
+        lines += [f"Test AUC of `{t}` (mean ± std over seeds) by {option}:", "", *_table(header, auc_rows), ""]
+        if has_oracle:
+            gap_rows = rows(lambda v, auc: f"{summary[v]['oracle'][t]['auc'] - auc['mean']:.4f}")
+            lines += [f"Gap to the oracle on `{t}` (oracle AUC minus mean test AUC; smaller is better) by {option}:",
+                      "", *_table(header, gap_rows), ""]
     return lines
 
 
-def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str:
-    """The suite's section of BENCHMARKS.md."""
+def code_line(results: dict) -> str:
+    """Which code made the runs: the onerank version and the git commit(s) recorded with them."""
+    code = results.get("code")
+    commits: dict[str, int] = {}
+    for r in results["runs"]:
+        if r.get("git_commit"):
+            commits[r["git_commit"][:10]] = commits.get(r["git_commit"][:10], 0) + 1
+    if not code and not commits:
+        return "* code: not recorded (these results predate the version and commit record)"
+    version = f"onerank {code['onerank']}" if code else "onerank (version not recorded)"
+    made = ", ".join(f"`{c}` ({n} runs)" for c, n in commits.items()) or "not recorded"
+    dirty = " (with uncommitted changes)" if code and code.get("git_dirty") else ""
+    return f"* code: {version}; runs made at commit {made}{dirty}"
+
+
+def render_markdown(results: dict, suite, plots: list[str] | None = None, image_prefix: str = "") -> str:
+    """The suite's section of BENCHMARKS.md. ``plots`` are file names in the results folder; ``image_prefix`` is that
+    folder as seen from where the Markdown is read ("" for OUT/report.md, e.g. "benchmarks/results/NAME/" for a
+    page at the repository root), so every image link resolves."""
     out = [f"### Suite `{results['suite']}` (dataset `{results['dataset']}`)", ""]
     if results.get("description"):
         out += [results["description"], ""]
@@ -307,11 +370,13 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str
         f"{suite.tuning or 'none'}; shared trainer settings: {suite.train}",
         f"* wall time: {results.get('wall_seconds', 0) / 60:.1f} min on {results['machine']['cpu_count']} CPU cores "
         f"(torch {results['machine']['torch']}, {results['machine']['cuda'] or 'no GPU'})",
+        code_line(results),
         "",
     ]
     for variant, block in results["summary"].items():
         title = f"{suite.variant_option} = {variant}" if suite.variant_option else "test split"
         out += [f"#### {title}", "", *main_table(block, suite.proposed, results["seeds"]), ""]
+        out += [*convergence_lines(block), ""]
         chosen = {m: e["hparams"] for m, e in block["models"].items() if not e["ablation"]}
         out += ["Chosen on validation: " + ", ".join(f"{m} {h}" for m, h in chosen.items()), ""]
         sig = significance_table(block, suite.proposed)
@@ -329,7 +394,11 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None) -> str
         ab = ablation_table(block, suite.proposed, results["seeds"])
         if ab:
             out += ["Ablations (each at the full model's chosen learning rate):", "", *ab, ""]
-    out += sweep_tables(results)
+        gap = oracle_gap_table(block, suite.proposed, results["seeds"])
+        if gap:
+            out += ["Gap to the oracle (its test AUC minus each model's mean; the oracle is the generator's own "
+                    "probability, a ceiling):", "", *gap, ""]
+    out += sweep_tables(results, suite.variant_option or "variant")
     for p in plots or []:
-        out += [f"![{p}]({p})", ""]
+        out += [f"![{p}]({image_prefix}{p})", ""]
     return "\n".join(out)

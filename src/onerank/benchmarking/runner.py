@@ -9,13 +9,15 @@ with ``resume=True`` and the paired tests can be recomputed.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
+import json
 import logging
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -61,6 +63,33 @@ def _compact_history(history: list[dict]) -> list[dict]:
     ]
 
 
+def code_version() -> dict[str, Any]:
+    """The onerank version and, when the package runs from a git checkout, its commit and whether the tracked files
+    differ from it (so a result can be traced to the code that made it)."""
+    import subprocess
+
+    import onerank
+
+    out: dict[str, Any] = {"onerank": onerank.__version__, "git_commit": None, "git_dirty": None}
+    where = Path(onerank.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: the version alone identifies the code
+    return out
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def run_key(variant: Any, label: str, hparams: dict[str, Any], seed: int) -> str:
     hp = ",".join(f"{k}={v}" for k, v in sorted(hparams.items()))
     return f"v={variant}|{label}|{hp}|seed={seed}"
@@ -71,8 +100,6 @@ _DATASETS: dict[str, EncodedDataset] = {}
 
 def _dataset(config: RunConfig) -> EncodedDataset:
     """The run's dataset, loaded once per process (workers keep theirs between runs)."""
-    import json
-
     key = json.dumps([config.dataset, config.data_dir, config.dataset_options, config.cache_dir], sort_keys=True,
                      default=str)
     if key not in _DATASETS:
@@ -142,8 +169,13 @@ class SuiteRunner:
         command: str | None = None,
         device: str | None = None,
         workers: int = 1,
+        progress: Callable[[str], None] | None = None,
+        rerun: list[str] | None = None,
     ) -> None:
         self.suite = suite
+        self.rerun = set(rerun or [])  # model names or labels whose earlier runs are trained again (code changed)
+        self.progress = progress
+        self.code = code_version()
         self.out_dir = Path(out_dir)
         self.work_dir = Path(work_dir) if work_dir else Path("runs/benchmark") / suite.name
         self.seeds = int(seeds if seeds is not None else suite.seeds)
@@ -170,28 +202,41 @@ class SuiteRunner:
                 "torch": torch.__version__,
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             },
+            "code": self.code,
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "runs": [],
             "tuning": {},
         }
         self.predictions: dict[str, dict[str, np.ndarray]] = {}
+        self.session_runs = 0  # runs trained by this process (the time estimate's rate)
+        self.previous_summary: dict[str, Any] = {}
         if resume and (self.out_dir / "results.json").exists():
             self._load_previous()
 
     # ---- persistence ----------------------------------------------------------------------------------------------
-    def _load_previous(self) -> None:
-        import json
-
+    def _load_previous(self, without_predictions: bool = False) -> None:
+        """Take over the finished runs of OUT/results.json. A run whose test predictions are gone is trained again
+        (the paired bootstrap needs them), unless ``without_predictions`` (re-rendering a report: its bootstrap
+        results are then taken from the previous summary)."""
         previous = json.loads((self.out_dir / "results.json").read_text())
-        if previous.get("suite_sha256") != self.suite.sha256:
-            log.warning("results.json was made by another version of the suite; starting afresh")
-            return
+        self.previous_summary = previous.get("summary") or {}
+        changed = previous.get("suite_sha256") != self.suite.sha256
+        if changed:
+            log.warning("results.json was made by another version of the suite: keeping only the runs whose "
+                        "configuration the new version still asks for")
+        wanted = {self._spec(*job)["key"]: self._spec(*job)["config_sha256"] for job in self._all_jobs()}
         for run in previous.get("runs", []):
             path = self._prediction_path(run["key"])
+            if changed and wanted.get(run["key"]) != run.get("config_sha256", "none"):
+                continue
+            if run["label"] in self.rerun or run["model"] in self.rerun:
+                continue
             if path.exists():
                 self.results["runs"].append(run)
                 with np.load(path) as npz:
                     self.predictions[run["key"]] = {t: npz[t] for t in npz.files}
+            elif without_predictions:
+                self.results["runs"].append(run)
         self.results["started"] = previous.get("started", self.results["started"])
         self.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
 
@@ -216,6 +261,26 @@ class SuiteRunner:
         self.results["runs"].append({**spec, **fields})
         log.info("benchmark %s: %s done (%s)", self.suite.name, spec["key"], fields.get("error", "ok"))
         self._save()
+        self._report_progress(spec, fields)
+
+    def total_runs(self) -> int:
+        """Runs of the whole suite: per variant, each tuned model's grid at seed 0 and its other seeds at the chosen
+        point, and every seed of each ablation."""
+        tuned = sum(not e.ablation for e in self.entries)
+        ablations = len(self.entries) - tuned
+        per_variant = tuned * (len(self._grid()) + self.seeds - 1) + ablations * self.seeds
+        return len(self.suite.variant_values) * per_variant
+
+    def _report_progress(self, spec: dict, fields: dict) -> None:
+        self.session_runs += 1
+        if self.progress is None:
+            return
+        done, total = len(self.results["runs"]), self.total_runs()
+        elapsed = time.time() - self.started
+        left = elapsed / self.session_runs * max(total - done, 0)
+        status = f"FAILED: {fields['error'][:80]}" if fields.get("error") else f"{fields.get('wall_seconds', 0):.0f} s"
+        self.progress(f"[{self.suite.name}] {done}/{total} runs done ({spec['label']}, {spec['variant']}, seed "
+                      f"{spec['seed']}: {status}); {_duration(elapsed)} elapsed, about {_duration(left)} left")
 
     # ---- runs -------------------------------------------------------------------------------------------------------
     def run_config(self, entry: ModelEntry, variant: Any, hparams: dict[str, Any], seed: int) -> RunConfig:
@@ -230,15 +295,26 @@ class SuiteRunner:
             train.device = self.device
         return RunConfig(
             dataset=suite.dataset, data_dir=suite.data_dir, dataset_options=options, model=entry.model,
-            model_options=dict(entry.options), objective=dict(suite.objective), train=train,
+            model_options=dict(entry.options), objective={**suite.objective, **entry.objective}, train=train,
             cache_dir=self.cache_dir,
         )
 
+    def _all_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
+        """Every run the suite can ask for given the tuning already done in ``previous``: each grid point of each
+        seed (the chosen points are among them): a kept run is one the current suite would train identically."""
+        return [(e, v, hp, seed) for v in self.suite.variant_values for e in self.entries for hp in self._grid()
+                for seed in range(self.seeds)]
+
     def _spec(self, entry: ModelEntry, variant: Any, hparams: dict, seed: int) -> dict[str, Any]:
+        config = self.run_config(entry, variant, hparams, seed).to_dict()
+        for machine_only in ("cache_dir",):
+            config.pop(machine_only, None)
+        fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         return {
             "key": run_key(variant, entry.label, hparams, seed), "variant": variant, "label": entry.label,
             "model": entry.model, "options": entry.options, "ablation": entry.ablation, "hparams": hparams,
-            "seed": seed,
+            "seed": seed, **({"objective": entry.objective} if entry.objective else {}),
+            "git_commit": self.code["git_commit"], "config_sha256": fingerprint,
         }
 
     def _execute(self, jobs: list[tuple[ModelEntry, Any, dict, int]]) -> None:
@@ -288,7 +364,9 @@ class SuiteRunner:
                 if entry.ablation:
                     tuning[entry.label] = {"chosen": proposed, "grid": [], "from": self.suite.proposed}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
-        return jobs
+        # seed by seed over every variant and model: a suite cut short has every model at fewer seeds, not the last
+        # variants at none
+        return sorted(jobs, key=lambda job: job[3])
 
     def run(self) -> dict[str, Any]:
         grid = self._grid()
@@ -305,10 +383,13 @@ class SuiteRunner:
         self._tune(self._grid())
         labels = {}
         for variant in self.suite.variant_values:
-            enc = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0)).split("test")
-            labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user}
+            dataset = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
+            enc = dataset.split("test")
+            labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user,
+                                    "oracle": (dataset.info.get("oracle") or {}).get("test")}
         self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels)
+        self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels,
+                                            previous=self.previous_summary)
         self._save()
         return self.results
 
@@ -325,16 +406,23 @@ def run_benchmark(
     command: str | None = None,
     device: str | None = None,
     workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    publish: str | Path | None = None,
+    rerun: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
-    ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown)."""
-    import json
-
+    ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown).
+    ``publish``: a Markdown page (e.g. BENCHMARKS.md) whose block for this suite (``publish_section``) is replaced by
+    the report, with image links relative to the page."""
     from onerank.benchmarking.plots import make_plots
     from onerank.benchmarking.report import render_markdown
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
 
     suite = load_suite(name, suites_dir or DEFAULT_SUITES_DIR)
+    if rerun:
+        suite.entries(rerun)  # an unknown name fails here, with the suite's names
+    if publish is not None:
+        _check_page(Path(publish), suite.name)  # before hours of training, not after
     out = Path(out_dir) if out_dir else Path("benchmarks/results") / suite.name
     if report_only and not (out / "results.json").exists():
         raise FileNotFoundError(f"--report-only: no results at {out / 'results.json'}")
@@ -342,10 +430,14 @@ def run_benchmark(
         previous = json.loads((out / "results.json").read_text())
         command, seeds = previous.get("command"), previous.get("seeds", seeds)
     runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
-                         cache_dir=cache_dir, command=command, device=device, workers=workers)
+                         cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress,
+                         rerun=rerun)
     if report_only:  # re-rendering is not part of the suite's wall time
+        runner.results["runs"], runner.predictions = [], {}
+        runner._load_previous(without_predictions=True)
         runner.started = time.time()
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
+        runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
         runner.count_time = False
         results = runner.finalize()
     else:
@@ -353,4 +445,33 @@ def run_benchmark(
     plots = make_plots(results, suite, out)
     report = render_markdown(results, suite, plots)
     (out / "report.md").write_text(report + "\n")
+    if publish is not None:
+        page = Path(publish)
+        prefix = Path(os.path.relpath(out.resolve(), page.resolve().parent)).as_posix() + "/"
+        publish_section(page, suite.name, render_markdown(results, suite, plots, image_prefix=prefix))
     return {**results, "report": report, "plots": plots}
+
+
+def section_markers(suite_name: str) -> tuple[str, str]:
+    return f"<!-- onerank benchmark {suite_name}: begin -->", f"<!-- onerank benchmark {suite_name}: end -->"
+
+
+def _check_page(page: Path, suite_name: str) -> str:
+    """The page's text, once it is known to hold the suite's two markers in order."""
+    begin, end = section_markers(suite_name)
+    text = page.read_text() if page.is_file() else ""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"--publish {page}: the page needs one line {begin!r} and, after it, one line {end!r} "
+                         "around the place of the suite's tables")
+    return text
+
+
+def publish_section(page: str | Path, suite_name: str, markdown: str) -> None:
+    """Replace the text between the suite's two marker lines of ``page`` by ``markdown``; the rest of the page (the
+    analysis written around the tables) is kept as it is."""
+    page = Path(page)
+    text = _check_page(page, suite_name)
+    begin, end = section_markers(suite_name)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")

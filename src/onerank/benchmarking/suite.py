@@ -15,6 +15,7 @@ from typing import Any
 
 
 from onerank.data.schema import SchemaError, read_yaml_mapping
+from onerank.objectives.losses import ObjectiveConfig
 from onerank.resources import shipped
 from onerank.training.checkpoint import file_sha256
 from onerank.training.config import TrainConfig
@@ -28,6 +29,7 @@ class ModelEntry:
     model: str
     options: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False
+    objective: dict[str, Any] = field(default_factory=dict)  # ObjectiveConfig fields over the suite's (e.g. listwise: 0)
 
 
 @dataclass
@@ -112,12 +114,20 @@ def parse_suite(raw: dict[str, Any], path: Path) -> Suite:
         entries.append(ModelEntry(label=name, model=name, options=dict(model_options.get(name) or {})))
     proposed = raw.get("proposed", "onerank")
     for ablation in raw.get("ablations") or []:
-        if not isinstance(ablation, dict) or "options" not in ablation:
-            raise SchemaError(f"{path}: each ablation needs 'options' (and optionally 'label', 'model')")
+        if not isinstance(ablation, dict) or not ({"options", "objective"} & set(ablation)):
+            raise SchemaError(f"{path}: each ablation needs 'options' and/or 'objective' (optionally 'label', 'model')")
+        unknown_keys = sorted(set(ablation) - {"label", "model", "options", "objective"})
+        if unknown_keys:
+            raise SchemaError(f"{path}: unknown ablation keys {unknown_keys}; valid: label, model, options, objective")
+        objective = dict(ablation.get("objective") or {})
+        bad = sorted(set(objective) - {f.name for f in dataclasses.fields(ObjectiveConfig)})
+        if bad:
+            raise SchemaError(f"{path}: ablation objective has unknown ObjectiveConfig keys {bad}")
         model = ablation.get("model", proposed)
-        options = {**(model_options.get(model) or {}), **ablation["options"]}
-        label = ablation.get("label") or f"{model}[" + ",".join(f"{k}={v}" for k, v in ablation["options"].items()) + "]"
-        entries.append(ModelEntry(label=label, model=model, options=options, ablation=True))
+        changed = {**(ablation.get("options") or {}), **objective}
+        options = {**(model_options.get(model) or {}), **(ablation.get("options") or {})}
+        label = ablation.get("label") or f"{model}[" + ",".join(f"{k}={v}" for k, v in changed.items()) + "]"
+        entries.append(ModelEntry(label=label, model=model, options=options, ablation=True, objective=objective))
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise SchemaError(f"{path}: model labels must be unique, got {labels}")

@@ -26,6 +26,26 @@ number of requests does not change the users or the items):
 * requests: one user, ``candidates_per_request`` distinct items drawn from a mix of popularity and uniform sampling,
   at a time following a daily activity curve; split 80/10/10 by request time (every impression of a request stays in
   one split).
+
+List effects (all off by default, so the default data is unchanged; each is a strength >= 0, the preset ``lists``
+sets all three to ``strength``). They make one candidate's engagement depend on the other candidates of its request,
+the setting where request-level models (candidate-aware contextualization, list-wise losses) can matter. With
+``u_i`` the click logit above (without noise) of candidate ``i`` of a request of ``N``:
+
+* request intent (``request_intent = a``): each request has a latent intent, a category ``k`` drawn with the
+  categories' catalogue shares. Retrieval favours it (candidate sampling log-weight ``+ 2.0 a`` for items of
+  category ``k``) and so does the user (``u_i += 1.5 a`` for those items). The intent is never a feature: only the
+  pool's composition reveals it.
+* satiation (``satiation = a``): ``u_i -= 0.5 a * (number of other candidates of i's category)``: similar items in
+  one pool lower each other's engagement.
+* choice competition (``choice_competition = a``): the click is a choice among the shown items,
+  ``click logit_i = u_i - a * log(mean_{j != i} exp(u_j))`` (a multinomial-logit-like share against the average
+  competitor; ``a = 1`` is the full share): the same item is clicked less next to better alternatives.
+
+The click intercept is solved after the list terms, so the base rates hold at every strength. Cart and order are
+conditional on the click (the funnel), so the effects reach them through the click. ``Simulation.probability`` holds
+the generator's own probability of each label (the per-impression noise integrated out, probit approximation): the
+**oracle** whose test AUC every table prints as the ceiling.
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ from onerank.data.encoding import RaggedHistory
 from onerank.data.registry import register_dataset
 from onerank.data.schema import CategoricalField, DenseField, Schema, SchemaError, SequenceField, TaskSpec
 
-GENERATOR_VERSION = "synthetic-v1"
+GENERATOR_VERSION = "synthetic-v2"  # v2: list effects and the oracle (default data identical to v1)
 TASKS = ("click", "cart", "order")
 SEQUENCES = ("clicked", "carted")
 
@@ -61,6 +81,12 @@ CITY_TIERS = 3
 HOUR_WEIGHTS = np.array(
     [3, 2, 1, 1, 1, 1, 2, 4, 6, 6, 6, 6, 7, 6, 6, 6, 6, 7, 8, 10, 12, 12, 10, 6], dtype=np.float64
 )
+# List effects at strength 1 (see the module docstring): the units that the strength options multiply.
+INTENT_RETRIEVAL = 2.0  # candidate-sampling log-weight boost of the request's intent category
+INTENT_ENGAGEMENT = 1.5  # click-logit boost of the intent category's items
+SATIATION_PENALTY = 0.5  # click-logit penalty per other candidate of the same category
+LIST_EFFECTS = ("request_intent", "satiation", "choice_competition")
+PRESETS = {"lists": LIST_EFFECTS}  # preset name -> the effects it sets to `strength`
 
 
 @dataclass
@@ -88,6 +114,12 @@ class SyntheticConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    # list effects (module docstring), strengths >= 0; 0 = off
+    request_intent: float = 0.0
+    satiation: float = 0.0
+    choice_competition: float = 0.0
+    preset: str | None = None  # "lists": every list effect at `strength` (the effect options must then stay 0)
+    strength: float = 1.0  # the preset's strength
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -103,6 +135,12 @@ class SyntheticConfig:
         if unknown:
             raise SchemaError(f"synthetic dataset: unknown options {unknown}; valid options are {sorted(known)}")
         return cls(**options)
+
+    @property
+    def list_effects(self) -> dict[str, float]:
+        """The strength of each list effect, after the preset."""
+        from_preset = PRESETS.get(self.preset, ())
+        return {name: float(self.strength if name in from_preset else getattr(self, name)) for name in LIST_EFFECTS}
 
     @property
     def correlations(self) -> tuple[float, float]:
@@ -138,6 +176,16 @@ class SyntheticConfig:
             )
         if not 0 <= self.popular_fraction <= 1:
             fail(f"popular_fraction must lie in [0, 1], got {self.popular_fraction}")
+        for name in LIST_EFFECTS + ("strength",):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                fail(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                fail(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
+            clash = [name for name in PRESETS[self.preset] if getattr(self, name)]
+            if clash:
+                fail(f"preset {self.preset!r} sets {clash} from `strength`: give either the preset or those options")
         if self.valid_fraction < 0 or self.test_fraction < 0 or self.valid_fraction + self.test_fraction >= 1:
             fail(f"valid_fraction + test_fraction must lie in [0, 1), got {self.valid_fraction} + {self.test_fraction}")
 
@@ -173,7 +221,10 @@ def synthetic_schema(config: SyntheticConfig | None = None) -> Schema:
 class Simulation:
     """Everything the generator drew. ``impressions`` holds the request period (all splits, request-contiguous, in
     request-time order) with a ``split`` column; ``affinity`` the task affinities ``s_t`` of those rows;
-    ``histories`` one ragged history per behaviour type with one row per user (row = user id)."""
+    ``histories`` one ragged history per behaviour type with one row per user (row = user id). For the same rows:
+    ``probability`` the true probability of each label (the oracle), ``click_utility`` the click logit before the
+    list effects and without noise (what a model blind to the other candidates could at best know), ``intent`` the
+    request's latent intent category."""
 
     config: SyntheticConfig
     impressions: pd.DataFrame
@@ -183,6 +234,9 @@ class Simulation:
     item_table: pd.DataFrame
     task_vectors: dict[str, np.ndarray]
     intercepts: dict[str, float] = field(default_factory=dict)
+    probability: dict[str, np.ndarray] = field(default_factory=dict)
+    click_utility: np.ndarray | None = None
+    intent: np.ndarray | None = None
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -213,21 +267,52 @@ def _task_vectors(rng: np.random.Generator, d: int, c: float, c_order: float) ->
 
 
 def _sample_candidates(
-    rng: np.random.Generator, num_requests: int, k: int, log_weights: np.ndarray, chunk_cells: int = 4_000_000
+    rng: np.random.Generator, num_requests: int, k: int, log_weights: np.ndarray, chunk_cells: int = 4_000_000,
+    boost: float = 0.0, intent: np.ndarray | None = None, item_category: np.ndarray | None = None,
 ) -> np.ndarray:
     """[num_requests, k] distinct items per request, without replacement, item i drawn with weight exp(log_weights[i])
-    (Gumbel top-k), in row chunks so memory stays bounded for large catalogues."""
+    (Gumbel top-k), in row chunks so memory stays bounded for large catalogues. With ``boost``, items whose
+    ``item_category`` is the request's ``intent`` have their log-weight raised by ``boost``."""
     n_items = len(log_weights)
     out = np.empty((num_requests, k), dtype=np.int64)
     rows_per_chunk = max(1, chunk_cells // n_items)
     for start in range(0, num_requests, rows_per_chunk):
         stop = min(num_requests, start + rows_per_chunk)
         keys = log_weights[None, :] + rng.gumbel(size=(stop - start, n_items))
+        if boost:
+            keys += boost * (item_category[None, :] == intent[start:stop, None])
         top = np.argpartition(-keys, k - 1, axis=1)[:, :k]
         # order the candidates of a request by key (a "retrieval score"), so the candidate order is meaningful
         order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1)
         out[start:stop] = np.take_along_axis(top, order, axis=1)
     return out
+
+
+def list_effect_logits(
+    utility: np.ndarray, category: np.ndarray, intent_match: np.ndarray, effects: dict[str, float]
+) -> np.ndarray:
+    """The click logits of requests after the list effects (module docstring). All arrays are [requests, N]:
+    ``utility`` the candidates' click logits without list effects, ``category`` their categories, ``intent_match``
+    whether each is of its request's intent category; ``effects`` the strengths of ``LIST_EFFECTS``."""
+    logits = utility.astype(np.float64, copy=True)
+    if effects.get("request_intent"):
+        logits += INTENT_ENGAGEMENT * effects["request_intent"] * intent_match
+    if effects.get("satiation"):
+        same_category = (category[:, :, None] == category[:, None, :]).sum(axis=2) - 1
+        logits -= SATIATION_PENALTY * effects["satiation"] * same_category
+    n = logits.shape[1]
+    if effects.get("choice_competition") and n > 1:
+        top = logits.max(axis=1, keepdims=True)
+        shares = np.exp(logits - top)
+        others = np.maximum(shares.sum(axis=1, keepdims=True) - shares, np.finfo(np.float64).tiny)
+        competitors = np.log(others) + top - math.log(n - 1)  # log of the mean exp-utility of the other candidates
+        logits -= effects["choice_competition"] * competitors
+    return logits
+
+
+def _expected_sigmoid(logits: np.ndarray, noise_std: float) -> np.ndarray:
+    """E[sigmoid(x + eps)], eps ~ N(0, noise_std^2), by the probit approximation (MacKay 1992)."""
+    return _sigmoid(logits / math.sqrt(1.0 + math.pi * noise_std**2 / 8.0))
 
 
 def _request_times(rng: np.random.Generator, n: int, start: int, days: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +329,13 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     elif options:
         config = dataclasses.replace(config, **options)
     U, I, d, N = config.num_users, config.num_items, config.latent_dim, config.candidates_per_request
-    streams = np.random.SeedSequence(config.seed).spawn(7)
-    rng_user, rng_item, rng_task, rng_main, rng_pre, rng_label, rng_device = (np.random.default_rng(s) for s in streams)
+    # The first seven streams are those of synthetic-v1 (spawn(n) starts with the children of spawn(7)), so the
+    # default data is unchanged by the list-effect streams after them.
+    streams = np.random.SeedSequence(config.seed).spawn(8)
+    rng_user, rng_item, rng_task, rng_main, rng_pre, rng_label, rng_device, rng_intent = (
+        np.random.default_rng(s) for s in streams
+    )
+    effects = config.list_effects
 
     # ---- users ---------------------------------------------------------------------------------------------------
     u = rng_user.standard_normal((U, d))
@@ -279,6 +369,7 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     pop_weights = np.exp(popularity)
     sampling_p = config.popular_fraction * pop_weights / pop_weights.sum() + (1 - config.popular_fraction) / I
     log_sampling = np.log(sampling_p)
+    intent_boost = INTENT_RETRIEVAL * effects["request_intent"]
 
     # ---- tasks ---------------------------------------------------------------------------------------------------
     c, c_order = config.correlations
@@ -293,18 +384,23 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     pre_time, pre_hour = _request_times(rng_pre, len(pre_user), BASE_TIME, config.history_days)
     order = np.lexsort((pre_time, pre_user))
     pre_user, pre_time, pre_hour = pre_user[order], pre_time[order], pre_hour[order]
-    pre_items = _sample_candidates(rng_pre, len(pre_user), N, log_sampling)
+    pre_intent = rng_intent.choice(C, size=len(pre_user), p=cat_p / cat_p.sum())
+    pre_items = _sample_candidates(rng_pre, len(pre_user), N, log_sampling, boost=intent_boost, intent=pre_intent,
+                                   item_category=category)
 
     main_counts = 1 + rng_main.poisson(config.requests_per_user - 1.0, size=U)
     main_user = np.repeat(np.arange(U), main_counts)
     main_time, main_hour = _request_times(rng_main, len(main_user), t0, config.days)
     order = np.argsort(main_time, kind="stable")  # request index = rank in time
     main_user, main_time, main_hour = main_user[order], main_time[order], main_hour[order]
-    main_items = _sample_candidates(rng_main, len(main_user), N, log_sampling)
+    main_intent = rng_intent.choice(C, size=len(main_user), p=cat_p / cat_p.sum())
+    main_items = _sample_candidates(rng_main, len(main_user), N, log_sampling, boost=intent_boost, intent=main_intent,
+                                    item_category=category)
 
     req_user = np.concatenate([pre_user, main_user])
     req_time = np.concatenate([pre_time, main_time])
     req_hour = np.concatenate([pre_hour, main_hour])
+    req_intent = np.concatenate([pre_intent, main_intent])
     n_req = len(req_user)
     switch = rng_device.random(n_req) < 0.2
     req_device = np.where(switch, rng_device.integers(0, len(DEVICES), size=n_req), preferred_device[req_user])
@@ -321,12 +417,19 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     hour_effect = 0.15 * np.cos(2 * math.pi * (req_hour - 21) / 24)
     n_rows = len(row_user)
     noise = config.label_noise * rng_label.standard_normal((3, n_rows))
-    click_logit = (
+    click_utility = (
         AFFINITY_SCALE * affinity["click"] + user_bias[row_user] + 0.4 * popularity[row_item]
-        + hour_effect[row_req] + DEVICE_EFFECT[req_device][row_req] + noise[0]
+        + hour_effect[row_req] + DEVICE_EFFECT[req_device][row_req]
     )
-    cart_logit = AFFINITY_SCALE * affinity["cart"] + 0.5 * quality[row_item] - 0.4 * price_z[row_item] + noise[1]
-    order_logit = AFFINITY_SCALE * affinity["order"] + 0.5 * quality[row_item] + noise[2]
+    click_mean = click_utility
+    if any(effects.values()):
+        click_mean = list_effect_logits(
+            click_utility.reshape(n_req, N), category[row_item].reshape(n_req, N),
+            (category[row_item] == req_intent[row_req]).reshape(n_req, N), effects,
+        ).ravel()
+    cart_mean = AFFINITY_SCALE * affinity["cart"] + 0.5 * quality[row_item] - 0.4 * price_z[row_item]
+    order_mean = AFFINITY_SCALE * affinity["order"] + 0.5 * quality[row_item]
+    click_logit, cart_logit, order_logit = click_mean + noise[0], cart_mean + noise[1], order_mean + noise[2]
     uniform = rng_label.random((3, n_rows))
     b_click = _solve_intercept(click_logit, config.click_rate)
     click = uniform[0] < _sigmoid(b_click + click_logit)
@@ -334,6 +437,10 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     cart = click & (uniform[1] < _sigmoid(b_cart + cart_logit))
     b_order = _solve_intercept(order_logit[cart], config.order_rate / config.cart_rate)
     order_label = cart & (uniform[2] < _sigmoid(b_order + order_logit))
+    # the oracle: each label's probability given everything drawn but the per-impression noise and coin
+    p_click = _expected_sigmoid(b_click + click_mean, config.label_noise)
+    p_cart = p_click * _expected_sigmoid(b_cart + cart_mean, config.label_noise)
+    p_order = p_cart * _expected_sigmoid(b_order + order_mean, config.label_noise)
 
     # ---- histories from the pre-period ---------------------------------------------------------------------------
     n_pre_rows = len(pre_user) * N
@@ -381,6 +488,9 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
         item_table=item_table,
         task_vectors=vectors,
         intercepts={"click": b_click, "cart": b_cart, "order": b_order},
+        probability={t: p[main_rows] for t, p in zip(TASKS, (p_click, p_cart, p_order))},
+        click_utility=click_utility[main_rows],
+        intent=req_intent[row_req[main_rows]],
     )
 
 
@@ -407,6 +517,26 @@ def _rows_of(history: RaggedHistory, index: np.ndarray) -> RaggedHistory:
         offsets=offsets,
         times=None if history.times is None else history.times[source],
     )
+
+
+def oracle_metrics(sim: Simulation) -> dict[str, dict]:
+    """Per split, the test metrics of the generator's own probabilities (``oracle``: the ceiling no model reaches
+    but by chance) and the click AUC of the list-blind utility (``list_blind_click_auc``: the same without the list
+    effects; the gap between the two is what only the other candidates can explain)."""
+    from onerank.metrics.ranking import auc, task_metrics
+
+    imp = sim.impressions
+    oracle, blind = {}, {}
+    for name in ("train", "valid", "test"):
+        rows = (imp["split"] == name).to_numpy()
+        users = pd.factorize(imp["user_id"][rows])[0]
+        oracle[name] = {
+            t: {k: v for k, v in task_metrics(TaskSpec(t), imp[t].to_numpy()[rows], sim.probability[t][rows],
+                                              users).items() if k in ("auc", "gauc", "logloss")}
+            for t in TASKS
+        }
+        blind[name] = auc(imp["click"].to_numpy()[rows], sim.click_utility[rows])
+    return {"oracle": oracle, "list_blind_click_auc": blind}
 
 
 def build_raw(config: SyntheticConfig | None = None, **options) -> RawDataset:
@@ -439,6 +569,8 @@ def build_raw(config: SyntheticConfig | None = None, **options) -> RawDataset:
             "order_given_cart": float(imp["order"][imp["cart"] == 1].mean()),
         },
         "history_mean_len": {seq: float(np.diff(sim.histories[seq].offsets).mean()) for seq in SEQUENCES},
+        "list_effects": config.list_effects,
+        **oracle_metrics(sim),
     }
     return RawDataset(
         name="synthetic",
