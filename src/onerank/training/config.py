@@ -17,7 +17,11 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on weight matrices only (not on embeddings, biases, norms, scales)
+    # Each task's output bias at the start: "auto" = the logit of its training base rate over valid labels (binary
+    # tasks; regression tasks: the mean target), "zero", or explicit values (a list in the schema's task order, or a
+    # {task: value} mapping), in logits for binary tasks. See MultiTaskModel.output_biases.
+    bias_init: str | list[float] | dict[str, float] = "auto"
     embedding_lr: float | None = None  # a separate Adam optimiser for embedding tables when set
     grad_clip: float | None = 10.0  # max global grad norm; None disables clipping
     lr_schedule: str = "none"  # "none" or "cosine" (over all training steps)
