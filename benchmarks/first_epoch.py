@@ -96,10 +96,15 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 end = curve["points"][-1]["auc"]
                 print(f"{name:9s} {model:17s} seed {seed}: " + " ".join(f"{t}={v:.4f}" for t, v in end.items())
                       + f"  ({curve['steps']} steps, {curve['seconds']} s)", flush=True)
-        results[name] = {"seeds": seeds, "runs": runs, "lr": TrainConfig().lr, "batch_size": TrainConfig().batch_size}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"{name}.json"
+            # models run before (another invocation with the same seeds) stay in the file; re-run ones are replaced
+            earlier = json.loads(path.read_text()) if path.exists() else {}
+            kept = earlier.get("runs", {}) if earlier.get("seeds") == seeds else {}
+            results[name] = {"seeds": seeds, "runs": {**kept, **runs}, "lr": TrainConfig().lr,
+                             "batch_size": TrainConfig().batch_size}
+            path.write_text(json.dumps(results[name], indent=1))
     return results
 
 
@@ -113,6 +118,7 @@ def check_targets(results: dict[str, dict], min_click: float, min_any: float) ->
             ends = {seed: curve["points"][-1]["auc"] for seed, curve in seeds.items()}
             failures = [f"{t} {v:.4f} (seed {s})" for s, auc in ends.items() for t, v in auc.items() if v < min_any]
             if dataset == "synthetic":
+                failures = [f for f in failures if not f.startswith("click")]
                 failures += [f"click {a['click']:.4f} < {min_click} (seed {s})" for s, a in ends.items()
                              if a.get("click", 1.0) < min_click]
             ok &= not failures

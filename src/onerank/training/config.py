@@ -16,7 +16,7 @@ from onerank.objectives.losses import ObjectiveConfig
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float = 2e-3  # with about 50 steps per epoch, 1e-3 left several models at chance after epoch 1 (BENCHMARKS.md)
     weight_decay: float = 0.0  # AdamW's, on weight matrices only (not on embeddings, biases, norms, scales)
     # Each task's output bias at the start: "auto" = the logit of its training base rate over valid labels (binary
     # tasks; regression tasks: the mean target), "zero", or explicit values (a list in the schema's task order, or a
