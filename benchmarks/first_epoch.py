@@ -73,6 +73,8 @@ def first_epoch_curve(config: RunConfig, dataset, every: int) -> dict:
 def run(args: argparse.Namespace) -> dict[str, dict]:
     torch.set_num_threads(1)
     models = args.models.split(",") if args.models else model_names()
+    # only to attribute the gains (e.g. --lr 1e-3 --bias-init zero); the targets are checked at the defaults
+    overrides = {k: v for k, v in (("lr", args.lr), ("bias_init", args.bias_init)) if v is not None}
     results = {}
     for name in args.datasets.split(","):
         spec = dict(DATASETS[name])
@@ -90,22 +92,27 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         for model in models:
             for seed in seeds:
                 config = RunConfig(**spec, model=model, train=TrainConfig(
-                    epochs=1, seed=seed, threads=1, device="cpu", progress=False, tensorboard=False))
+                    epochs=1, seed=seed, threads=1, device="cpu", progress=False, tensorboard=False, **overrides))
                 curve = first_epoch_curve(config, dataset, args.every)
                 runs.setdefault(model, {})[str(seed)] = curve
                 end = curve["points"][-1]["auc"]
                 print(f"{name:9s} {model:17s} seed {seed}: " + " ".join(f"{t}={v:.4f}" for t, v in end.items())
                       + f"  ({curve['steps']} steps, {curve['seconds']} s)", flush=True)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{name}.json"
-            # models run before (another invocation with the same seeds) stay in the file; re-run ones are replaced
-            earlier = json.loads(path.read_text()) if path.exists() else {}
-            kept = earlier.get("runs", {}) if earlier.get("seeds") == seeds else {}
-            results[name] = {"seeds": seeds, "runs": {**kept, **runs}, "lr": TrainConfig().lr,
-                             "batch_size": TrainConfig().batch_size}
-            path.write_text(json.dumps(results[name], indent=1))
+                results[name] = save(Path(args.out) / f"{name}.json", seeds, runs, overrides)
     return results
+
+
+def save(path: Path, seeds: list[int], runs: dict, overrides: dict) -> dict:
+    """Write after every run, so an interrupted sweep keeps what it finished. Runs of an earlier invocation with the
+    same seeds and settings stay in the file; the models re-run here replace theirs."""
+    record = {"seeds": seeds, "lr": overrides.get("lr", TrainConfig().lr),
+              "bias_init": overrides.get("bias_init", TrainConfig().bias_init), "batch_size": TrainConfig().batch_size}
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    same = all(earlier.get(k) == v for k, v in record.items())
+    record["runs"] = {**(earlier.get("runs", {}) if same else {}), **runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def check_targets(results: dict[str, dict], min_click: float, min_any: float) -> bool:
@@ -135,13 +142,15 @@ def table(results: dict[str, dict]) -> str:
         steps = next(iter(next(iter(runs.values())).values()))["steps"]
         lines += [f"### {dataset}: validation AUC after one epoch ({steps} steps, lr {res['lr']}, batch "
                   f"{res['batch_size']}; seeds {', '.join(seeds)})", ""]
-        head = " | ".join(f"{t} (seed {s})" for t in tasks for s in seeds)
-        lines += [f"| model | {head} | steps to click AUC 0.55 |", "|---" * (1 + len(tasks) * len(seeds) + 1) + "|"]
+        per_seed = " / ".join(seeds)
+        lines += ["| model | " + " | ".join(f"{t} (seeds {per_seed})" for t in tasks)
+                  + f" | steps to {tasks[0]} AUC 0.55 |", "|---" * (2 + len(tasks)) + "|"]
         for model, curves in runs.items():
-            cells = [f"{curves[s]['points'][-1]['auc'][t]:.4f}" for t in tasks for s in seeds]
+            cells = [" / ".join(f"{curves[s]['points'][-1]['auc'][t]:.4f}" if s in curves else "-" for s in seeds)
+                     for t in tasks]
             reach = []
             for s in seeds:
-                hit = [p["step"] for p in curves[s]["points"] if p["auc"].get(tasks[0], 0.0) >= 0.55]
+                hit = [p["step"] for p in curves.get(s, {}).get("points", []) if p["auc"].get(tasks[0], 0.0) >= 0.55]
                 reach.append(str(hit[0]) if hit else "-")
             lines.append(f"| {model} | {' | '.join(cells)} | {' / '.join(reach)} |")
         lines.append("")
@@ -179,9 +188,11 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) > 8), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    # below the panels, outside every axis: the legend never covers a curve
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 8),
+               frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "first_epoch"))
     parser.add_argument("--min-click", type=float, default=0.58)
     parser.add_argument("--min-any", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, help="override the default learning rate (attribution runs only)")
+    parser.add_argument("--bias-init", choices=["auto", "zero"], help="override train.bias_init (attribution only)")
     parser.add_argument("--replot", action="store_true", help="only redraw figure and table from <out>/*.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

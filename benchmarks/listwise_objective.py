@@ -5,8 +5,8 @@
 
 Trains OneRank on the built-in synthetic data (20 candidates per request; ``--users`` users, histories of 10) with
 each objective variant and the same trainer settings, early-stopped on validation AUC, and prints test AUC and GAUC
-per task (mean +- std over seeds). The variants: point-wise only; point-wise + list-wise averaged over requests or
-over positives; the same with a learnt temperature. Requests without both a positive and a negative never count.
+per task (mean +- std over seeds). The variants (``VARIANTS``): point-wise only; point-wise + list-wise averaged
+over requests or over positives; the same with a learnt temperature. Requests without both a positive and a negative never count.
 Writes ``benchmarks/results/listwise/results.json`` and ``table.md``.
 """
 
@@ -27,14 +27,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from onerank import api  # noqa: E402
 from onerank.training.config import RunConfig, TrainConfig  # noqa: E402
 
-VARIANTS = {
-    "pointwise only": {"listwise": 0.0},
-    "listwise, per request": {"listwise": 1.0, "listwise_reduction": "requests"},
-    "listwise, per positive": {"listwise": 1.0, "listwise_reduction": "positives"},
-    "listwise, per request, learnt tau": {"listwise": 1.0, "listwise_reduction": "requests",
-                                          "learn_temperature": True},
-    "listwise, per positive, learnt tau": {"listwise": 1.0, "listwise_reduction": "positives",
-                                           "learn_temperature": True},
+VARIANTS = {  # label -> ObjectiveConfig fields (point-wise BCE at weight 1 in every variant)
+    "pointwise": {"listwise": 0.0},
+    "requests": {"listwise": 1.0, "listwise_reduction": "requests"},
+    "positives": {"listwise": 1.0, "listwise_reduction": "positives"},
+    "requests+learnt_tau": {"listwise": 1.0, "listwise_reduction": "requests", "learn_temperature": True},
+    "positives+learnt_tau": {"listwise": 1.0, "listwise_reduction": "positives", "learn_temperature": True},
 }
 
 
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 tensorboard=False))
             run = api.train(config, dataset=dataset)
             results.setdefault(label, []).append({"seed": seed, "test": run["test"], "best_epoch": run["best_epoch"]})
-            print(f"{label:36s} seed {seed}: " + " ".join(
+            print(f"{label:22s} seed {seed}: " + " ".join(
                 f"{t}: auc {m['auc']:.4f} gauc {m['gauc']:.4f}" for t, m in run["test"].items()), flush=True)
     tasks = list(next(iter(results.values()))[0]["test"])
     lines = [f"OneRank, synthetic ({args.users} users, 20 candidates per request, histories of 10), at most "
