@@ -49,6 +49,8 @@ def test_compare_writes_the_documented_json(tmp_path, capsys):
     (["compare", "--dataset", "synthetic", "--tasks", "click,clikc", "--models", "mmoe"], "clikc"),
     (["compare", "--dataset", "synthetic", "--models", "mmoe", "--model-option", "mmoe.experts=3"],
      "has no option"),
+    (["compare", "--dataset", "synthetic", "--models", "mmoe", "--bias-init", "high"], "--bias-init must be"),
+    (["compare", *SMALL, "--models", "mmoe", "--bias-init", "0.5"], "1 values for 3 tasks"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, tmp_path):
     proc = run_cli(*args, "--cache-dir", str(tmp_path)) if args[0] != "train" else run_cli(*args)

@@ -71,7 +71,9 @@ def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Pat
     }
     objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
     meta["objective"] = dataclasses.asdict(objective.config)
-    return Trainer(model, dataset, config.train, objective, weighting, out_dir=out_dir, meta=meta)
+    trainer = Trainer(model, dataset, config.train, objective, weighting, out_dir=out_dir, meta=meta)
+    trainer.initialise_output_biases()  # a fresh model: the training split's base rates (a resume loads its own)
+    return trainer
 
 
 def train(

@@ -76,6 +76,15 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _bias_init(text: str) -> str | list[float]:
+    if text in ("auto", "zero"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--bias-init must be auto, zero or comma-separated numbers (one per task), got {text!r}") from None
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config; flags given here override it")
     p.add_argument("--dataset", help="dataset name (synthetic, census, kuairand, tabular)")
@@ -90,6 +99,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", help="task weighting strategy (fixed, equal, uncertainty, gradnorm, pcgrad, dwa)")
     p.add_argument("--listwise", type=NON_NEGATIVE_FLOAT, help="weight of the list-wise loss (needs request grouping)")
     p.add_argument("--temperature", type=POSITIVE_FLOAT, help="temperature of the list-wise loss")
+    p.add_argument("--listwise-reduction", choices=["requests", "positives"],
+                   help="average the list-wise loss per request (default) or per positive")
+    p.add_argument("--learn-temperature", action="store_true", help="learn the list-wise temperature (per task)")
+    p.add_argument("--bias-init", metavar="auto|zero|V1,V2,...",
+                   help="output biases at the start: training base-rate logits (auto, default), zero, or one value "
+                        "per task in schema order")
     p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
@@ -135,6 +150,12 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         config.objective["listwise"] = args.listwise
     if args.temperature is not None:
         config.objective["temperature"] = args.temperature
+    if args.listwise_reduction:
+        config.objective["listwise_reduction"] = args.listwise_reduction
+    if args.learn_temperature:
+        config.objective["learn_temperature"] = True
+    if args.bias_init:
+        config.train.bias_init = _bias_init(args.bias_init)
     if args.cache_dir:
         config.cache_dir = args.cache_dir
     return config.validated()

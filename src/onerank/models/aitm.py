@@ -82,6 +82,9 @@ class AITM(MultiTaskModel):
             prefixes[t] += [f"transfer.{t}.", f"attention.{t}."]
         return prefixes
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return {t: layer.bias for t, layer in self.outputs.items()}
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         x = self.encoder(batch)
         own = {t: tower(x) for t, tower in self.towers.items()}

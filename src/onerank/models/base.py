@@ -62,6 +62,24 @@ class MultiTaskModel(nn.Module, abc.ABC):
         """
         return {}
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        """Per task, the one-element parameter added last to its logit (a tower's output bias, OneRank's b_k).
+
+        The training set-up starts them at the base rate's logit (``TrainConfig.bias_init``), so that no model spends
+        its first steps learning the average before it can learn to rank. Default: none (a model that exposes no bias
+        is left as initialised, with a warning).
+        """
+        return {}
+
+    @torch.no_grad()
+    def init_output_biases(self, logits: dict[str, float]) -> None:
+        """Start each task's prediction, before any input-dependent term, at ``logits[task]`` (the logit of its base
+        rate for a binary task, the mean target for a regression task). The default fills ``output_biases()``; a
+        model whose outputs combine several biases (ESMM's funnel products) overrides this."""
+        for task, bias in self.output_biases().items():
+            if task in logits:
+                bias.fill_(logits[task])
+
     def shared_parameters(self) -> list[nn.Parameter]:
         private = [p for prefixes in self.task_parameter_prefixes().values() for p in prefixes]
         return [
@@ -103,6 +121,10 @@ class TaskTowers(nn.Module):
 
     def forward(self, reps: dict[str, Tensor]) -> dict[str, Tensor]:
         return {t: tower(reps[t]).squeeze(-1) for t, tower in self.towers.items()}
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        """Per task, the bias of its tower's output layer (``MultiTaskModel.output_biases``)."""
+        return {t: tower.net[-1].bias for t, tower in self.towers.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

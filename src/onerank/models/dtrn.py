@@ -151,6 +151,9 @@ class DTRN(MultiTaskModel):
         bottom = self.bottom.task_parameter_prefixes("bottom.")
         return {t: [f"towers.towers.{t}.", *bottom[t], *self._head_prefixes(t)] for t in self.tasks}
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         reps = self.bottom(batch)
         return self.towers(self.head(reps) if self.head is not None else reps)

@@ -14,11 +14,12 @@ space's label exists. See docs/models.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.schema import SchemaError
@@ -99,6 +100,24 @@ class ESMM(MultiTaskModel):
         """Per task its tower's logit: for funnel step t, the conditional log-odds of p(t | step t-1)."""
         x = self.encoder(batch)
         return self.towers({t: x for t in self.tasks})
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
+
+    @torch.no_grad()
+    def init_output_biases(self, logits: dict[str, float]) -> None:
+        """A funnel task's output is a product of step probabilities, so step i starts at the conditional rate
+        q_i = p_i / (q_first ... q_{i-1}) that makes the product p_i (``logits`` are the outputs' targets)."""
+        steps = dict(logits)
+        for i, name in enumerate(self.funnel):
+            if name not in logits:
+                continue
+            earlier = 1.0
+            for prev in self.funnel[self._first_step[name]:i]:
+                earlier *= torch.sigmoid(torch.tensor(steps[prev])).item()
+            q = min(max(torch.sigmoid(torch.tensor(logits[name])).item() / earlier, 1e-4), 1 - 1e-4)
+            steps[name] = math.log(q / (1 - q))
+        super().init_output_biases(steps)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         steps = self.step_logits(batch)

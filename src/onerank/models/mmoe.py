@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
@@ -41,6 +41,9 @@ class MMoE(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         gates = {t: [f"experts.gates.{t}."] for t in self.tasks} if self.per_task_gates else {t: [] for t in self.tasks}
         return {t: [f"towers.towers.{t}.", *gates[t]] for t in self.tasks}
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.experts(self.encoder(batch)))

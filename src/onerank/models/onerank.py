@@ -489,6 +489,9 @@ class OneRank(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"channels.{t}."] for t in self.tasks}
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return {t: self.channels[t].bias for t in self.tasks}  # b_k of section 1.5
+
     # ---- tokens -> encoder ----------------------------------------------------------------------------------------
     def _task_template(self) -> Tensor | None:
         """The tokens that follow c_i in every group G_i = [c_i, t_1..t_K]: [K, d] task tokens, [1, d] with one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
@@ -42,6 +42,9 @@ class PLE(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         own = self.extraction.private_prefixes("extraction")
         return {t: [f"towers.towers.{t}.", *own[t]] for t in self.tasks}
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.extraction(self.encoder(batch)))

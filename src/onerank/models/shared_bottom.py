@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
@@ -32,6 +32,9 @@ class SharedBottom(MultiTaskModel):
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"towers.towers.{t}."] for t in self.tasks}
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         shared = self.bottom(self.encoder(batch))

@@ -41,5 +41,8 @@ class SingleTask(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"networks.{t}."] for t in self.tasks}
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return {t: net.mlp.net[-1].bias for t, net in self.networks.items()}
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return {t: net(batch) for t, net in self.networks.items()}

@@ -56,6 +56,9 @@ class STEM(MultiTaskModel):
             t: [f"task_encoders.{t}.", f"task_experts.{t}.", f"gates.{t}.", f"towers.towers.{t}."] for t in self.tasks
         }
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         shared_x = self.shared_encoder(batch)
         task_x = {t: enc(batch) for t, enc in self.task_encoders.items()}

@@ -129,6 +129,9 @@ class TransformerMMoE(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"towers.towers.{t}.", f"experts.gates.{t}."] for t in self.tasks}
 
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.experts(self.encoder(batch)))
 
@@ -149,6 +152,9 @@ class TransformerPLE(MultiTaskModel):
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         own = self.extraction.private_prefixes("extraction")
         return {t: [f"towers.towers.{t}.", *own[t]] for t in self.tasks}
+
+    def output_biases(self) -> dict[str, nn.Parameter]:
+        return self.towers.output_biases()
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.towers(self.extraction(self.encoder(batch)))

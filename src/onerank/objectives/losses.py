@@ -3,21 +3,42 @@ InfoNCE over each request's candidates). The objective is independent of the mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.schema import TaskSpec
+
+
+REDUCTIONS = ("requests", "positives")
 
 
 @dataclass
 class ObjectiveConfig:
     pointwise: float = 1.0  # lambda_pw
     listwise: float = 0.0  # lambda_lw; > 0 needs batches of whole requests
-    temperature: float = 1.0  # tau of the list-wise softmax
+    temperature: float = 1.0  # tau of the list-wise softmax (the starting value when it is learnt)
+    # How the list-wise loss averages over the requests that have both a positive and a negative: "requests" (each
+    # such request weighs the same: the mean over its positives, then over requests) or "positives" (every positive
+    # weighs the same, so requests with many positives weigh more).
+    listwise_reduction: str = "requests"
+    learn_temperature: bool = False  # one learnt tau per binary task, stored as log tau, never below min_temperature
+    min_temperature: float = 0.01
+
+    def validate(self) -> None:
+        if self.temperature <= 0 or self.min_temperature <= 0:
+            raise ValueError(f"objective: temperature and min_temperature must be > 0, got {self.temperature} and "
+                             f"{self.min_temperature}")
+        if self.listwise_reduction not in REDUCTIONS:
+            raise ValueError(f"objective: listwise_reduction must be one of {REDUCTIONS}, got "
+                             f"{self.listwise_reduction!r}")
+        if self.pointwise < 0 or self.listwise < 0:
+            raise ValueError(f"objective: the weights pointwise and listwise must be >= 0, got {self.pointwise} and "
+                             f"{self.listwise}")
 
 
 def _zero_like_graph(x: Tensor) -> Tensor:
@@ -34,31 +55,63 @@ def pointwise_loss(logits: Tensor, labels: Tensor, mask: Tensor, kind: str) -> T
     return F.mse_loss(x, y)
 
 
-def listwise_loss(logits: Tensor, labels: Tensor, mask: Tensor, batch: Batch, temperature: float) -> Tensor:
+def listwise_loss(
+    logits: Tensor, labels: Tensor, mask: Tensor, batch: Batch, temperature: float | Tensor,
+    reduction: str = "requests",
+) -> Tensor:
     """Multi-positive InfoNCE: for each positive i of a request, -log softmax_i(s / tau) over the request's valid
-    candidates, averaged over all positives; requests without a positive contribute nothing."""
+    candidates (positives included).
+
+    Only requests with at least one positive and one negative count: a one-impression request contributes exactly 0
+    (its softmax is 1) and an all-positive request would only push its scores together, so both would dilute the mean
+    (on KuaiRand about 92 % of the positives are in one-impression requests). The kept requests are selected before
+    any softmax, so a dropped request gets no gradient; a batch without any kept request gives a (graph-connected) 0.
+    ``reduction``: "requests" averages each request's mean over its positives, "positives" averages over all positives
+    of the kept requests.
+    """
     _, present = batch.list_layout()
-    scores = batch.to_lists(logits) / temperature
     valid = present & batch.to_lists(mask)
     positive = valid & (batch.to_lists(labels) > 0.5)
-    if not bool(positive.any()):
+    negative = valid & ~positive
+    kept = positive.any(dim=1) & negative.any(dim=1)
+    if not bool(kept.any()):
         return _zero_like_graph(logits)
+    scores = batch.to_lists(logits)[kept] / temperature
+    valid, positive = valid[kept], positive[kept]
     log_prob = scores - torch.logsumexp(scores.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
-    return -(log_prob[positive]).mean()
+    if reduction == "positives":
+        return -log_prob[positive].mean()
+    per_request = -(log_prob * positive).sum(dim=1) / positive.sum(dim=1)
+    return per_request.mean()
 
 
-class MultiTaskObjective:
+class MultiTaskObjective(nn.Module):
+    """Per-task losses from a model's logits and the batch. A module only for its optional parameters (the learnt
+    list-wise temperatures), which the trainer optimises and checkpoints with the model."""
+
     def __init__(self, tasks: list[TaskSpec], config: ObjectiveConfig | None = None) -> None:
+        super().__init__()
         self.tasks = tasks
         self.config = config or ObjectiveConfig()
-        if self.config.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        self.config.validate()
+        self.log_temperature = nn.ParameterDict()
+        if self.config.learn_temperature and self.config.listwise > 0:
+            start = math.log(max(self.config.temperature, self.config.min_temperature))
+            self.log_temperature.update(
+                {t.name: nn.Parameter(torch.tensor(start)) for t in tasks if t.kind == "binary"}
+            )
 
     @property
     def needs_requests(self) -> bool:
         return self.config.listwise > 0
 
-    def __call__(
+    def temperature(self, task: str) -> float | Tensor:
+        """tau of ``task``'s list-wise softmax: the configured constant, or exp(log tau) clamped at min_temperature."""
+        if task not in self.log_temperature:
+            return self.config.temperature
+        return self.log_temperature[task].exp().clamp(min=self.config.min_temperature)
+
+    def forward(
         self, logits: dict[str, Tensor], batch: Batch, auxiliary: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Loss per task, times the task's ``loss_scale`` (task weights are applied by the weighting strategy).
@@ -72,7 +125,8 @@ class MultiTaskObjective:
             x, y, m = logits[task.name], batch.labels[task.name], batch.label_mask[task.name]
             loss = cfg.pointwise * pointwise_loss(x, y, m, task.kind) if cfg.pointwise > 0 else 0.0
             if cfg.listwise > 0 and task.kind == "binary":
-                loss = loss + cfg.listwise * listwise_loss(x, y, m, batch, cfg.temperature)
+                tau = self.temperature(task.name)
+                loss = loss + cfg.listwise * listwise_loss(x, y, m, batch, tau, cfg.listwise_reduction)
             losses[task.name] = loss * task.loss_scale if task.loss_scale != 1.0 else loss
         for key, term in (auxiliary or {}).items():
             task_name, sep, _ = key.partition("/")

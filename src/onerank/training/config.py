@@ -33,8 +33,12 @@ Device = Annotated[str, AfterValidator(_device)]
 class TrainConfig:
     epochs: Positive = 10
     batch_size: Positive = 1024
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    lr: PositiveFloat = 2e-3  # with about 50 steps per epoch, 1e-3 left several models at chance after epoch 1 (BENCHMARKS.md)
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # AdamW's, on weight matrices only
+    # Each task's output bias at the start: "auto" = the logit of its training base rate over valid labels (binary
+    # tasks; regression tasks: the mean target), "zero", or explicit values (a list in the schema's task order, or a
+    # {task: value} mapping), in logits for binary tasks. See MultiTaskModel.output_biases.
+    bias_init: str | list[float] | dict[str, float] = "auto"
     embedding_lr: PositiveFloat | None = None  # a separate Adam optimiser for embedding tables when set
     grad_clip: PositiveFloat | None = 10.0  # max global grad norm; None disables clipping
     lr_schedule: Literal["none", "cosine"] = "none"  # "none" or "cosine" (over all training steps)

@@ -25,6 +25,7 @@ from torch import nn
 
 from onerank.data.batching import Batch, BatchLoader, TensorSplit, drop_to_oov
 from onerank.data.dataset import SPLITS, EncodedDataset
+from onerank.data.schema import TaskSpec
 from onerank.data.streaming import StreamingBatchLoader, stream_source_for
 from onerank.metrics.ranking import evaluate_predictions, monitor_value
 from onerank.models.base import MultiTaskModel
@@ -87,7 +88,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset = dataset
         self.tasks = dataset.schema.tasks
-        self.objective = objective
+        self.objective = objective.to(self.device)  # a module for its learnt list-wise temperatures, if any
         self.weighting = weighting.to(self.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
@@ -98,6 +99,7 @@ class Trainer:
             lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
         )
         self.streaming = stream_from is not None
+        self._stream_from = stream_from
         # a copy written to a temporary folder (no output folder given) is removed by close()
         temporary = self.streaming and out_dir is None and not dataset.info.get("train_parquet")
         self._stream_scratch = stream_from.parent if temporary else None
@@ -121,7 +123,7 @@ class Trainer:
         self.optimizers = self._build_optimizers()
         # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
         self.grad_sync = distributed.GradientSync(
-            self.model, list(self.weighting.parameters()), distributed.plain_backward(self.weighting), self.device
+            self.model, self._extra_parameters(), distributed.plain_backward(self.weighting), self.device
         )
         if config.compile:
             self.model.compile()
@@ -136,22 +138,60 @@ class Trainer:
         self._writer = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
+    def initialise_output_biases(self) -> dict[str, float]:
+        """Set every task's output bias (``MultiTaskModel.output_biases``) as ``train.bias_init`` says, from the
+        training split only; returns the values set. Called by the training set-up on a fresh model (never on a
+        loaded checkpoint, whose biases are already trained)."""
+        values = resolve_bias_init(self.config.bias_init, self.tasks, lambda: self._train_labels())
+        exposed = set(self.model.output_biases())
+        missing = [t.name for t in self.tasks if t.name in values and t.name not in exposed]
+        if missing:
+            log.warning("%s exposes no output bias for %s; bias_init leaves them as initialised",
+                        type(self.model).__name__, missing)
+        self.model.init_output_biases(values)
+        return values
+
+    def _train_labels(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(labels, label masks) of the whole training split, from memory or from its Parquet stream."""
+        if "train" in self.splits:
+            train = self.dataset.split("train")
+            return train.labels, train.label_mask
+        import pyarrow.dataset as pads
+
+        names = [t.name for t in self.tasks]
+        table = pads.dataset(str(self._stream_from), format="parquet").to_table(
+            columns=[f"labels.{t}" for t in names] + [f"label_mask.{t}" for t in names]
+        )
+        return (
+            {t: table.column(f"labels.{t}").to_numpy() for t in names},
+            {t: table.column(f"label_mask.{t}").to_numpy() for t in names},
+        )
+
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         embedding_params = {
             id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
         }
-        weighting_params = list(self.weighting.parameters())
-        dense = [p for p in self.model.parameters() if id(p) not in embedding_params] + weighting_params
+        dense = [p for p in self.model.parameters() if id(p) not in embedding_params]
         sparse = [p for p in self.model.parameters() if id(p) in embedding_params]
+        # Weight decay on weight matrices only. Biases, norm gains and per-task scalars (OneRank's a_k, b_k, the
+        # output biases that bias_init sets) would be pulled towards 0 for no regularisation benefit; the weighting
+        # strategy's parameters (e.g. uncertainty log-variances) are not model weights either.
+        decayed = [p for p in dense if p.ndim >= 2]
+        undecayed = [p for p in dense if p.ndim < 2] + self._extra_parameters()
         cfg = self.config
+        groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
         if cfg.embedding_lr is None:
             # No weight decay on embeddings: rare ids would be pulled to zero between their few updates.
-            groups = [{"params": dense, "weight_decay": cfg.weight_decay}, {"params": sparse, "weight_decay": 0.0}]
+            groups.append({"params": sparse, "weight_decay": 0.0})
             return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **self._fused())]
-        optimizers = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, **self._fused())]
+        optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **self._fused())]
         if sparse:
             optimizers.append(torch.optim.Adam(sparse, lr=cfg.embedding_lr, **self._fused()))
         return optimizers
+
+    def _extra_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters outside the model: the weighting strategy's and the objective's (learnt temperatures)."""
+        return list(self.weighting.parameters()) + list(self.objective.parameters())
 
     def _fused(self) -> dict[str, bool]:
         # one fused kernel per step instead of a loop over parameter tensors: about 3x faster optimiser steps on CPU
@@ -187,6 +227,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "weighting": self.weighting.state_dict(),
+            "objective": self.objective.state_dict(),
             "weighting_extra": getattr(self.weighting, "extra_state", lambda: None)(),
             "rng": ckpt.rng_state(),
             "train_state": asdict(self.state),
@@ -218,6 +259,7 @@ class Trainer:
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         self.weighting.load_state_dict(state["weighting"])
+        self.objective.load_state_dict(state.get("objective", {}))
         if state.get("weighting_extra") is not None and hasattr(self.weighting, "load_extra_state"):
             self.weighting.load_extra_state(state["weighting_extra"])
         self.state = TrainState(**state["train_state"])
@@ -402,6 +444,52 @@ def dwarfing_loss_warning(mean_losses: dict[str, float], tasks: list) -> str | N
     return message
 
 
+def resolve_bias_init(
+    bias_init: str | list[float] | tuple[float, ...] | dict[str, float],
+    tasks: list[TaskSpec],
+    train_labels: Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+) -> dict[str, float]:
+    """``train.bias_init`` -> {task: starting output bias}. ``train_labels`` gives the training split's (labels,
+    masks), read only for "auto": a binary task starts at the logit of its base rate over valid labels (smoothed as
+    (positives + 0.5) / (n + 1), so that a task with no positive starts low, not at -inf), a regression task at its
+    mean target; a task without any valid training label keeps 0."""
+    names = [t.name for t in tasks]
+    if isinstance(bias_init, str):
+        if bias_init == "zero":
+            return {t: 0.0 for t in names}
+        if bias_init != "auto":
+            raise ValueError(f"train.bias_init must be 'auto', 'zero', a list of {len(names)} values (tasks "
+                             f"{names}) or a {{task: value}} mapping, got {bias_init!r}")
+        labels, masks = train_labels()
+        values = {}
+        for task in tasks:
+            y = np.asarray(labels[task.name], dtype=np.float64)[np.asarray(masks[task.name], dtype=bool)]
+            if y.size == 0:
+                values[task.name] = 0.0
+            elif task.kind == "binary":
+                rate = (float((y > 0.5).sum()) + 0.5) / (y.size + 1.0)
+                values[task.name] = math.log(rate / (1.0 - rate))
+            else:
+                values[task.name] = float(y.mean())
+        return values
+    if isinstance(bias_init, dict):
+        unknown = sorted(set(bias_init) - set(names))
+        if unknown:
+            raise ValueError(f"train.bias_init names unknown tasks {unknown}; the tasks are {names}")
+        given = dict(bias_init)
+    elif isinstance(bias_init, (list, tuple)):
+        if len(bias_init) != len(names):
+            raise ValueError(f"train.bias_init has {len(bias_init)} values for {len(names)} tasks {names}; give one "
+                             "per task in that order, or a {task: value} mapping")
+        given = dict(zip(names, bias_init))
+    else:
+        raise ValueError(f"train.bias_init must be 'auto', 'zero', a list or a mapping, got {type(bias_init).__name__}")
+    for task, value in given.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"train.bias_init[{task!r}] must be a finite number, got {value!r}")
+    return {t: float(v) for t, v in given.items()}
+
+
 def _rescaled(losses: dict[str, Any], scales: dict[str, float]) -> dict[str, Any]:
     if all(s == 1.0 for s in scales.values()):
         return losses
@@ -429,4 +517,5 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-__all__ = ["Trainer", "TrainState", "TrainingDiverged", "TrainingInterrupted", "write_json", "Batch"]
+__all__ = ["Trainer", "TrainState", "TrainingDiverged", "TrainingInterrupted", "resolve_bias_init", "write_json",
+           "Batch"]
