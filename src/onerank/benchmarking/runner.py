@@ -22,7 +22,7 @@ import torch
 
 from onerank import api
 from onerank.benchmarking.report import summarize
-from onerank.benchmarking.suite import ModelEntry, Suite
+from onerank.benchmarking.suite import ModelEntry, Suite, ablation_base
 from onerank.data.batching import Batch
 from onerank.data.dataset import EncodedDataset
 from onerank.metrics.ranking import evaluate_predictions
@@ -228,7 +228,7 @@ class SuiteRunner:
             train.device = self.device
         return RunConfig(
             dataset=suite.dataset, data_dir=suite.data_dir, dataset_options=options, model=entry.model,
-            model_options=dict(entry.options), objective=dict(suite.objective), train=train,
+            model_options=dict(entry.options), objective={**suite.objective, **entry.objective}, train=train,
             cache_dir=self.cache_dir,
         )
 
@@ -281,10 +281,11 @@ class SuiteRunner:
                     "grid": [{"hparams": hp, "valid_monitor": (self._done(run_key(variant, entry.label, hp, 0))
                                                                or {}).get("valid_monitor")} for hp in grid],
                 }
-            proposed = tuning.get(self.suite.proposed, {}).get("chosen", grid[0])
             for entry in self.entries:
-                if entry.ablation:
-                    tuning[entry.label] = {"chosen": proposed, "grid": [], "from": self.suite.proposed}
+                if entry.ablation:  # at its base model's chosen values, so that the two differ only by the ablation
+                    base = ablation_base(self.suite, entry)
+                    chosen = tuning.get(base, {}).get("chosen", grid[0])
+                    tuning[entry.label] = {"chosen": chosen, "grid": [], "from": base}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
         return jobs
 

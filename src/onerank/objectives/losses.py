@@ -4,13 +4,15 @@ InfoNCE over each request's candidates). The objective is independent of the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.schema import TaskSpec
+from onerank.objectives.distillation import CrossDistillation, DistillationConfig
 
 
 @dataclass
@@ -18,6 +20,11 @@ class ObjectiveConfig:
     pointwise: float = 1.0  # lambda_pw
     listwise: float = 0.0  # lambda_lw; > 0 needs batches of whole requests
     temperature: float = 1.0  # tau of the list-wise softmax
+    distillation: dict[str, Any] | None = None  # CrossDistil options (objectives/distillation.py); None: off
+
+    def __post_init__(self) -> None:
+        if self.distillation is not None:
+            DistillationConfig.from_options(self.distillation)  # a bad option fails when the config is read
 
 
 def _zero_like_graph(x: Tensor) -> Tensor:
@@ -47,18 +54,28 @@ def listwise_loss(logits: Tensor, labels: Tensor, mask: Tensor, batch: Batch, te
     return -(log_prob[positive]).mean()
 
 
-class MultiTaskObjective:
+class MultiTaskObjective(nn.Module):
+    """Per-task losses; a module because optional parts (distillation) own parameters, which the trainer optimises
+    with the model's and saves in its resumable checkpoint."""
+
     def __init__(self, tasks: list[TaskSpec], config: ObjectiveConfig | None = None) -> None:
+        super().__init__()
         self.tasks = tasks
         self.config = config or ObjectiveConfig()
         if self.config.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        self.distillation = CrossDistillation(tasks, self.config.distillation) if self.config.distillation else None
 
     @property
     def needs_requests(self) -> bool:
         return self.config.listwise > 0
 
-    def __call__(
+    def end_step(self) -> None:
+        """Called by the trainer after each optimiser step (the distillation warm-up counts steps)."""
+        if self.distillation is not None:
+            self.distillation.end_step()
+
+    def forward(
         self, logits: dict[str, Tensor], batch: Batch, auxiliary: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Unweighted loss per task (task weights are applied by the weighting strategy).
@@ -81,4 +98,7 @@ class MultiTaskObjective:
                     f"auxiliary loss {key!r} must be named '<task>/<name>' with a task of the schema {list(losses)}"
                 )
             losses[task_name] = losses[task_name] + term
+        if self.distillation is not None:
+            for task_name, term in self.distillation(logits, batch).items():
+                losses[task_name] = losses[task_name] + term
         return losses

@@ -81,7 +81,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset = dataset
         self.tasks = dataset.schema.tasks
-        self.objective = objective
+        self.objective = objective.to(self.device)  # an objective may own parameters (distillation teachers)
         self.weighting = weighting.to(self.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
@@ -114,7 +114,8 @@ class Trainer:
         self.optimizers = self._build_optimizers()
         # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
         self.grad_sync = distributed.GradientSync(
-            self.model, list(self.weighting.parameters()), distributed.plain_backward(self.weighting), self.device
+            self.model, list(self.weighting.parameters()) + list(self.objective.parameters()),
+            distributed.plain_backward(self.weighting), self.device,
         )
         if config.compile:
             self.model.compile()
@@ -133,8 +134,9 @@ class Trainer:
         embedding_params = {
             id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
         }
-        weighting_params = list(self.weighting.parameters())
-        dense = [p for p in self.model.parameters() if id(p) not in embedding_params] + weighting_params
+        # the weighting's and the objective's own parameters (learnt task weights, distillation teachers) train too
+        extra_params = list(self.weighting.parameters()) + list(self.objective.parameters())
+        dense = [p for p in self.model.parameters() if id(p) not in embedding_params] + extra_params
         sparse = [p for p in self.model.parameters() if id(p) in embedding_params]
         cfg = self.config
         if cfg.embedding_lr is None:
@@ -180,6 +182,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "weighting": self.weighting.state_dict(),
             "weighting_extra": getattr(self.weighting, "extra_state", lambda: None)(),
+            "objective": self.objective.state_dict(),
             "rng": ckpt.rng_state(),
             "train_state": asdict(self.state),
             "best_model": self.best_model_state,
@@ -204,6 +207,8 @@ class Trainer:
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         self.weighting.load_state_dict(state["weighting"])
+        if "objective" in state:  # absent from checkpoints written before objectives held state
+            self.objective.load_state_dict(state["objective"])
         if state.get("weighting_extra") is not None and hasattr(self.weighting, "load_extra_state"):
             self.weighting.load_extra_state(state["weighting_extra"])
         self.state = TrainState(**state["train_state"])
@@ -253,6 +258,7 @@ class Trainer:
                     opt.step()
                 for sch in self.schedulers:
                     sch.step()
+                self.objective.end_step()
                 for t in loss_sums:
                     loss_sums[t] += float(losses[t].detach())
                 self.state.step += 1
