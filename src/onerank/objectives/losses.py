@@ -81,7 +81,7 @@ class MultiTaskObjective(nn.Module):
         """Unweighted loss per task (task weights are applied by the weighting strategy).
 
         ``auxiliary``: a model's extra terms (``MultiTaskModel.auxiliary_losses``), each added to the loss of the task
-        its key ``"<task>/<name>"`` names.
+        its key ``"<task>/<name>"`` names. Cross-task distillation's terms are added to their target tasks' losses.
         """
         losses = {}
         cfg = self.config
