@@ -154,7 +154,7 @@ def test_gradients_stop_where_the_method_says():
     ({"pairs": ["like<-like"]}, "two different tasks"),
     ({"pairs": []}, "at least one"),
     ({"pairs": ["like<-click"], "correction": 1.5}, "correction"),
-    ({"pairs": ["like<-click"], "warmup": 3}, "unknown options \\['warmup'\\]"),
+    ({"pairs": ["like<-click"], "warmup": 3}, "unknown keys \\['warmup'\\]"),
 ])
 def test_bad_options_name_the_culprit(options, message):
     with pytest.raises(SchemaError, match=message):
@@ -180,7 +180,7 @@ def test_options_are_read_from_yaml_and_cli(tmp_path, capsys):
     assert options["warmup_steps"] == 3  # kept from the YAML
     off = cli.build_parser().parse_args(["train", "--config", str(path), "--out", "o", "--distill", "none"])
     assert cli._run_config(off).objective["distillation"] is None
-    with pytest.raises(SchemaError, match="unknown options"):
+    with pytest.raises(SchemaError, match="'objective.distillation' has unknown keys"):
         RunConfig.from_dict({"objective": {"distillation": {"pairs": ["a<-b"], "wieght": 1}}})
     code = cli.main(["train", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--distill-weight", "0.3"])
     assert code == 2 and "pairs" in capsys.readouterr().err

@@ -208,3 +208,16 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SchemaError(f"{path}: expected a mapping at the top level")
     return raw
+
+
+def dataclass_from_mapping(kind: type, values: Any, where: str) -> Any:
+    """``kind(**values)`` for a config section, with an error naming the section and any unknown keys."""
+    if dataclasses.is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise SchemaError(f"config section {where!r} must be a mapping")
+    valid = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")
+    return kind(**values)

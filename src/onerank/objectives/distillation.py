@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
-from onerank.data.schema import SchemaError, TaskSpec
+from onerank.data.schema import SchemaError, TaskSpec, dataclass_from_mapping
 
 ARROW = "<-"
 
@@ -73,15 +73,7 @@ class DistillationConfig:
 
     @classmethod
     def from_options(cls, options: Any) -> "DistillationConfig":
-        if isinstance(options, cls):
-            return options
-        if not isinstance(options, dict):
-            raise SchemaError(f"objective.distillation must be a mapping of options, got {options!r}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise SchemaError(f"objective.distillation has unknown options {unknown}; valid: {sorted(valid)}")
-        config = cls(**options)
+        config = dataclass_from_mapping(cls, options, "objective.distillation")
         config.validate()
         return config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-from onerank.data.schema import SchemaError, read_yaml_mapping
+from onerank.data.schema import SchemaError, dataclass_from_mapping, read_yaml_mapping
 from onerank.objectives.losses import ObjectiveConfig
 
 
@@ -63,9 +63,9 @@ class RunConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise SchemaError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
-        raw["train"] = _build(TrainConfig, raw.get("train") or {}, "train")
+        raw["train"] = dataclass_from_mapping(TrainConfig, raw.get("train") or {}, "train")
         objective = raw.get("objective") or {}
-        _build(ObjectiveConfig, objective, "objective")  # validates the keys
+        dataclass_from_mapping(ObjectiveConfig, objective, "objective")  # validates the keys
         raw["objective"] = dict(objective)
         return cls(**raw)
 
@@ -77,15 +77,3 @@ class RunConfig:
 def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> ObjectiveConfig:
     """The model's recommended objective, overridden by what the run sets explicitly."""
     return ObjectiveConfig(**{**model_defaults, **config.objective})
-
-
-def _build(kind: type, values: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(values):
-        return values
-    if not isinstance(values, dict):
-        raise SchemaError(f"config section {where!r} must be a mapping")
-    valid = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")
-    return kind(**values)
