@@ -156,7 +156,8 @@ def test_an_ablation_can_change_the_objective_of_any_model(tmp_path):
     assert runner.run_config(plain, None, {}, 0).objective == {"pointwise": 1.0}
     runner.results["runs"] = [
         {"key": f"v=None|{m}|lr={lr}|seed=0", "label": m, "hparams": {"lr": lr}, "valid_monitor": score}
-        for m, lr, score in (("mmoe", 0.001, 0.6), ("mmoe", 0.003, 0.7), ("onerank", 0.001, 0.7), ("onerank", 0.003, 0.6))
+        for m, lr, score in (("mmoe", 0.001, 0.6), ("mmoe", 0.003, 0.7),
+                             ("onerank", 0.001, 0.7), ("onerank", 0.003, 0.6))
     ]
     runner._tune([{"lr": 0.001}, {"lr": 0.003}])
     tuning = runner.results["tuning"]["None"]

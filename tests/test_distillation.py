@@ -71,12 +71,12 @@ def test_the_auxiliary_losses_match_a_per_pair_loop():
         with torch.no_grad():
             teacher = module.teachers[pair.key](logits[pair.target], logits[pair.helper])
             calibrated = module.calibrators[pair.key](teacher)
-        assert float(terms.ranking.detach()) == pytest.approx(reference_quadruplet(teacher.tolist(), y, h, (m_t & m_h).tolist()),
-                                                     rel=1e-5)
+        reference = reference_quadruplet(teacher.tolist(), y, h, (m_t & m_h).tolist())
+        assert float(terms.ranking.detach()) == pytest.approx(reference, rel=1e-5)
         assert float(terms.calibration.detach()) == pytest.approx(reference_bce(calibrated, y, m_t), rel=1e-5)
         soft = [0.6 * yi + 0.4 / (1 + math.exp(-c)) for yi, c in zip(y.tolist(), calibrated.tolist())]
-        assert float(terms.distillation.detach()) == pytest.approx(reference_bce(logits[pair.target], torch.tensor(soft), m_t),
-                                                          rel=1e-5)
+        reference = reference_bce(logits[pair.target], torch.tensor(soft), m_t)
+        assert float(terms.distillation.detach()) == pytest.approx(reference, rel=1e-5)
 
 
 def test_the_label_combinations_are_ranked_target_first():
@@ -201,7 +201,8 @@ def test_any_model_trains_with_it_and_the_teachers_are_optimised(tiny_dataset, t
     assert int(after["distillation.steps"]) == state.global_step > 4
     assert not torch.equal(before["distillation.teachers.click<-buy.residual.2.weight"],
                            after["distillation.teachers.click<-buy.residual.2.weight"])
-    assert not torch.equal(before["distillation.calibrators.click<-buy.bias"], after["distillation.calibrators.click<-buy.bias"])
+    bias = "distillation.calibrators.click<-buy.bias"
+    assert not torch.equal(before[bias], after[bias])
     resume = ckpt.load(tmp_path / "last.pt")
     assert torch.equal(resume["objective"]["distillation.steps"], after["distillation.steps"])
     assert not any(k.startswith("distillation") for k in ckpt.load(tmp_path / "checkpoint.pt")["model"])

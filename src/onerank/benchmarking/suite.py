@@ -3,8 +3,8 @@
 A suite names one dataset (optionally swept over one loader option, e.g. the synthetic ``task_correlation``), the
 models, the trainer settings every model shares, a small tuning grid (the same for every model), the number of seeds,
 the proposed model and its ablations. An ablation changes a model's options, its objective (e.g. adds cross-task
-distillation), or both, and is compared with that model's own row. The SHA-256 of the YAML file is stored with the results, so a result can be
-traced to the exact suite definition that produced it.
+distillation), or both, and is compared with that model's own row. The SHA-256 of the YAML file is stored with the
+results, so a result can be traced to the exact suite definition that produced it.
 """
 
 from __future__ import annotations

@@ -82,8 +82,9 @@ class DistillationConfig:
             raise SchemaError("objective.distillation.pairs must name at least one 'target<-helper' pair, "
                               "e.g. ['like<-long_view']")
         checks = {
-            "weight": self.weight >= 0, "ranking_weight": self.ranking_weight >= 0, "warmup_steps": self.warmup_steps >= 0,
-            "correction": 0.0 <= self.correction <= 1.0, "hidden": self.hidden >= 1,
+            "weight": self.weight >= 0, "ranking_weight": self.ranking_weight >= 0,
+            "warmup_steps": self.warmup_steps >= 0, "correction": 0.0 <= self.correction <= 1.0,
+            "hidden": self.hidden >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -99,12 +100,14 @@ class DistillationConfig:
             target, sep, helper = str(text).partition(ARROW)
             target, helper = target.strip(), helper.strip()
             if not sep or not target or not helper or target == helper:
-                raise SchemaError(f"distillation pair {text!r} must read 'target{ARROW}helper' with two different tasks")
+                raise SchemaError(
+                    f"distillation pair {text!r} must read 'target{ARROW}helper' with two different tasks")
             for name in (target, helper):
                 if name not in kinds:
                     raise SchemaError(f"distillation pair {text!r} names unknown task {name!r}; tasks: {list(kinds)}")
                 if kinds[name] != "binary":
-                    raise SchemaError(f"distillation pair {text!r}: task {name!r} is {kinds[name]}; pairs need binary tasks")
+                    raise SchemaError(
+                        f"distillation pair {text!r}: task {name!r} is {kinds[name]}; pairs need binary tasks")
             if float(weight) < 0:
                 raise SchemaError(f"distillation pair {text!r} has a negative weight {weight}")
             pairs.append(TaskPair(target, helper, float(weight)))
