@@ -22,7 +22,7 @@ from onerank.metrics.ranking import auc, gauc
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 RESULTS = ROOT / "benchmarks" / "results"
-PUBLISHED = ("census", "kuairand", "synthetic")
+PUBLISHED = ("census", "kuairand", "synthetic", "distillation", "distillation_synthetic")
 
 
 def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
