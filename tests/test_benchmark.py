@@ -16,14 +16,15 @@ import pytest
 from onerank import __version__ as ONERANK_VERSION
 from onerank import cli
 from onerank.benchmarking import file_sha256, load_suite
-from onerank.benchmarking.stats import _SortedAUC, paired_bootstrap_auc, paired_t
+from onerank.benchmarking.runner import SuiteRunner
+from onerank.benchmarking.stats import _SortedAUC, paired_bootstrap_auc, paired_bootstrap_gauc, paired_t
 from onerank.data.schema import SchemaError
-from onerank.metrics.ranking import auc
+from onerank.metrics.ranking import auc, gauc
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 RESULTS = ROOT / "benchmarks" / "results"
-PUBLISHED = ("census", "kuairand", "lists", "synthetic")
+PUBLISHED = ("census", "kuairand", "lists", "synthetic", "distillation", "distillation_synthetic")
 
 
 def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
@@ -189,6 +190,51 @@ def test_paired_tests_see_a_real_difference_and_not_a_null_one():
     assert same["delta"] == 0 and same["p"] == 1.0
     t = paired_t([0.80, 0.81, 0.82], [0.70, 0.70, 0.72])
     assert t["n"] == 3 and t["p"] < 0.05 and t["mean_diff"] == pytest.approx(0.1033, abs=1e-3)
+
+
+def test_the_gauc_bootstrap_resamples_users_and_sees_a_real_difference():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 3000)
+    users = rng.integers(0, 250, 3000)
+    good = [labels + rng.normal(0, 0.8, 3000) for _ in range(3)]
+    weak = [labels + rng.normal(0, 1.6, 3000) for _ in range(3)]
+    better = paired_bootstrap_gauc(labels, good, weak, users, resamples=200)
+    expected = np.mean([gauc(labels, p, users) for p in good]) - np.mean([gauc(labels, p, users) for p in weak])
+    assert better["delta"] == pytest.approx(expected) and better["ci_low"] > 0 and better["p"] <= 0.01
+    same = paired_bootstrap_gauc(labels, good, good, users, resamples=50)
+    assert same["delta"] == 0 and same["p"] == 1.0
+
+
+def test_an_ablation_can_change_the_objective_of_any_model(tmp_path):
+    """An ablation entry with ``objective`` (e.g. distillation added to MMoE) is merged over the suite's objective,
+    takes its tuned values from its own model's row and is compared with that row."""
+    (tmp_path / "kd.yaml").write_text(
+        "name: kd\ndataset: synthetic\nmodels: [mmoe, onerank]\nobjective: {pointwise: 1.0}\n"
+        "ablations:\n  - {label: mmoe+kd, model: mmoe, objective: {distillation: {pairs: ['order<-cart']}}}\n"
+        "  - {options: {cross_task: none}}\n"
+    )
+    suite = load_suite("kd", tmp_path)
+    runner = SuiteRunner(suite, tmp_path / "out")
+    kd, plain = suite.entries(["mmoe+kd"])[0], suite.entries(["onerank[cross_task=none]"])[0]
+    config = runner.run_config(kd, None, {}, 0)
+    assert config.model == "mmoe" and config.objective == {"pointwise": 1.0, "distillation": {"pairs": ["order<-cart"]}}
+    assert runner.run_config(plain, None, {}, 0).objective == {"pointwise": 1.0}
+    runner.results["runs"] = [
+        {"key": f"v=None|{m}|lr={lr}|seed=0", "label": m, "hparams": {"lr": lr}, "valid_monitor": score}
+        for m, lr, score in (("mmoe", 0.001, 0.6), ("mmoe", 0.003, 0.7),
+                             ("onerank", 0.001, 0.7), ("onerank", 0.003, 0.6))
+    ]
+    runner._tune([{"lr": 0.001}, {"lr": 0.003}])
+    tuning = runner.results["tuning"]["None"]
+    assert tuning["mmoe+kd"] == {"chosen": {"lr": 0.003}, "grid": [], "from": "mmoe"}
+    assert tuning["onerank[cross_task=none]"]["chosen"] == {"lr": 0.001}
+    for body, message in (("{model: mmoe, objective: {listwise: 1.0}}", "needs a 'label'"),
+                          ("{label: x, model: mmoe, objective: {distillation: {pairs: ['a<-b'], wieght: 1}}}",
+                           "ablation 'x'.*unknown keys"),
+                          ("{label: x, model: mmoe}", "'options' and / or 'objective'")):
+        (tmp_path / "bad.yaml").write_text(f"name: bad\ndataset: synthetic\nmodels: [mmoe]\nablations: [{body}]\n")
+        with pytest.raises(SchemaError, match=message):
+            load_suite("bad", tmp_path)
 
 
 def test_onerank_attention_benchmark_writes_its_rows(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -105,6 +106,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-init", metavar="auto|zero|V1,V2,...",
                    help="output biases at the start: training base-rate logits (auto, default), zero, or one value "
                         "per task in schema order")
+    p.add_argument("--distill", metavar="PAIRS", help="cross-task distillation (CrossDistil, docs/distillation.md): "
+                   "comma-separated target<-helper pairs, e.g. 'like<-long_view,long_view<-click'; 'none' turns it off")
+    p.add_argument("--distill-weight", type=float, help="weight of each pair's distillation term (default 0.5)")
+    p.add_argument("--distill-warmup", type=int, help="optimiser steps before distillation starts (default 10)")
+    p.add_argument("--distill-option", action="append", metavar="KEY=VALUE",
+                   help="another distillation option: ranking_weight, correction, hidden (repeatable)")
     p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
@@ -156,9 +163,28 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         config.objective["learn_temperature"] = True
     if args.bias_init:
         config.train.bias_init = _bias_init(args.bias_init)
+    _distillation_flags(args, config)
     if args.cache_dir:
         config.cache_dir = args.cache_dir
     return config.validated()
+
+
+def _distillation_flags(args: argparse.Namespace, config: RunConfig) -> None:
+    """--distill* flags over the config's ``objective.distillation`` (validated when the objective is built)."""
+    from onerank.objectives.distillation import DistillationConfig
+
+    if args.distill is not None and args.distill.strip().lower() == "none":
+        config.objective["distillation"] = None
+        return
+    options = dict(config.objective.get("distillation") or {})
+    if args.distill is not None:
+        options["pairs"] = [p.strip() for p in args.distill.split(",") if p.strip()]
+    for flag, key in (("distill_weight", "weight"), ("distill_warmup", "warmup_steps")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    options.update(_key_values(args.distill_option, "--distill-option"))
+    if options:
+        config.objective["distillation"] = dataclasses.asdict(DistillationConfig.from_options(options))
 
 
 def format_table(comparison: dict) -> str:

@@ -207,21 +207,26 @@ def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap
     return _save(fig, axes, out_dir / f"{'gap_to_oracle' if gap else 'auc'}_vs_{option}.png")
 
 
-def ablation_bars(results: dict, variant: str, proposed: str, out_dir: Path) -> str | None:
+def ablation_bars(results: dict, variant: str, out_dir: Path) -> str | None:
+    """Test AUC of each ablation beside the row it changes (red)."""
     block = results["summary"][variant]
     models, tasks = block["models"], block["tasks"]
-    labels = [proposed] + [m for m, e in models.items() if e["ablation"] and "tasks" in e]
-    if len(labels) < 2 or "tasks" not in models.get(proposed, {}):
+    comparisons = block.get("ablations") or {}
+    bases = list(dict.fromkeys(c["base"] for c in comparisons.values()))
+    labels = [m for base in bases for m in [base] + [a for a, c in comparisons.items() if c["base"] == base]]
+    if not labels:
         return None
     fig, axes = _subplots(1, len(tasks), width=4.6, height=3.6)
     for ax, t in zip(axes[0], tasks):
         means = [models[m]["tasks"][t]["auc"]["mean"] for m in labels]
         stds = [models[m]["tasks"][t]["auc"]["std"] for m in labels]
-        ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=[style(m)["color"] for m in labels])
+        ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=[style(m)["color"] for m in labels],
+               edgecolor=["black" if m in bases else "none" for m in labels])
         lo, hi = min(means) - 2 * max(stds + [1e-4]), max(means) + 2 * max(stds + [1e-4])
         ax.set_ylim(lo, hi)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([m.replace(f"{proposed}[", "[") for m in labels], rotation=60, ha="right", fontsize=7)
+        short = [m.replace(f"{comparisons[m]['base']}[", "[") if m in comparisons else m for m in labels]
+        ax.set_xticklabels(short, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{t}: test AUC (mean ± std over seeds)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -271,5 +276,5 @@ def make_plots(results: dict, suite, out_dir: str | Path) -> list[str]:
         made.append(gradient_cosine(results, variant, out_dir, suffix))
         made.append(negative_transfer(results, variant, suite.reference, out_dir, suffix))
     if len(variants) == 1:  # with a sweep, the ablations are lines of the figures against the swept option
-        made.append(ablation_bars(results, variants[0], suite.proposed, out_dir))
+        made.append(ablation_bars(results, variants[0], out_dir))
     return [m for m in made if m]

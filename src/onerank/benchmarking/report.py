@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from onerank.benchmarking.stats import paired_bootstrap_auc, paired_t, significance_mark
+from onerank.benchmarking.stats import paired_bootstrap_auc, paired_bootstrap_gauc, paired_t, significance_mark
 
 
 def _nan_stats(values: list[float]) -> tuple[float, float]:
@@ -75,6 +75,7 @@ def summarize(results: dict[str, Any], suite, predictions: dict[str, dict], labe
         block["significance"] = _against_the_best_baseline(models, tasks, pairs)
         block["against_every_baseline"] = pairs
         block["negative_transfer"] = _negative_transfer(suite, models, tasks)
+        block["ablations"] = _ablations_against_their_base(results, suite, variant, models, tasks, predictions, labels)
         summary[variant] = block
     return summary
 
@@ -138,6 +139,41 @@ def _paired_comparison(results, suite, variant, models, task, baseline, predicti
         )
         entry["bootstrap_auc"]["clusters"] = "users" if users is not None else "impressions"
     return entry
+
+
+def _ablations_against_their_base(results, suite, variant, models, tasks, predictions, labels) -> dict[str, Any]:
+    """{ablation: {"base": label, "tasks": {task: comparison}}}: each ablation against the row it changes (its
+    model's own row, else the proposed model's), on matched seeds: mean AUC / GAUC differences and the paired
+    user-level bootstraps of both."""
+    from onerank.benchmarking.suite import ablation_base
+
+    data = labels.get(variant)
+    out: dict[str, Any] = {}
+    for entry in suite.models:
+        base = ablation_base(suite, entry)
+        if not entry.ablation or "tasks" not in models.get(entry.label, {}) or "tasks" not in models.get(base, {}):
+            continue
+        runs = {r["seed"]: r for r in final_runs(results, variant, entry.label) if not r.get("error")}
+        base_runs = {r["seed"]: r for r in final_runs(results, variant, base) if not r.get("error")}
+        seeds = sorted(set(runs) & set(base_runs))
+        keys = [runs[s]["key"] for s in seeds], [base_runs[s]["key"] for s in seeds]
+        per_task = {}
+        for t in tasks:
+            mine, theirs = models[entry.label]["tasks"][t], models[base]["tasks"][t]
+            comparison: dict[str, Any] = {"seeds": seeds, "delta_auc": mine["auc"]["mean"] - theirs["auc"]["mean"],
+                                          "delta_gauc": mine["gauc"]["mean"] - theirs["gauc"]["mean"]}
+            if data is not None and seeds and all(k in predictions for k in keys[0] + keys[1]):
+                mask = data["mask"][t]
+                y = data["labels"][t][mask]
+                a = [predictions[k][t][mask] for k in keys[0]]
+                b = [predictions[k][t][mask] for k in keys[1]]
+                users = data["user"][mask] if data["user"] is not None else None
+                comparison["bootstrap_auc"] = paired_bootstrap_auc(y, a, b, clusters=users, resamples=suite.bootstrap)
+                if users is not None:
+                    comparison["bootstrap_gauc"] = paired_bootstrap_gauc(y, a, b, users, resamples=suite.bootstrap)
+            per_task[t] = comparison
+        out[entry.label] = {"base": base, "tasks": per_task}
+    return out
 
 
 def _negative_transfer(suite, models, tasks) -> dict[str, Any]:
@@ -293,22 +329,34 @@ def negative_transfer_table(block: dict, reference: str) -> list[str]:
 
 
 def ablation_table(block: dict, proposed: str, seeds: int) -> list[str]:
+    """Each ablation under the row it changes: mean ± std test AUC (and GAUC where defined) per task, the difference
+    from that row and the paired bootstrap p (over test users)."""
     models, tasks = block["models"], block["tasks"]
-    ablations = [m for m, e in models.items() if e["ablation"]]
-    if not ablations or proposed not in models or "tasks" not in models[proposed]:
+    comparisons = block.get("ablations") or {}
+    bases = list(dict.fromkeys(c["base"] for c in comparisons.values()))
+    if not bases:
         return []
-    full = models[proposed]["tasks"]
-    header = ["variant"] + [f"{t} AUC" for t in tasks] + [f"{t} ΔAUC" for t in tasks]
-    rows = [[f"{proposed} (full)"] + [_fmt(full[t]["auc"]["mean"], full[t]["auc"]["std"]) for t in tasks]
-            + ["" for _ in tasks]]
-    for m in ablations:
-        e = models[m]
-        if "tasks" not in e:
-            status = ("failed: " + "; ".join(e["errors"])[:120]) if e["errors"] else "not run"
-            rows.append([m, status] + [""] * (2 * len(tasks) - 1))
-            continue
-        rows.append([_name(m, e, seeds, proposed)] + [_fmt(e["tasks"][t]["auc"]["mean"], e["tasks"][t]["auc"]["std"]) for t in tasks]
-                    + [f"{e['tasks'][t]['auc']['mean'] - full[t]['auc']['mean']:+.4f}" for t in tasks])
+    metrics = [m for m in ("auc", "gauc") if any(not math.isnan(models[b]["tasks"][t][m]["mean"])
+                                                    for b in bases for t in tasks)]
+    header = ["variant"] + [f"{t} {m.upper()}" for t in tasks for m in metrics]
+    rows = []
+    for base in bases:
+        full = models[base]["tasks"]
+        rows.append([f"{base} (base)"] + [_fmt(full[t][m]["mean"], full[t][m]["std"]) for t in tasks for m in metrics])
+        for label, c in comparisons.items():
+            if c["base"] != base:
+                continue
+            row = [_name(label, models[label], seeds, proposed)]
+            for t in tasks:
+                for m in metrics:
+                    s, boot = models[label]["tasks"][t][m], c["tasks"][t].get(f"bootstrap_{m}") or {}
+                    p = f", p {_p(boot['p'])}{significance_mark(boot['p'])}" if boot else ""
+                    row.append(f"{_fmt(s['mean'], s['std'])} ({c['tasks'][t][f'delta_{m}']:+.4f}{p})")
+            rows.append(row)
+    failed = [m for m, e in models.items() if e["ablation"] and "tasks" not in e]
+    for m in failed:
+        status = ("failed: " + "; ".join(models[m]["errors"])[:120]) if models[m]["errors"] else "not run"
+        rows.append([m, status] + [""] * (len(header) - 2))
     return _table(header, rows)
 
 
@@ -393,7 +441,9 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
             out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]
         ab = ablation_table(block, suite.proposed, results["seeds"])
         if ab:
-            out += ["Ablations (each at the full model's chosen learning rate):", "", *ab, ""]
+            out += ["Ablations, each at its base row's chosen learning rate; in brackets the difference from the base "
+                    "(mean over seeds) and the p of the paired bootstrap over test users (* p < 0.05, ** p < 0.01):",
+                    "", *ab, ""]
         gap = oracle_gap_table(block, suite.proposed, results["seeds"])
         if gap:
             out += ["Gap to the oracle (its test AUC minus each model's mean; the oracle is the generator's own "

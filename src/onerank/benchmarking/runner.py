@@ -24,7 +24,7 @@ import torch
 
 from onerank import api
 from onerank.benchmarking.report import summarize
-from onerank.benchmarking.suite import ModelEntry, Suite
+from onerank.benchmarking.suite import ModelEntry, Suite, ablation_base
 from onerank.data.batching import Batch
 from onerank.data.dataset import EncodedDataset
 from onerank.metrics.ranking import evaluate_predictions
@@ -359,10 +359,11 @@ class SuiteRunner:
                     "grid": [{"hparams": hp, "valid_monitor": (self._done(run_key(variant, entry.label, hp, 0))
                                                                or {}).get("valid_monitor")} for hp in grid],
                 }
-            proposed = tuning.get(self.suite.proposed, {}).get("chosen", grid[0])
             for entry in self.entries:
-                if entry.ablation:
-                    tuning[entry.label] = {"chosen": proposed, "grid": [], "from": self.suite.proposed}
+                if entry.ablation:  # at its base model's chosen values, so that the two differ only by the ablation
+                    base = ablation_base(self.suite, entry)
+                    chosen = tuning.get(base, {}).get("chosen", grid[0])
+                    tuning[entry.label] = {"chosen": chosen, "grid": [], "from": base}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
         # seed by seed over every variant and model: a suite cut short has every model at fewer seeds, not the last
         # variants at none

@@ -56,6 +56,37 @@ class _SortedAUC:
         return float(np.sum(gp * (below + 0.5 * gn)) / (total_pos * total_neg))
 
 
+def _clusters(n: int, clusters: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Each row's cluster index and the number of clusters (every row its own cluster without ``clusters``)."""
+    if clusters is None:
+        return np.arange(n), n
+    _, cluster_idx = np.unique(np.asarray(clusters), return_inverse=True)
+    return cluster_idx, int(cluster_idx.max()) + 1 if n else 0
+
+
+def _resampled_deltas(statistic, num_clusters: int, resamples: int, seed: int) -> np.ndarray:
+    """``statistic(cluster_counts)`` over ``resamples`` draws of the clusters with replacement (NaNs dropped)."""
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(resamples)
+    for i in range(resamples):
+        counts = np.bincount(rng.integers(0, num_clusters, num_clusters), minlength=num_clusters).astype(np.float64)
+        deltas[i] = statistic(counts)
+    return deltas[~np.isnan(deltas)]
+
+
+def _bootstrap_summary(observed: float, deltas: np.ndarray) -> dict[str, float]:
+    if not len(deltas):
+        return {"delta": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "resamples": 0}
+    p = 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0)))
+    return {
+        "delta": observed,
+        "ci_low": float(np.quantile(deltas, 0.025)),
+        "ci_high": float(np.quantile(deltas, 0.975)),
+        "p": max(min(p, 1.0), 1.0 / len(deltas)),
+        "resamples": int(len(deltas)),
+    }
+
+
 def paired_bootstrap_auc(
     labels: np.ndarray,
     preds_a: list[np.ndarray],
@@ -71,32 +102,52 @@ def paired_bootstrap_auc(
     """
     labels = np.asarray(labels)
     n = len(labels)
-    if clusters is None:
-        cluster_idx, num_clusters = np.arange(n), n
-    else:
-        _, cluster_idx = np.unique(np.asarray(clusters), return_inverse=True)
-        num_clusters = int(cluster_idx.max()) + 1 if n else 0
+    cluster_idx, num_clusters = _clusters(n, clusters)
     aucs_a = [_SortedAUC(labels, np.asarray(p)) for p in preds_a]
     aucs_b = [_SortedAUC(labels, np.asarray(p)) for p in preds_b]
     ones = np.ones(n)
     observed = float(np.mean([f(ones) for f in aucs_a]) - np.mean([f(ones) for f in aucs_b]))
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(resamples)
-    for i in range(resamples):
-        counts = np.bincount(rng.integers(0, num_clusters, num_clusters), minlength=num_clusters).astype(np.float64)
+
+    def delta(counts: np.ndarray) -> float:
         w = counts[cluster_idx]
-        deltas[i] = np.mean([f(w) for f in aucs_a]) - np.mean([f(w) for f in aucs_b])
-    deltas = deltas[~np.isnan(deltas)]
-    if not len(deltas):
-        return {"delta": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "resamples": 0}
-    p = 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0)))
-    return {
-        "delta": observed,
-        "ci_low": float(np.quantile(deltas, 0.025)),
-        "ci_high": float(np.quantile(deltas, 0.975)),
-        "p": max(min(p, 1.0), 1.0 / len(deltas)),
-        "resamples": int(len(deltas)),
-    }
+        return float(np.mean([f(w) for f in aucs_a]) - np.mean([f(w) for f in aucs_b]))
+
+    return _bootstrap_summary(observed, _resampled_deltas(delta, num_clusters, resamples, seed))
+
+
+def paired_bootstrap_gauc(
+    labels: np.ndarray,
+    preds_a: list[np.ndarray],
+    preds_b: list[np.ndarray],
+    users: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Bootstrap of mean_s GAUC(a_s) - GAUC(b_s) over matched seeds, resampling users with replacement.
+
+    A user drawn c times counts c times in GAUC's impression-weighted mean of per-user AUCs, and a user's own AUC does
+    not change when all of their impressions are repeated, so each resample is a re-weighting of the per-user AUCs
+    (computed once). Users with one class only have no AUC and count in neither model's GAUC.
+    """
+    from onerank.metrics.ranking import user_aucs
+
+    labels, users = np.asarray(labels), np.asarray(users)
+    user_ids, cluster_idx = np.unique(users, return_inverse=True)
+    per_seed = [user_aucs(labels, np.asarray(p), cluster_idx) for p in list(preds_a) + list(preds_b)]
+    if not len(per_seed[0]):
+        return _bootstrap_summary(float("nan"), np.empty(0))
+    index = per_seed[0].index.to_numpy()  # the same users for every model and seed: eligibility depends on labels only
+    impressions = per_seed[0]["n"].to_numpy(np.float64)
+    aucs = np.stack([p["auc"].reindex(index).to_numpy(np.float64) for p in per_seed])
+    k = len(preds_a)
+    difference = aucs[:k].mean(axis=0) - aucs[k:].mean(axis=0)  # seed-averaged GAUC difference, per user
+
+    def delta(counts: np.ndarray) -> float:
+        weights = counts[index] * impressions
+        total = weights.sum()
+        return float(weights @ difference / total) if total > 0 else float("nan")
+
+    return _bootstrap_summary(delta(np.ones(len(user_ids))), _resampled_deltas(delta, len(user_ids), resamples, seed))
 
 
 def significance_mark(p: float) -> str:

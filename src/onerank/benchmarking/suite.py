@@ -2,8 +2,9 @@
 
 A suite names one dataset (optionally swept over one loader option, e.g. the synthetic ``task_correlation``), the
 models, the trainer settings every model shares, a small tuning grid (the same for every model), the number of seeds,
-the proposed model and its ablations. The SHA-256 of the YAML file is stored with the results, so a result can be
-traced to the exact suite definition that produced it.
+the proposed model and its ablations. An ablation changes a model's options, its objective (e.g. adds cross-task
+distillation), or both, and is compared with that model's own row. The SHA-256 of the YAML file is stored with the
+results, so a result can be traced to the exact suite definition that produced it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from typing import Any
 
 
 from onerank.data.schema import SchemaError, read_yaml_mapping
-from onerank.objectives.losses import ObjectiveConfig
 from onerank.resources import shipped
 from onerank.training.checkpoint import file_sha256
-from onerank.training.config import TrainConfig
+from onerank.training.config import RunConfig, TrainConfig
 
 DEFAULT_SUITES_DIR = Path("benchmarks/suites")
 
@@ -29,7 +29,7 @@ class ModelEntry:
     model: str
     options: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False
-    objective: dict[str, Any] = field(default_factory=dict)  # ObjectiveConfig fields over the suite's (e.g. listwise: 0)
+    objective: dict[str, Any] = field(default_factory=dict)  # ObjectiveConfig fields over the suite's objective
 
 
 @dataclass
@@ -62,6 +62,13 @@ class Suite:
         if unknown:
             raise SchemaError(f"suite {self.name!r} has no model {unknown}; it has {[e.label for e in self.models]}")
         return [e for e in self.models if e.label in only or e.model in only]
+
+
+def ablation_base(suite: "Suite", entry: ModelEntry) -> str:
+    """The row an ablation is compared with (and takes its tuned values from): its model's own entry when the suite
+    lists that model, else the proposed model."""
+    tuned = {e.label for e in suite.models if not e.ablation}
+    return entry.model if entry.model in tuned else suite.proposed
 
 
 def suite_path(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Path:
@@ -115,17 +122,23 @@ def parse_suite(raw: dict[str, Any], path: Path) -> Suite:
     proposed = raw.get("proposed", "onerank")
     for ablation in raw.get("ablations") or []:
         if not isinstance(ablation, dict) or not ({"options", "objective"} & set(ablation)):
-            raise SchemaError(f"{path}: each ablation needs 'options' and/or 'objective' (optionally 'label', 'model')")
+            raise SchemaError(f"{path}: each ablation needs 'options' and / or 'objective' (optionally 'label', "
+                              "'model')")
         unknown_keys = sorted(set(ablation) - {"label", "model", "options", "objective"})
         if unknown_keys:
             raise SchemaError(f"{path}: unknown ablation keys {unknown_keys}; valid: label, model, options, objective")
-        objective = dict(ablation.get("objective") or {})
-        bad = sorted(set(objective) - {f.name for f in dataclasses.fields(ObjectiveConfig)})
-        if bad:
-            raise SchemaError(f"{path}: ablation objective has unknown ObjectiveConfig keys {bad}")
+        if "objective" in ablation and "label" not in ablation:
+            raise SchemaError(f"{path}: an ablation with 'objective' needs a 'label'")
         model = ablation.get("model", proposed)
-        changed = {**(ablation.get("options") or {}), **objective}
-        options = {**(model_options.get(model) or {}), **(ablation.get("options") or {})}
+        model_class(model)
+        changed = ablation.get("options") or {}
+        options = {**(model_options.get(model) or {}), **changed}
+        objective = dict(ablation.get("objective") or {})
+        if objective:
+            try:  # a misspelled objective option fails here, before any training
+                RunConfig.from_dict({"objective": {**(raw.get("objective") or {}), **objective}})
+            except SchemaError as exc:
+                raise SchemaError(f"{path}: ablation {ablation['label']!r}: {exc}") from None
         label = ablation.get("label") or f"{model}[" + ",".join(f"{k}={v}" for k, v in changed.items()) + "]"
         entries.append(ModelEntry(label=label, model=model, options=options, ablation=True, objective=objective))
     labels = [e.label for e in entries]

@@ -301,3 +301,21 @@ def _adapter(kind: type) -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(kind)
+
+
+def check_keys(kind: type, values: Any, where: str) -> None:
+    """A config section must be a mapping of ``kind``'s fields: unknown keys are named with the valid ones."""
+    if not isinstance(values, dict):
+        raise SchemaError(f"config section {where!r} must be a mapping, got {values!r}")
+    valid = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")
+
+
+def dataclass_from_mapping(kind: type, values: Any, where: str) -> Any:
+    """``kind(**values)`` for a config section: unknown keys named, each value checked and converted (``typed``)."""
+    if dataclasses.is_dataclass(values):
+        return values
+    check_keys(kind, values, where)
+    return typed(kind, values, where)

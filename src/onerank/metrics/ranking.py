@@ -21,18 +21,24 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """Per-user AUC weighted by the user's impressions; users with one class only are skipped (Zhou et al., DIN)."""
+def user_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> pd.DataFrame:
+    """Per user (index) with both classes: ``auc`` and ``n`` (impressions); users with one class only are left out."""
     frame = pd.DataFrame({"g": groups, "y": np.asarray(labels) > 0.5, "s": scores})
     frame["r"] = frame.groupby("g")["s"].rank(method="average")
     per = frame.groupby("g").agg(n=("y", "size"), pos=("y", "sum"))
     per["rank_pos"] = frame[frame["y"]].groupby("g")["r"].sum()
     per = per[(per["pos"] > 0) & (per["pos"] < per["n"])]
+    neg = per["n"] - per["pos"]
+    per["auc"] = (per["rank_pos"] - per["pos"] * (per["pos"] + 1) / 2) / (per["pos"] * neg)
+    return per[["auc", "n"]]
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Per-user AUC weighted by the user's impressions; users with one class only are skipped (Zhou et al., DIN)."""
+    per = user_aucs(labels, scores, groups)
     if per.empty:
         return float("nan")
-    neg = per["n"] - per["pos"]
-    user_auc = (per["rank_pos"] - per["pos"] * (per["pos"] + 1) / 2) / (per["pos"] * neg)
-    return float(np.average(user_auc, weights=per["n"]))
+    return float(np.average(per["auc"], weights=per["n"]))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

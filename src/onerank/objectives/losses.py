@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.schema import TaskSpec
+from onerank.objectives.distillation import CrossDistillation, DistillationConfig
 
 
 REDUCTIONS = ("requests", "positives")
@@ -39,6 +41,11 @@ class ObjectiveConfig:
         if self.pointwise < 0 or self.listwise < 0:
             raise ValueError(f"objective: the weights pointwise and listwise must be >= 0, got {self.pointwise} and "
                              f"{self.listwise}")
+    distillation: dict[str, Any] | None = None  # CrossDistil options (objectives/distillation.py); None: off
+
+    def __post_init__(self) -> None:
+        if self.distillation is not None:
+            DistillationConfig.from_options(self.distillation)  # a bad option fails when the config is read
 
 
 def _zero_like_graph(x: Tensor) -> Tensor:
@@ -86,8 +93,8 @@ def listwise_loss(
 
 
 class MultiTaskObjective(nn.Module):
-    """Per-task losses from a model's logits and the batch. A module only for its optional parameters (the learnt
-    list-wise temperatures), which the trainer optimises and checkpoints with the model."""
+    """Per-task losses from a model's logits and the batch. A module for its optional parameters (learnt list-wise
+    temperatures, distillation teachers), which the trainer optimises and saves in its resumable checkpoint."""
 
     def __init__(self, tasks: list[TaskSpec], config: ObjectiveConfig | None = None) -> None:
         super().__init__()
@@ -100,6 +107,7 @@ class MultiTaskObjective(nn.Module):
             self.log_temperature.update(
                 {t.name: nn.Parameter(torch.tensor(start)) for t in tasks if t.kind == "binary"}
             )
+        self.distillation = CrossDistillation(tasks, self.config.distillation) if self.config.distillation else None
 
     @property
     def needs_requests(self) -> bool:
@@ -111,13 +119,18 @@ class MultiTaskObjective(nn.Module):
             return self.config.temperature
         return self.log_temperature[task].exp().clamp(min=self.config.min_temperature)
 
+    def end_step(self) -> None:
+        """Called by the trainer after each optimiser step (the distillation warm-up counts steps)."""
+        if self.distillation is not None:
+            self.distillation.end_step()
+
     def forward(
         self, logits: dict[str, Tensor], batch: Batch, auxiliary: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Loss per task, times the task's ``loss_scale`` (task weights are applied by the weighting strategy).
 
         ``auxiliary``: a model's extra terms (``MultiTaskModel.auxiliary_losses``), each added to the loss of the task
-        its key ``"<task>/<name>"`` names.
+        its key ``"<task>/<name>"`` names. Cross-task distillation's terms are added to their target tasks' losses.
         """
         losses = {}
         cfg = self.config
@@ -135,4 +148,7 @@ class MultiTaskObjective(nn.Module):
                     f"auxiliary loss {key!r} must be named '<task>/<name>' with a task of the schema {list(losses)}"
                 )
             losses[task_name] = losses[task_name] + term
+        if self.distillation is not None:
+            for task_name, term in self.distillation(logits, batch).items():
+                losses[task_name] = losses[task_name] + term
         return losses

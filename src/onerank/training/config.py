@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from onerank.data.schema import SchemaError, read_yaml_mapping, typed
+from onerank.data.schema import SchemaError, check_keys, read_yaml_mapping, typed
 from onerank.objectives.losses import ObjectiveConfig
 
 
@@ -89,9 +89,9 @@ class RunConfig:
             raise SchemaError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
         train = raw.get("train") or {}
         raw["train"] = dataclasses.asdict(train) if dataclasses.is_dataclass(train) else train
-        _check_keys(TrainConfig, raw["train"], "train")
+        check_keys(TrainConfig, raw["train"], "train")
         objective = raw.get("objective") or {}
-        _check_keys(ObjectiveConfig, objective, "objective")
+        check_keys(ObjectiveConfig, objective, "objective")
         checked = typed(ObjectiveConfig, objective, "objective")
         for key, (low, inclusive) in OBJECTIVE_LOWER_BOUNDS.items():
             value = getattr(checked, key)
@@ -117,12 +117,3 @@ def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> Obj
 
 # ObjectiveConfig lives with the losses; its ranges are checked here, where configs are read: (bound, bound allowed)
 OBJECTIVE_LOWER_BOUNDS = {"pointwise": (0.0, True), "listwise": (0.0, True), "temperature": (0.0, False)}
-
-
-def _check_keys(kind: type, values: Any, where: str) -> None:
-    if not isinstance(values, dict):
-        raise SchemaError(f"config section {where!r} must be a mapping, got {values!r}")
-    valid = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise SchemaError(f"config section {where!r} has unknown keys {unknown}; valid: {sorted(valid)}")

@@ -88,7 +88,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset = dataset
         self.tasks = dataset.schema.tasks
-        self.objective = objective.to(self.device)  # a module for its learnt list-wise temperatures, if any
+        self.objective = objective.to(self.device)  # an objective may own parameters (learnt temperatures, teachers)
         self.weighting = weighting.to(self.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
@@ -227,8 +227,8 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "weighting": self.weighting.state_dict(),
-            "objective": self.objective.state_dict(),
             "weighting_extra": getattr(self.weighting, "extra_state", lambda: None)(),
+            "objective": self.objective.state_dict(),
             "rng": ckpt.rng_state(),
             "train_state": asdict(self.state),
             "best_model": self.best_model_state,
@@ -259,7 +259,8 @@ class Trainer:
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         self.weighting.load_state_dict(state["weighting"])
-        self.objective.load_state_dict(state.get("objective", {}))
+        if "objective" in state:  # absent from checkpoints written before objectives held state
+            self.objective.load_state_dict(state["objective"])
         if state.get("weighting_extra") is not None and hasattr(self.weighting, "load_extra_state"):
             self.weighting.load_extra_state(state["weighting_extra"])
         self.state = TrainState(**state["train_state"])
@@ -309,6 +310,7 @@ class Trainer:
                     opt.step()
                 for sch in self.schedulers:
                     sch.step()
+                self.objective.end_step()
                 for t in loss_sums:
                     value = float(losses[t].detach())
                     if not math.isfinite(value):
