@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from onerank.metrics.bootstrap import bootstrap_summary, resampled_statistic
+
 
 def paired_t(a: list[float], b: list[float]) -> dict[str, float]:
     """Paired t-test of a - b over matched seeds: mean difference, t statistic and two-sided p-value."""
@@ -64,29 +66,6 @@ def _clusters(n: int, clusters: np.ndarray | None) -> tuple[np.ndarray, int]:
     return cluster_idx, int(cluster_idx.max()) + 1 if n else 0
 
 
-def _resampled_deltas(statistic, num_clusters: int, resamples: int, seed: int) -> np.ndarray:
-    """``statistic(cluster_counts)`` over ``resamples`` draws of the clusters with replacement (NaNs dropped)."""
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(resamples)
-    for i in range(resamples):
-        counts = np.bincount(rng.integers(0, num_clusters, num_clusters), minlength=num_clusters).astype(np.float64)
-        deltas[i] = statistic(counts)
-    return deltas[~np.isnan(deltas)]
-
-
-def _bootstrap_summary(observed: float, deltas: np.ndarray) -> dict[str, float]:
-    if not len(deltas):
-        return {"delta": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), "resamples": 0}
-    p = 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0)))
-    return {
-        "delta": observed,
-        "ci_low": float(np.quantile(deltas, 0.025)),
-        "ci_high": float(np.quantile(deltas, 0.975)),
-        "p": max(min(p, 1.0), 1.0 / len(deltas)),
-        "resamples": int(len(deltas)),
-    }
-
-
 def paired_bootstrap_auc(
     labels: np.ndarray,
     preds_a: list[np.ndarray],
@@ -112,7 +91,7 @@ def paired_bootstrap_auc(
         w = counts[cluster_idx]
         return float(np.mean([f(w) for f in aucs_a]) - np.mean([f(w) for f in aucs_b]))
 
-    return _bootstrap_summary(observed, _resampled_deltas(delta, num_clusters, resamples, seed))
+    return bootstrap_summary(observed, resampled_statistic(delta, num_clusters, resamples, seed))
 
 
 def paired_bootstrap_gauc(
@@ -135,7 +114,7 @@ def paired_bootstrap_gauc(
     user_ids, cluster_idx = np.unique(users, return_inverse=True)
     per_seed = [user_aucs(labels, np.asarray(p), cluster_idx) for p in list(preds_a) + list(preds_b)]
     if not len(per_seed[0]):
-        return _bootstrap_summary(float("nan"), np.empty(0))
+        return bootstrap_summary(float("nan"), np.empty(0))
     index = per_seed[0].index.to_numpy()  # the same users for every model and seed: eligibility depends on labels only
     impressions = per_seed[0]["n"].to_numpy(np.float64)
     aucs = np.stack([p["auc"].reindex(index).to_numpy(np.float64) for p in per_seed])
@@ -147,7 +126,7 @@ def paired_bootstrap_gauc(
         total = weights.sum()
         return float(weights @ difference / total) if total > 0 else float("nan")
 
-    return _bootstrap_summary(delta(np.ones(len(user_ids))), _resampled_deltas(delta, len(user_ids), resamples, seed))
+    return bootstrap_summary(delta(np.ones(len(user_ids))), resampled_statistic(delta, len(user_ids), resamples, seed))
 
 
 def significance_mark(p: float) -> str:

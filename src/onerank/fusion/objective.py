@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from onerank.metrics.bootstrap import bootstrap_summary, resampled_statistic
+
 
 @dataclass
 class UserFigures:
@@ -148,19 +150,17 @@ def paired_bootstrap(figures: dict[str, UserFigures], baseline: str | None, resa
     All figures must come from one :class:`Grouping` (the same users in the same order): each resample draws the
     users once and re-weights every figure with the same draw.
     """
-    rng = np.random.default_rng(seed)
     n = len(next(iter(figures.values())).value)
-    draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(float)
     out = {}
     for name, fig in figures.items():
-        samples = np.array([fig.mean(w) for w in draws])
-        row = {"value": fig.mean(), "ci_low": float(np.nanquantile(samples, 0.025)),
-               "ci_high": float(np.nanquantile(samples, 0.975))}
+        samples = resampled_statistic(fig.mean, n, resamples, seed)
+        row = {"value": fig.mean(), "ci_low": float(np.quantile(samples, 0.025)),
+               "ci_high": float(np.quantile(samples, 0.975))}
         if baseline is not None and name != baseline:
             base = figures[baseline]
-            deltas = samples - np.array([base.mean(w) for w in draws])
-            p = 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0)))
-            row.update(delta=fig.mean() - base.mean(), delta_ci_low=float(np.nanquantile(deltas, 0.025)),
-                       delta_ci_high=float(np.nanquantile(deltas, 0.975)), p=max(min(p, 1.0), 1.0 / resamples))
+            deltas = resampled_statistic(lambda w, fig=fig, base=base: fig.mean(w) - base.mean(w), n, resamples, seed)
+            summary = bootstrap_summary(fig.mean() - base.mean(), deltas)
+            row.update(delta=summary["delta"], delta_ci_low=summary["ci_low"], delta_ci_high=summary["ci_high"],
+                       p=summary["p"])
         out[name] = row
     return out
