@@ -17,6 +17,9 @@ from onerank.objectives.distillation import CrossDistillation, DistillationConfi
 
 
 REDUCTIONS = ("requests", "positives")
+# (bound, bound allowed) of the numeric options
+LOWER_BOUNDS = {"pointwise": (0.0, True), "listwise": (0.0, True), "temperature": (0.0, False),
+                "min_temperature": (0.0, False)}
 
 
 @dataclass
@@ -30,18 +33,18 @@ class ObjectiveConfig:
     listwise_reduction: str = "requests"
     learn_temperature: bool = False  # one learnt tau per binary task, stored as log tau, never below min_temperature
     min_temperature: float = 0.01
+    distillation: dict[str, Any] | None = None  # CrossDistil options (objectives/distillation.py); None: off
 
     def validate(self) -> None:
-        if self.temperature <= 0 or self.min_temperature <= 0:
-            raise ValueError(f"objective: temperature and min_temperature must be > 0, got {self.temperature} and "
-                             f"{self.min_temperature}")
+        """Ranges of the options (checked where a config is read and where an objective is built)."""
+        for key, (low, inclusive) in LOWER_BOUNDS.items():
+            value = getattr(self, key)
+            if not math.isfinite(value) or not (value >= low if inclusive else value > low):
+                raise ValueError(f"objective.{key} must be a finite number {'>=' if inclusive else '>'} {low}, "
+                                 f"got {value!r}")
         if self.listwise_reduction not in REDUCTIONS:
-            raise ValueError(f"objective: listwise_reduction must be one of {REDUCTIONS}, got "
+            raise ValueError(f"objective.listwise_reduction must be one of {REDUCTIONS}, got "
                              f"{self.listwise_reduction!r}")
-        if self.pointwise < 0 or self.listwise < 0:
-            raise ValueError(f"objective: the weights pointwise and listwise must be >= 0, got {self.pointwise} and "
-                             f"{self.listwise}")
-    distillation: dict[str, Any] | None = None  # CrossDistil options (objectives/distillation.py); None: off
 
     def __post_init__(self) -> None:
         if self.distillation is not None:

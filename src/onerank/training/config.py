@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +92,10 @@ class RunConfig:
         objective = raw.get("objective") or {}
         check_keys(ObjectiveConfig, objective, "objective")
         checked = typed(ObjectiveConfig, objective, "objective")
-        for key, (low, inclusive) in OBJECTIVE_LOWER_BOUNDS.items():
-            value = getattr(checked, key)
-            if key in objective and not (value >= low if inclusive else value > low) or not math.isfinite(value):
-                raise SchemaError(f"objective.{key} must be a finite number {'>=' if inclusive else '>'} {low}, "
-                                  f"got {objective[key]!r}")
+        try:
+            checked.validate()
+        except ValueError as exc:
+            raise SchemaError(str(exc)) from None
         raw["objective"] = {k: getattr(checked, k) for k in objective}
         return typed(cls, raw, "config")
 
@@ -114,6 +112,3 @@ def objective_config(config: "RunConfig", model_defaults: dict[str, Any]) -> Obj
     """The model's recommended objective, overridden by what the run sets explicitly."""
     return ObjectiveConfig(**{**model_defaults, **config.objective})
 
-
-# ObjectiveConfig lives with the losses; its ranges are checked here, where configs are read: (bound, bound allowed)
-OBJECTIVE_LOWER_BOUNDS = {"pointwise": (0.0, True), "listwise": (0.0, True), "temperature": (0.0, False)}
