@@ -11,7 +11,7 @@ every label against ``--reference``.
     python benchmarks/kuairand_probe.py runs/probe --analyse --reference mmoe
 
 RUN = LABEL:MODEL:LR:SEED[:KEY=VALUE,...]; a KEY is a model option, ``obj.NAME`` an objective option or ``train.NAME``
-a train option.
+a train option, ``data.NAME`` a dataset option (``null``: the loader's default).
 """
 
 from __future__ import annotations
@@ -34,14 +34,25 @@ SUITE = yaml.safe_load((ROOT / "benchmarks" / "suites" / "kuairand.yaml").read_t
 TASKS = ["click", "long_view", "like"]
 
 
-def parse_run(spec: str) -> tuple[str, str, float, int, dict, dict, dict]:
+def parse_run(spec: str) -> tuple[str, str, float, int, dict, dict, dict, dict]:
     label, model, lr, seed, *rest = spec.split(":")
-    options, objective, train = {}, {}, {}
+    options, objective, train, data = {}, {}, {}, {}
+    prefixes = {"obj": objective, "train": train, "data": data}
     for item in (rest[0].split(",") if rest else []):
         key, value = item.split("=", 1)
-        target = objective if key.startswith("obj.") else train if key.startswith("train.") else options
-        target[key.split(".", 1)[1] if target is not options else key] = yaml.safe_load(value)
-    return label, model, float(lr), int(seed), options, objective, train
+        prefix, _, name = key.partition(".")
+        target = prefixes.get(prefix) if name else None
+        if target is None:
+            target, name = options, key
+        target[name] = yaml.safe_load(value)
+    return label, model, float(lr), int(seed), options, objective, train, data
+
+
+def dataset_options(overrides: dict) -> dict:
+    """The suite's dataset options with ``data.NAME=VALUE`` overrides; ``data.NAME=null`` drops the suite's value
+    (the loader's default, e.g. all 11 training days)."""
+    options = {**SUITE["dataset_options"], **overrides}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def run(out: Path, specs: list[str], data_dir: str) -> None:
@@ -49,12 +60,12 @@ def run(out: Path, specs: list[str], data_dir: str) -> None:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for spec in specs:
-        label, model, lr, seed, options, objective, train = parse_run(spec)
+        label, model, lr, seed, options, objective, train, data = parse_run(spec)
         key = f"{label}_lr={lr}_seed={seed}"
         if key in results:
             continue
         settings = {"progress": False, "tensorboard": False, **SUITE["train"], "lr": lr, "seed": seed, **train}
-        config = RunConfig(dataset="kuairand", data_dir=data_dir, dataset_options=dict(SUITE["dataset_options"]),
+        config = RunConfig(dataset="kuairand", data_dir=data_dir, dataset_options=dataset_options(data),
                            model=model, model_options=options, objective=objective, train=TrainConfig(**settings))
         start = time.time()
         record, predictions = execute_run(config)
