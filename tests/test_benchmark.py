@@ -16,7 +16,7 @@ import pytest
 from onerank import __version__ as ONERANK_VERSION
 from onerank import cli
 from onerank.benchmarking import file_sha256, load_suite
-from onerank.benchmarking.runner import SuiteRunner
+from onerank.benchmarking.runner import SuiteRunner, run_key
 from onerank.benchmarking.stats import _SortedAUC, paired_bootstrap_auc, paired_bootstrap_gauc, paired_t
 from onerank.data.schema import SchemaError
 from onerank.metrics.ranking import auc, gauc
@@ -71,6 +71,9 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
         assert (out / png).stat().st_size > 0 and f"({png})" in report
     assert (out / "report.md").read_text().strip() == report.strip()
     assert "| **onerank** |" in report and "bootstrap p" in report and "seesaw" in report
+    # timings are published by default (timings: true), and no per-model grid is announced without model_tuning
+    assert "| train samples/s | infer cand./s |" in report and "timings: not published" not in report
+    assert "not a cost measurement" not in report and "per-model grids" not in report
     assert "| *oracle (true probabilities)* |" in report and "Gap to the oracle on `click`" in report
     # one epoch at most: every run's best epoch is its last, and the report says so for every model
     assert report.count("Not converged") == 2 and "onerank[cross_task=none] (2 of 2 seeds)" in report
@@ -210,6 +213,7 @@ def test_an_ablation_can_change_the_objective_of_any_model(tmp_path):
     takes its tuned values from its own model's row and is compared with that row."""
     (tmp_path / "kd.yaml").write_text(
         "name: kd\ndataset: synthetic\nmodels: [mmoe, onerank]\nobjective: {pointwise: 1.0}\n"
+        "tuning: {lr: [0.001, 0.003]}\n"
         "ablations:\n  - {label: mmoe+kd, model: mmoe, objective: {distillation: {pairs: ['order<-cart']}}}\n"
         "  - {options: {cross_task: none}}\n"
     )
@@ -224,7 +228,7 @@ def test_an_ablation_can_change_the_objective_of_any_model(tmp_path):
         for m, lr, score in (("mmoe", 0.001, 0.6), ("mmoe", 0.003, 0.7),
                              ("onerank", 0.001, 0.7), ("onerank", 0.003, 0.6))
     ]
-    runner._tune([{"lr": 0.001}, {"lr": 0.003}])
+    runner._tune()
     tuning = runner.results["tuning"]["None"]
     assert tuning["mmoe+kd"] == {"chosen": {"lr": 0.003}, "grid": [], "from": "mmoe"}
     assert tuning["onerank[cross_task=none]"]["chosen"] == {"lr": 0.001}
@@ -257,3 +261,178 @@ def test_onerank_attention_benchmark_writes_its_rows(tmp_path):
     for key in ("peak_mb", "reference_peak_mb"):
         assert row[key] > 0 if can_reset_peak else math.isnan(row[key]), key
     assert row["ratio"] == pytest.approx(row["reference_ms"] / row["structured_ms"], rel=0.02)
+
+
+# ---- per-model tuning grids (model_tuning) and unpublished timings (timings: false) ---------------------------------
+GRID_SUITE = """name: grid
+dataset: synthetic
+models: [mmoe, onerank]
+model_options:
+  onerank: {dim: 8, num_layers: 1, num_heads: 1}
+tuning: {lr: [0.001, 0.003]}
+model_tuning:
+  onerank: {dim: [8, 16], num_layers: [1, 2]}
+  mmoe: {weight_decay: [0.0, 0.0001]}
+ablations:
+  - {options: {num_layers: 0, cross_task: none}}
+seeds: 3
+"""
+
+
+def test_model_tuning_gives_each_model_its_own_grid_and_applies_the_chosen_point(tmp_path):
+    """A model's grid is the suite's times its own; a key that is a TrainConfig field is a trainer setting, any other
+    a model option; the chosen point reaches the model's seeds and its ablations (whose own options win)."""
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE)
+    suite = load_suite("grid", tmp_path)
+    runner = SuiteRunner(suite, tmp_path / "out")
+    mmoe, onerank, ablation = suite.models
+    assert len(suite.grid(mmoe)) == 2 * 2 and len(suite.grid(onerank)) == 2 * 2 * 2
+    assert suite.grid(onerank)[0] == {"dim": 8, "lr": 0.001, "num_layers": 1}
+    # the ablation sets num_layers itself: its points are onerank's without it, 4 distinct ones
+    assert suite.grid(ablation) == [{"dim": d, "lr": lr} for d in (8, 16) for lr in (0.001, 0.003)]
+    # per variant: mmoe 4 points + 2 more seeds, onerank 8 + 2, the ablation 3 seeds
+    assert runner.total_runs() == (4 + 2) + (8 + 2) + 3
+    keys = {runner._spec(*job)["key"] for job in runner._all_jobs()}
+    assert len(keys) == len(runner._all_jobs())  # unique
+    assert "v=None|onerank|dim=16,lr=0.003,num_layers=2|seed=0" in keys
+    assert "v=None|mmoe|lr=0.001,weight_decay=0.0001|seed=2" in keys
+
+    # the split: weight_decay goes to the trainer, dim and num_layers to the model
+    config = runner.run_config(mmoe, None, {"lr": 0.003, "weight_decay": 0.0001}, 1)
+    assert config.train.weight_decay == 0.0001 and config.train.lr == 0.003 and config.model_options == {}
+    config = runner.run_config(onerank, None, {"dim": 16, "lr": 0.003, "num_layers": 2}, 1)
+    assert config.model_options == {"dim": 16, "num_layers": 2, "num_heads": 1} and config.train.lr == 0.003
+
+    scores = {(8, 1): 0.60, (8, 2): 0.62, (16, 1): 0.70, (16, 2): 0.65}  # onerank best at dim 16, 1 layer, lr 3e-3
+    runner.results["runs"] = [
+        {"key": run_key(None, "onerank", hp, 0), "label": "onerank", "hparams": hp,
+         "valid_monitor": scores[hp["dim"], hp["num_layers"]] + (0.01 if hp["lr"] == 0.003 else 0.0)}
+        for hp in suite.grid(onerank)
+    ] + [{"key": run_key(None, "mmoe", hp, 0), "label": "mmoe", "hparams": hp,
+          "valid_monitor": 0.6 + hp["weight_decay"]} for hp in suite.grid(mmoe)]
+    jobs = runner._tune()
+    tuning = runner.results["tuning"]["None"]
+    assert tuning["onerank"]["chosen"] == {"dim": 16, "lr": 0.003, "num_layers": 1}
+    assert tuning["mmoe"]["chosen"] == {"lr": 0.001, "weight_decay": 0.0001}
+    assert len(tuning["onerank"]["grid"]) == 8
+    assert tuning["onerank[num_layers=0,cross_task=none]"] == {"chosen": {"dim": 16, "lr": 0.003}, "grid": [],
+                                                                "from": "onerank"}
+    seed_runs = {(e.label, seed): runner.run_config(e, v, hp, seed) for e, v, hp, seed in jobs}
+    assert seed_runs["onerank", 2].model_options == {"dim": 16, "num_layers": 1, "num_heads": 1}
+    assert seed_runs["onerank", 2].train.lr == 0.003 and seed_runs["onerank", 2].train.seed == 2
+    # the ablation: onerank's chosen dim and lr, its own num_layers and cross_task
+    ablated = seed_runs["onerank[num_layers=0,cross_task=none]", 1]
+    assert ablated.model_options == {"dim": 16, "num_layers": 0, "num_heads": 1, "cross_task": "none"}
+    assert ablated.train.lr == 0.003
+    assert seed_runs["mmoe", 1].train.weight_decay == 0.0001
+
+
+def test_run_keys_and_totals_of_the_published_suites_are_unchanged(tmp_path):
+    """Every run of a published results.json is one the current runner would ask for, under the same key and with
+    the same model options, so that ``--resume`` and ``--report-only`` keep finding them."""
+    for name in PUBLISHED:
+        runner = SuiteRunner(load_suite(name), tmp_path / name)
+        specs = {}
+        for job in runner._all_jobs():
+            spec = runner._spec(*job)
+            specs[spec["key"]] = spec
+        runs = json.loads((RESULTS / name / "results.json").read_text())["runs"]
+        assert [r["key"] for r in runs if r["key"] not in specs] == [], name
+        assert all(specs[r["key"]]["options"] == r["options"] for r in runs), name
+        assert runner.total_runs() >= len(runs), name
+
+
+def test_model_tuning_and_timings_errors_name_the_suite_the_model_and_the_key(tmp_path):
+    head = "name: bad\ndataset: synthetic\nmodels: [mmoe, onerank]\ntuning: {lr: [0.001]}\n"
+    bad = tmp_path / "bad.yaml"
+    for body, message in (
+        ("model_tuning: {onerank: {dmi: [8, 16]}}", r"bad\.yaml: model_tuning\.onerank\.dmi is neither an option of "
+                                                    r"model 'onerank'"),
+        ("model_tuning: {dtrn: {dim: [8]}}", r"bad\.yaml: model_tuning names 'dtrn', which is not in the suite's "
+                                             r"models"),
+        ("model_tuning: {'onerank[cross_task=none]': {dim: [8]}}\nablations: [{options: {cross_task: none}}]",
+         "an ablation is not tuned"),
+        ("model_tuning: {onerank: {lr: [0.01]}}", r"model_tuning\.onerank\.lr is already on the suite-wide grid"),
+        ("model_tuning: {onerank: {dim: [-8]}}", r"model_tuning\.onerank\.dim = -8: .*must not be negative"),
+        ("model_tuning: {onerank: {dim: 8}}", r"model_tuning\.onerank\.dim must be a non-empty list"),
+        ("model_tuning: {onerank: {dim: [8, 8]}}", "repeats a value"),
+        ("model_tuning: {mmoe: {seed: [0, 1]}}", r"model_tuning\.mmoe\.seed cannot be tuned"),
+        ("model_tuning: {mmoe: {patience: [abc]}}", r"model_tuning\.mmoe\.patience = 'abc'"),
+        ("model_tuning: {onerank: {dim: [8, 16]}}\nablations: [{label: x, model: mmoe, options: {num_experts: 2}}]",
+         None),  # an mmoe ablation compared with the mmoe row: fine
+        ("models: [single_task, onerank]\nmodel_tuning: {onerank: {dim: [8, 16]}}\n"
+         "ablations: [{label: x, model: mmoe, options: {num_experts: 2}}]",
+         r"ablation 'x' of model 'mmoe' takes its tuned values from 'onerank'.*\['dim'\]"),
+        ("timings: no-thanks", "timings must be true or false"),
+        ("ablations: [{options: {cross_tsk: none}}]", r"onerank\[cross_tsk=none\]: model 'onerank' has no option"),
+    ):
+        text = head + body + "\n"
+        if body.startswith("models:"):
+            text = text.replace("models: [mmoe, onerank]\n", "")
+        bad.write_text(text)
+        if message is None:
+            load_suite("bad", tmp_path)
+            continue
+        with pytest.raises(SchemaError, match=message) as caught:
+            load_suite("bad", tmp_path)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_suite_with_model_tuning_and_no_timings_runs_reports_and_resumes(tmp_path):
+    """End to end on tiny synthetic data: OneRank tuned over two widths, the chosen width reaching its seeds and its
+    ablation, the report showing the grid and leaving out the throughputs."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "tiny.yaml").write_text(
+        "name: tiny\ndataset: synthetic\n"
+        "dataset_options: {num_users: 80, num_items: 40, candidates_per_request: 6, history_len: 4, "
+        "history_requests: 2.0}\n"
+        "models: [single_task, onerank]\n"
+        "model_options:\n  onerank: {dim: 8, num_layers: 1, num_heads: 1, item_mlp_hidden: [8]}\n"
+        "model_tuning:\n  onerank: {dim: [4, 8]}\n"
+        "ablations:\n  - {options: {cross_task: none}}\n"
+        "seeds: 2\ntrain: {epochs: 1, batch_size: 256, patience: 1, threads: 1, device: cpu, lr: 0.01}\n"
+        "timings: false\nbootstrap: 20\n"
+    )
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["benchmark", "--suite", "tiny", "--suites-dir", str(suites), "--out", str(out), "--work-dir", str(work),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["key"]: r for r in results["runs"]}
+    # single_task: 1 point + 1 more seed; onerank: 2 widths + 1 more seed; the ablation: 2 seeds
+    assert len(runs) == 2 + 3 + 2 and not [r for r in runs.values() if r.get("error")]
+    assert {"v=None|single_task||seed=0", "v=None|single_task||seed=1", "v=None|onerank|dim=4|seed=0",
+            "v=None|onerank|dim=8|seed=0"} <= set(runs)
+    # the width is really applied: the wider model has more parameters
+    assert runs["v=None|onerank|dim=4|seed=0"]["params"] < runs["v=None|onerank|dim=8|seed=0"]["params"]
+    chosen = results["tuning"]["None"]["onerank"]["chosen"]
+    assert set(chosen) == {"dim"}
+    dim = chosen["dim"]
+    seed1 = runs[f"v=None|onerank|dim={dim}|seed=1"]
+    assert seed1["options"]["dim"] == dim and seed1["params"] == runs[f"v=None|onerank|dim={dim}|seed=0"]["params"]
+    for seed in (0, 1):
+        ablated = runs[f"v=None|onerank[cross_task=none]|dim={dim}|seed={seed}"]
+        assert ablated["options"] == {"dim": dim, "num_layers": 1, "num_heads": 1, "item_mlp_hidden": [8],
+                                      "cross_task": "none"}
+    block = results["summary"]["None"]
+    assert block["models"]["onerank"]["seeds"] == 2 and block["models"]["onerank"]["hparams"] == {"dim": dim}
+
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert "params" in header and "FLOPs/sample" in header
+    assert "samples/s" not in header and "cand./s" not in header
+    assert "* timings: not published for this suite" in report and "`benchmarks/throughput.py`" in report
+    assert "not a cost measurement" in next(line for line in report.splitlines() if line.startswith("* wall time"))
+    assert "* per-model grids, each times the tuning grid above" in report
+    assert "onerank {'dim': [4, 8]} (2 points)" in report
+    assert f"Chosen on validation: single_task {{}}, onerank {{'dim': {dim}}}" in report
+    tuning_rows = report.split("Tuning of onerank")[1].split("\n\n")[1].splitlines()
+    assert tuning_rows[0].startswith("| dim | validation monitor (seed 0) |") and len(tuning_rows) == 2 + 2
+    chosen_rows = [row for row in tuning_rows if row.endswith("| chosen |")]
+    assert len(chosen_rows) == 1 and chosen_rows[0].startswith(f"| {dim} |")
+
+    # resuming trains nothing: the keys are stable
+    before = results["runs"]
+    assert cli.main(args + ["--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == before

@@ -225,9 +225,11 @@ def _name(label: str, entry: dict, seeds: int, proposed: str) -> str:
     return name if entry.get("seeds", seeds) >= seeds or "tasks" not in entry else f"{name} (n = {entry['seeds']} seeds)"
 
 
-def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool = False) -> list[str]:
+def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool = False,
+               timings: bool = True) -> list[str]:
     """Mean ± std over seeds of each task's test AUC and GAUC; the best mean per column in bold; last, where the
-    dataset knows its true probabilities, the oracle's row."""
+    dataset knows its true probabilities, the oracle's row. ``timings=False`` leaves out the two throughput columns
+    (parameters and FLOPs per sample do not depend on the machine's load, so they stay)."""
     models, tasks = block["models"], block["tasks"]
     labels = [m for m, e in models.items() if include_ablations or not e["ablation"]]
     metrics = [(t, m) for t in tasks for m in ("auc", "gauc")
@@ -237,7 +239,7 @@ def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool =
         vals = [models[l]["tasks"][t][m]["mean"] for l in labels if "tasks" in models[l]]
         best[(t, m)] = max(v for v in vals if not math.isnan(v))
     header = ["model"] + [f"{t} {m.upper()}" for t, m in metrics] + [
-        "params", "FLOPs/sample", "train samples/s", "infer cand./s", "epochs (best)"]
+        "params", "FLOPs/sample", *(["train samples/s", "infer cand./s"] if timings else []), "epochs (best)"]
     rows = []
     for l in labels:
         e = models[l]
@@ -251,14 +253,26 @@ def main_table(block: dict, proposed: str, seeds: int, include_ablations: bool =
             s = e["tasks"][t][m]
             cell = _fmt(s["mean"], s["std"])
             row.append(f"**{cell}**" if s["mean"] == best[(t, m)] else cell)
-        row += [_num(e["params"]), _num(e["flops_per_sample"]), _num(e["train_samples_per_s"]),
-                _num(e["infer_candidates_per_s"]), f"{e['epochs']:.1f} ({e['best_epoch']:.1f})"]
+        row += [_num(e["params"]), _num(e["flops_per_sample"]),
+                *([_num(e["train_samples_per_s"]), _num(e["infer_candidates_per_s"])] if timings else []),
+                f"{e['epochs']:.1f} ({e['best_epoch']:.1f})"]
         rows.append(row)
     oracle = block.get("oracle")
     if oracle:
         rows.append(["*oracle (true probabilities)*"] + [_fmt(oracle[t].get(m, float("nan"))) for t, m in metrics]
-                    + [""] * 5)
+                    + [""] * (len(header) - 1 - len(metrics)))
     return _table(header, rows)
+
+
+def tuning_table(tuning: dict[str, Any]) -> list[str]:
+    """One model's grid (``results["tuning"][variant][label]``): each point's values and its seed-0 validation
+    monitor, the chosen point marked."""
+    grid = tuning.get("grid") or []
+    keys = list(dict.fromkeys(k for point in grid for k in point["hparams"]))
+    rows = [[str(point["hparams"].get(k, "")) for k in keys]
+            + [_fmt(point["valid_monitor"] if point["valid_monitor"] is not None else float("nan")),
+               "chosen" if point["hparams"] == tuning.get("chosen") else ""] for point in grid]
+    return _table(keys + ["validation monitor (seed 0)", ""], rows) if rows else []
 
 
 def oracle_gap_table(block: dict, proposed: str, seeds: int) -> list[str]:
@@ -416,17 +430,31 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
         f"* command: `{results.get('command')}`",
         f"* seeds: {results['seeds']}; tuning grid (seed 0, validation monitor): "
         f"{suite.tuning or 'none'}; shared trainer settings: {suite.train}",
-        f"* wall time: {results.get('wall_seconds', 0) / 60:.1f} min on {results['machine']['cpu_count']} CPU cores "
-        f"(torch {results['machine']['torch']}, {results['machine']['cuda'] or 'no GPU'})",
-        code_line(results),
-        "",
     ]
+    if suite.model_tuning:
+        entries = {e.label: e for e in suite.models}
+        grids = [f"{label} {axes} ({len(suite.grid(entries[label]))} points)"
+                 for label, axes in suite.model_tuning.items()]
+        out.append("* per-model grids, each times the tuning grid above (a TrainConfig field is a trainer setting, any "
+                   "other key a model option): " + "; ".join(grids))
+    wall = (f"* wall time: {results.get('wall_seconds', 0) / 60:.1f} min on {results['machine']['cpu_count']} CPU cores "
+            f"(torch {results['machine']['torch']}, {results['machine']['cuda'] or 'no GPU'})")
+    if not suite.timings:
+        wall += "; not a cost measurement: the runs shared the machine with other jobs"
+        out.append("* timings: not published for this suite (no train samples/s, no inference candidates/s): its runs "
+                   "shared the machine with other jobs, so they would measure the load, not the models; for cost see "
+                   "`benchmarks/throughput.py` (docs/scaling.md). Parameters and FLOPs/sample do not depend on the load.")
+    out += [wall, code_line(results), ""]
     for variant, block in results["summary"].items():
         title = f"{suite.variant_option} = {variant}" if suite.variant_option else "test split"
-        out += [f"#### {title}", "", *main_table(block, suite.proposed, results["seeds"]), ""]
+        out += [f"#### {title}", "", *main_table(block, suite.proposed, results["seeds"], timings=suite.timings), ""]
         out += [*convergence_lines(block), ""]
         chosen = {m: e["hparams"] for m, e in block["models"].items() if not e["ablation"]}
         out += ["Chosen on validation: " + ", ".join(f"{m} {h}" for m, h in chosen.items()), ""]
+        for label in [m for m in chosen if m in suite.model_tuning]:
+            grid = tuning_table(results["tuning"].get(variant, {}).get(label, {}))
+            if grid:
+                out += [f"Tuning of {label} (its grid times the suite's; seed 0, validation):", "", *grid, ""]
         sig = significance_table(block, suite.proposed)
         if sig:
             out += [f"{suite.proposed} against the best baseline per task (by mean test AUC):", "", *sig, ""]
@@ -441,7 +469,7 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
             out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]
         ab = ablation_table(block, suite.proposed, results["seeds"])
         if ab:
-            out += ["Ablations, each at its base row's chosen learning rate; in brackets the difference from the base "
+            out += ["Ablations, each at its base row's chosen tuning point (its own options win); in brackets the difference from the base "
                     "(mean over seeds) and the p of the paired bootstrap over test users (* p < 0.05, ** p < 0.01):",
                     "", *ab, ""]
         gap = oracle_gap_table(block, suite.proposed, results["seeds"])

@@ -1,16 +1,16 @@
 """Run a suite: tune each model on validation with seed 0, train every seed at the chosen values, test once.
 
 Every model of a suite sees the same dataset object (same features, splits and test impressions), the same trainer
-settings and the same tuning grid. Each finished run is appended to ``OUT/results.json`` at once and its test
-predictions are kept in ``WORK/predictions/`` (not part of the published results), so an interrupted suite resumes
-with ``resume=True`` and the paired tests can be recomputed.
+settings and the same tuning grid (times its own grid where the suite gives it one in ``model_tuning``). Each
+finished run is appended to ``OUT/results.json`` at once and its test predictions are kept in ``WORK/predictions/``
+(not part of the published results), so an interrupted suite resumes with ``resume=True`` and the paired tests can be
+recomputed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -24,7 +24,7 @@ import torch
 
 from onerank import api
 from onerank.benchmarking.report import summarize
-from onerank.benchmarking.suite import ModelEntry, Suite, ablation_base
+from onerank.benchmarking.suite import ModelEntry, Suite, ablation_base, ablation_point, split_point
 from onerank.data.batching import Batch
 from onerank.data.dataset import EncodedDataset
 from onerank.metrics.ranking import evaluate_predictions
@@ -91,6 +91,9 @@ def _duration(seconds: float) -> str:
 
 
 def run_key(variant: Any, label: str, hparams: dict[str, Any], seed: int) -> str:
+    """``v=VARIANT|LABEL|K=V,...|seed=S`` with the tuning point's keys sorted, trainer settings and model options
+    alike (e.g. ``v=None|onerank|dim=64,lr=0.001,num_layers=2|seed=1``): readable, and stable across versions, so
+    that a results.json resumes."""
     hp = ",".join(f"{k}={v}" for k, v in sorted(hparams.items()))
     return f"v={variant}|{label}|{hp}|seed={seed}"
 
@@ -154,7 +157,7 @@ def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
 
 class SuiteRunner:
     """Phase 1: every model's tuning runs (seed 0, each grid point). Phase 2: the other seeds at each model's chosen
-    values (ablations at the proposed model's). Runs of a phase are independent, so ``workers`` > 1 runs them in
+    point (an ablation at its base row's). Runs of a phase are independent, so ``workers`` > 1 runs them in
     parallel processes (one torch thread each, as the suites set ``threads: 1``)."""
 
     def __init__(
@@ -264,11 +267,9 @@ class SuiteRunner:
         self._report_progress(spec, fields)
 
     def total_runs(self) -> int:
-        """Runs of the whole suite: per variant, each tuned model's grid at seed 0 and its other seeds at the chosen
+        """Runs of the whole suite: per variant, each tuned model's own grid at seed 0 and its other seeds at the chosen
         point, and every seed of each ablation."""
-        tuned = sum(not e.ablation for e in self.entries)
-        ablations = len(self.entries) - tuned
-        per_variant = tuned * (len(self._grid()) + self.seeds - 1) + ablations * self.seeds
+        per_variant = sum(self.seeds if e.ablation else len(self.suite.grid(e)) + self.seeds - 1 for e in self.entries)
         return len(self.suite.variant_values) * per_variant
 
     def _report_progress(self, spec: dict, fields: dict) -> None:
@@ -288,31 +289,35 @@ class SuiteRunner:
         options = dict(suite.dataset_options)
         if suite.variant_option is not None:
             options[suite.variant_option] = variant
-        train = TrainConfig(**{"progress": False, "tensorboard": False, **suite.train, **hparams})
+        settings, tuned_options = split_point(hparams)
+        train = TrainConfig(**{"progress": False, "tensorboard": False, **suite.train, **settings})
         train.seed = seed
         train.gradient_diagnostics = suite.gradient_diagnostics
         if self.device:
             train.device = self.device
         return RunConfig(
             dataset=suite.dataset, data_dir=suite.data_dir, dataset_options=options, model=entry.model,
-            model_options=dict(entry.options), objective={**suite.objective, **entry.objective}, train=train,
+            # an ablation's own options win over the tuned ones of its base row: they are what it changes
+            model_options={**entry.options, **tuned_options, **entry.changed},
+            objective={**suite.objective, **entry.objective}, train=train,
             cache_dir=self.cache_dir,
         )
 
     def _all_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """Every run the suite can ask for given the tuning already done in ``previous``: each grid point of each
         seed (the chosen points are among them): a kept run is one the current suite would train identically."""
-        return [(e, v, hp, seed) for v in self.suite.variant_values for e in self.entries for hp in self._grid()
+        return [(e, v, hp, seed) for v in self.suite.variant_values for e in self.entries for hp in self.suite.grid(e)
                 for seed in range(self.seeds)]
 
     def _spec(self, entry: ModelEntry, variant: Any, hparams: dict, seed: int) -> dict[str, Any]:
-        config = self.run_config(entry, variant, hparams, seed).to_dict()
+        run = self.run_config(entry, variant, hparams, seed)
+        config = run.to_dict()
         for machine_only in ("cache_dir",):
             config.pop(machine_only, None)
         fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         return {
             "key": run_key(variant, entry.label, hparams, seed), "variant": variant, "label": entry.label,
-            "model": entry.model, "options": entry.options, "ablation": entry.ablation, "hparams": hparams,
+            "model": entry.model, "options": run.model_options, "ablation": entry.ablation, "hparams": hparams,
             "seed": seed, **({"objective": entry.objective} if entry.objective else {}),
             "git_commit": self.code["git_commit"], "config_sha256": fingerprint,
         }
@@ -336,10 +341,6 @@ class SuiteRunner:
             for future in cf.as_completed(futures):
                 self._record(futures[future], *future.result())
 
-    def _grid(self) -> list[dict[str, Any]]:
-        keys = sorted(self.suite.tuning)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.suite.tuning[k] for k in keys))]
-
     def _choose(self, variant: Any, entry: ModelEntry, grid: list[dict]) -> dict[str, Any]:
         runs = [self._done(run_key(variant, entry.label, hp, 0)) for hp in grid]
         ok = [r for r in runs if r and not r.get("error") and not np.isnan(r.get("valid_monitor", float("nan")))]
@@ -348,21 +349,23 @@ class SuiteRunner:
         sign = -1.0 if self.suite.train.get("monitor", "auc") in LOWER_IS_BETTER else 1.0
         return max(ok, key=lambda r: sign * r["valid_monitor"])["hparams"]
 
-    def _tune(self, grid: list[dict]) -> list[tuple[ModelEntry, Any, dict, int]]:
+    def _tune(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """Fill ``results["tuning"]`` from the seed-0 runs done so far; the seed runs at the chosen values."""
         jobs = []
         for variant in self.suite.variant_values:
             tuning = self.results["tuning"].setdefault(str(variant), {})
             for entry in [e for e in self.entries if not e.ablation]:
+                grid = self.suite.grid(entry)
                 tuning[entry.label] = {
                     "chosen": self._choose(variant, entry, grid),
                     "grid": [{"hparams": hp, "valid_monitor": (self._done(run_key(variant, entry.label, hp, 0))
                                                                or {}).get("valid_monitor")} for hp in grid],
                 }
             for entry in self.entries:
-                if entry.ablation:  # at its base model's chosen values, so that the two differ only by the ablation
+                if entry.ablation:  # at its base row's chosen point, so that the two differ only by the ablation
                     base = ablation_base(self.suite, entry)
-                    chosen = tuning.get(base, {}).get("chosen", grid[0])
+                    chosen = (ablation_point(entry, tuning[base]["chosen"]) if base in tuning
+                              else self.suite.grid(entry)[0])
                     tuning[entry.label] = {"chosen": chosen, "grid": [], "from": base}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
         # seed by seed over every variant and model: a suite cut short has every model at fewer seeds, not the last
@@ -370,18 +373,17 @@ class SuiteRunner:
         return sorted(jobs, key=lambda job: job[3])
 
     def run(self) -> dict[str, Any]:
-        grid = self._grid()
         for variant in self.suite.variant_values:
             # build each variant's cache here, once: workers building the same cache at once would race
             api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
         tuned = [e for e in self.entries if not e.ablation]
-        self._execute([(e, v, hp, 0) for v in self.suite.variant_values for e in tuned for hp in grid])
-        self._execute(self._tune(grid))
+        self._execute([(e, v, hp, 0) for v in self.suite.variant_values for e in tuned for hp in self.suite.grid(e)])
+        self._execute(self._tune())
         return self.finalize()
 
     def finalize(self) -> dict[str, Any]:
         """Tables' numbers and paired tests from the runs done so far (also on a partial, resumed suite)."""
-        self._tune(self._grid())
+        self._tune()
         labels = {}
         for variant in self.suite.variant_values:
             dataset = api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
