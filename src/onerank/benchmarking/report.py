@@ -433,7 +433,8 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
     ]
     if suite.model_tuning:
         entries = {e.label: e for e in suite.models}
-        grids = [f"{label} {axes} ({len(suite.grid(entries[label]))} points)"
+        sizes = {label: len(suite.grid(entries[label])) for label in suite.model_tuning}
+        grids = [f"{label} {axes} ({sizes[label]} point{'s' if sizes[label] > 1 else ''})"
                  for label, axes in suite.model_tuning.items()]
         out.append("* per-model grids, each times the tuning grid above (a TrainConfig field is a trainer setting, any "
                    "other key a model option): " + "; ".join(grids))
