@@ -1,7 +1,7 @@
 """Single runs on the KuaiRand suite's protocol, seed by seed, and their comparison with a reference model.
 
-The probes of docs/onerank.md section 7 (issue 12): each RUN trains one model with the protocol of
-benchmarks/suites/kuairand.yaml (its dataset options and train settings) through the suite runner's ``execute_run``,
+The probes of docs/onerank.md section 7 (issue 12): each RUN trains one model with the short protocol of the
+first KuaiRand suite (3 training days, histories of 10, 2 epochs; ``--full``: the full-budget suite's settings) through the suite runner's ``execute_run``,
 keeps the test predictions, and records the metrics in OUT/results.json (a run already there is skipped, so the
 command resumes). ``--analyse`` prints mean +- std over seeds per label and the paired bootstrap over test users of
 every label against ``--reference``.
@@ -30,7 +30,12 @@ from onerank.benchmarking.stats import paired_bootstrap_auc
 from onerank.training.config import RunConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = yaml.safe_load((ROOT / "benchmarks" / "suites" / "kuairand.yaml").read_text())
+# The short protocol of the first KuaiRand suite (2026-11-25), on which the issue-12 probes ran: 3 training days,
+# histories of 10, 2 epochs, patience 1. ``--full`` takes the full-budget suite's (benchmarks/suites/kuairand.yaml).
+SHORT = {"dataset_options": {"train_dates": "20220503-20220505", "history_len": 10},
+         "train": {"epochs": 2, "batch_size": 1024, "patience": 1, "threads": 1, "device": "cpu"}}
+FULL = yaml.safe_load((ROOT / "benchmarks" / "suites" / "kuairand.yaml").read_text())
+SUITE = SHORT
 TASKS = ["click", "long_view", "like"]
 
 
@@ -119,7 +124,11 @@ def main() -> None:
     parser.add_argument("--analyse", action="store_true")
     parser.add_argument("--reference", default="mmoe", help="label the others are compared with (--analyse)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "kuairand-pure"))
+    parser.add_argument("--full", action="store_true", help="the full-budget suite's data and trainer settings "
+                        "(11 training days, histories of 50, up to 6 epochs, patience 2) instead of the short protocol")
     args = parser.parse_args()
+    global SUITE
+    SUITE = FULL if args.full else SHORT
     if args.runs:
         run(args.out, args.runs, args.data_dir)
     if args.analyse:

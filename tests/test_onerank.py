@@ -85,10 +85,22 @@ def take_rows(batch: Batch, rows: torch.Tensor, request: torch.Tensor | None) ->
                  cut(batch.label_mask), batch.user[rows], request=request)
 
 
-def model_for(space: FeatureSpace, seed: int = 0, **options) -> OneRank:
+def model_for(space: FeatureSpace, seed: int = 0, open_gates: bool = True, **options) -> OneRank:
+    """A small OneRank; ``open_gates``: the cross-task layer's gates set away from their start at 0 (as after
+    training), so that the layer reads across tasks and the tests of its flows have something to see."""
     torch.manual_seed(seed)
     options = {"dim": 16, "num_layers": 2, "num_heads": 2, "ffn_multiplier": 2, "item_mlp_hidden": (16,), **options}
-    return build_model("onerank", space, options).eval()
+    model = build_model("onerank", space, options).eval()
+    if open_gates and model.cross_task is not None:
+        opened(model.cross_task)
+    return model
+
+
+def opened(layer: CrossTaskAttention) -> CrossTaskAttention:
+    if layer.gates is not None:
+        with torch.no_grad():
+            layer.gates.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    return layer
 
 
 def losses_of(model: OneRank, batch: Batch) -> dict[str, torch.Tensor]:
@@ -333,7 +345,7 @@ def test_cross_task_forward_flow_follows_the_mask(space, visibility):
         z = model.cross_task(h)
         for j in range(3):
             moved_h = h.clone()
-            moved_h[:, j] += 1.0
+            moved_h[:, j] += torch.randn(16, generator=torch.Generator().manual_seed(j))  # (LN ignores a shift)
             moved = (model.cross_task(moved_h) - z).abs().amax(dim=(0, 2)) > 1e-6
             assert torch.equal(moved, allowed[:, j]), (j, moved, allowed[:, j])
         # the model: changing task j's request vector (through its SD projection f_j) moves task k's scores likewise
@@ -364,13 +376,14 @@ def test_cascade_mask_follows_the_schema_order_and_rejects_a_blind_diagonal():
         OneRankConfig(cross_task_matrix=((1,),)).task_visibility(2)
 
 
-def test_detachment_acts_on_the_inputs_not_on_the_cross_task_layers_weights():
+@pytest.mark.parametrize("block", ["gated", "post_norm", "pre_norm"])
+def test_detachment_acts_on_the_inputs_not_on_the_cross_task_layers_weights(block):
     """With and without detachment the layer computes the same z, and its query / key / value projection weights get
     the same gradient (a weight's gradient reads the detached input's value, not its gradient): detachment stops
     only the path back into the other tasks' h_j."""
     torch.manual_seed(0)
-    config = OneRankConfig(dim=8, num_heads=2)
-    layer = CrossTaskAttention(config, torch.ones(3, 3, dtype=torch.bool))
+    config = OneRankConfig(dim=8, num_heads=2, cross_task_block=block)
+    layer = opened(CrossTaskAttention(config, torch.ones(3, 3, dtype=torch.bool)))
     h = torch.randn(4, 3, 8)
     weight = torch.randn(3, 8)
     outputs, grads = [], []
@@ -382,15 +395,17 @@ def test_detachment_acts_on_the_inputs_not_on_the_cross_task_layers_weights():
         outputs.append(z.detach())
         grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
     assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
-    for name in ("attention.key_value.weight", "attention.key_value.bias", "attention.query.weight"):
+    for name in ("attention.key_value.weight", "attention.key_value.bias", "attention.query.weight", "norm.weight",
+                 *(("gates",) if block == "gated" else ())):
         assert grads[0][name].abs().max() > 0
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
-def test_without_detachment_the_layer_passes_gradients_across_tasks():
-    config = OneRankConfig(dim=8, num_heads=2, detach_cross_task=True)
+@pytest.mark.parametrize("block", ["gated", "post_norm", "pre_norm"])
+def test_without_detachment_the_layer_passes_gradients_across_tasks(block):
+    config = OneRankConfig(dim=8, num_heads=2, detach_cross_task=True, cross_task_block=block)
     visibility = config.task_visibility(3)
-    layer = CrossTaskAttention(config, visibility)
+    layer = opened(CrossTaskAttention(config, visibility))
     h = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(8)  # (a plain sum of a LayerNorm output has zero gradient)
     (grad,) = torch.autograd.grad((layer(h)[:, 0] * weight).sum(), h)
@@ -398,6 +413,23 @@ def test_without_detachment_the_layer_passes_gradients_across_tasks():
     layer.detach = False
     (grad,) = torch.autograd.grad((layer(h)[:, 0] * weight).sum(), h)
     assert grad[:, 1:].abs().max() > 0
+
+
+def test_the_gated_cross_task_layer_starts_as_the_identity_and_learns_its_gates():
+    """Gates at 0: z = h exactly (the model starts as with ``cross_task: none``), yet every task's loss reaches the
+    gates, so the layer can open where reading across tasks helps; post_norm is the spec's form (not the identity)."""
+    torch.manual_seed(0)
+    config = OneRankConfig(dim=8, num_heads=2)
+    layer = CrossTaskAttention(config, config.task_visibility(3))
+    h = torch.randn(4, 3, 8)
+    assert torch.equal(layer(h), h)
+    for k in range(3):
+        (grad,) = torch.autograd.grad((layer(h)[:, k] * torch.randn(8)).sum(), layer.gates)
+        assert grad.abs().max() > 0
+    post = CrossTaskAttention(OneRankConfig(dim=8, num_heads=2, cross_task_block="post_norm"), config.task_visibility(3))
+    assert not torch.allclose(post(h), h, atol=1e-3)
+    with pytest.raises(SchemaError, match="cross_task_block"):
+        OneRankConfig(cross_task_block="sideways").validate(make_space())
 
 
 def test_task_parameter_prefixes_name_each_tasks_private_parameters(space):

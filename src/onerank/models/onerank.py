@@ -62,6 +62,11 @@ class OneRankConfig:
     cross_task: str = "auto"
     cross_task_matrix: tuple[tuple[bool, ...], ...] | None = None  # explicit K x K [reader][read]; overrides cross_task
     detach_cross_task: bool = True  # task k reads h_j (j != k) through h_j.detach()
+    # How the cross-task layer adds to h. "gated": z = h + g_a * Attn(LN(h)), z = z + g_f * FFN(LN(z)) with per-channel
+    # gates g starting at 0, so the layer starts as the identity (z = h) and learns how much to read across tasks;
+    # "post_norm": the spec's z = LN(h + Attn(h)), z = LN(z + FFN(z)); "pre_norm": the gated form with gates fixed at 1.
+    # "gated" is the default: post_norm cost OneRank up to 0.03 AUC (docs/onerank.md section 3).
+    cross_task_block: str = "gated"
 
     def validate(self, space: FeatureSpace) -> None:
         choices = {
@@ -73,6 +78,7 @@ class OneRankConfig:
             "contextualization": ("sd", "random_sd", "mean_pool", "off"),
             "sd_representation": ("pooled", "mlp"),
             "cross_task": ("auto", "full", "cascade", "parallel", "none"),
+            "cross_task_block": ("gated", "post_norm", "pre_norm"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -414,29 +420,36 @@ class TaskChannel(nn.Module):
 
 
 class CrossTaskAttention(nn.Module):
-    """One attention layer over the K task vectors under a K x K visibility mask, then z = LN(h + attn),
-    z = LN(z + FFN(z)). With detachment, task k's query reads task j != k through keys and values built from
-    h_j.detach(): information flows forward across tasks, gradients do not flow back into task j."""
+    """One attention layer over the K task vectors under a K x K visibility mask, then a feed-forward layer, added to
+    h as ``cross_task_block`` says (gated residuals by default, the spec's post-norm form as an option). With
+    detachment, task k's query reads task j != k through keys and values built from h_j.detach(): information flows
+    forward across tasks, gradients do not flow back into task j."""
 
     def __init__(self, config: OneRankConfig, visibility: Tensor) -> None:
         super().__init__()
         d = config.dim
         self.detach = config.detach_cross_task
+        self.block = config.cross_task_block
         self.attention = MultiHeadAttention(d, config.num_heads)
         self.register_buffer("visibility", visibility, persistent=False)
         self.norm = nn.LayerNorm(d)
         self.ffn = FeedForward(d, config.ffn_multiplier * d, config.dropout)
         self.ffn_norm = nn.LayerNorm(d)
+        # g_a, g_f of the gated block: 0 at the start, so z = h until the tasks' losses find reading across useful
+        self.gates = nn.Parameter(torch.zeros(2, d)) if self.block == "gated" else None
 
-    def forward(self, h: Tensor) -> Tensor:
-        """h [R, K, d] -> z [R, K, d]"""
+    def read_across(self, h: Tensor, normalize: bool) -> Tensor:
+        """The masked attention over the task vectors h [R, K, d] (LN(h) with ``normalize``): [R, K, d]. With
+        detachment the other tasks' keys and values are built from h.detach(), so only the path back into h_j is
+        cut: the layer's own weights (projections, LN) get the same gradient either way."""
         att = self.attention
-        query = att.queries(h) * att.head_dim**-0.5  # [R, H, K, dh]
-        key, value = att.keys_values(h)
+        x = self.norm(h) if normalize else h
+        query = att.queries(x) * att.head_dim**-0.5  # [R, H, K, dh]
+        key, value = att.keys_values(x)
         if self.detach:
             # keys[r, h, k, j]: task k's own key keeps its gradient, the others' are detached: [R, H, K, K, dh]
-            own = torch.eye(h.shape[1], dtype=torch.bool, device=h.device)[:, :, None]
-            frozen_key, frozen_value = att.keys_values(h.detach())
+            own = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)[:, :, None]
+            frozen_key, frozen_value = att.keys_values(self.norm(h.detach()) if normalize else h.detach())
             key = torch.where(own, key[:, :, None], frozen_key[:, :, None])
             value = torch.where(own, value[:, :, None], frozen_value[:, :, None])
             scores = torch.einsum("rhqd,rhqkd->rhqk", query, key)
@@ -444,8 +457,19 @@ class CrossTaskAttention(nn.Module):
             scores = query @ key.transpose(-1, -2)
         probs = torch.softmax(scores.masked_fill(~self.visibility, float("-inf")), dim=-1)
         out = torch.einsum("rhqk,rhqkd->rhqd", probs, value) if self.detach else probs @ value
-        z = self.norm(h + att.out(att.merge_heads(out)))
-        return self.ffn_norm(z + self.ffn(z))
+        return att.out(att.merge_heads(out))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [R, K, d] -> z [R, K, d]"""
+        if self.block == "post_norm":
+            z = self.norm(h + self.read_across(h, normalize=False))
+            return self.ffn_norm(z + self.ffn(z))
+        attended, gate_f = self.read_across(h, normalize=True), None
+        if self.gates is not None:
+            attended, gate_f = self.gates[0] * attended, self.gates[1]
+        z = h + attended
+        fed = self.ffn(self.ffn_norm(z))
+        return z + (fed if gate_f is None else gate_f * fed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
