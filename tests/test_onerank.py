@@ -15,7 +15,7 @@ import torch
 
 from onerank import api
 from onerank.data import CategoricalField, DenseField, RawDataset, RawSplit, Schema, SequenceField, TaskSpec
-from onerank.data.batching import Batch
+from onerank.data.batching import Batch, tensor_splits
 from onerank.data.dataset import encode_dataset
 from onerank.data.schema import SchemaError
 from onerank.features.space import FeatureSpace
@@ -535,6 +535,25 @@ def test_trains_end_to_end_through_the_api_and_its_loss_decreases(tiny_dataset, 
     pool = split.gather(torch.arange(5), request=torch.zeros(5, dtype=torch.long))
     with torch.no_grad():
         assert torch.allclose(model.score_pool(pool, chunk_size=2)["buy"], model(pool)["buy"], atol=1e-5)
+
+
+def test_a_checkpoint_from_before_the_gated_cross_task_layer_still_loads(tiny_dataset, tmp_path):
+    """Checkpoints written before ``cross_task_block`` existed hold the post-norm layer and no such option: they load
+    as post_norm and score as saved; a checkpoint that names its block keeps it."""
+    config = RunConfig.from_yaml(CONFIGS / "onerank_tiny.yaml")
+    config.dataset = tiny_dataset.name
+    config.model_options = {**config.model_options, "cross_task_block": "post_norm"}
+    config.train = TrainConfig(epochs=1, batch_size=64, progress=False, tensorboard=False, seed=1)
+    api.train(config, out_dir=tmp_path, dataset=tiny_dataset)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["meta"]["model_config"].pop("cross_task_block") == "post_norm"
+    torch.save(state, tmp_path / "old.pt")
+    old, _ = api.load_checkpoint(tmp_path / "old.pt")
+    saved, _ = api.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert old.config.cross_task_block == saved.config.cross_task_block == "post_norm"
+    pool = tensor_splits(tiny_dataset)["test"].gather(torch.arange(5), request=torch.zeros(5, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.equal(old(pool)["buy"], saved(pool)["buy"])
 
 
 def test_the_benchmark_config_builds(space):

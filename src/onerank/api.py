@@ -17,7 +17,7 @@ from onerank.data.dataset import EncodedDataset
 from onerank.data.registry import load_dataset
 from onerank.features.space import FeatureSpace
 from onerank.fusion.fit import FuseSettings
-from onerank.models.base import MultiTaskModel, build_config, build_model
+from onerank.models.base import MultiTaskModel, build_config, build_model, model_class
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
 from onerank.training import checkpoint as ckpt
@@ -225,7 +225,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, dict]:
     meta = state["meta"]
     try:
         space = FeatureSpace.from_dict(meta["space"])
-        model = build_model(meta["model"], space, meta["model_config"])
+        model = build_model(meta["model"], space, model_class(meta["model"]).saved_options(meta["model_config"]))
     except (KeyError, SchemaError) as exc:
         raise ckpt.CheckpointError(f"{path}: cannot rebuild its model {meta['model']!r} ({exc}); it was written by "
                                    f"onerank {state.get('onerank_version', '< 0.1.0')}: retrain or use that version")

@@ -36,6 +36,12 @@ class MultiTaskModel(nn.Module, abc.ABC):
     # settings override it. E.g. OneRank: point-wise plus list-wise loss.
     objective_defaults: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def saved_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of a model saved by an earlier release, as this release reads them: an option added since
+        then with a new default takes the value that release built (override where a default changed)."""
+        return dict(options)
+
     def __init__(self, space: FeatureSpace, config: Any) -> None:
         super().__init__()
         self.space = space
