@@ -97,9 +97,10 @@ def model_for(space: FeatureSpace, seed: int = 0, open_gates: bool = True, **opt
 
 
 def opened(layer: CrossTaskAttention) -> CrossTaskAttention:
-    if layer.gates is not None:
-        with torch.no_grad():
-            layer.gates.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    for seed, gate in enumerate((layer.attention_gate, layer.ffn_gate)):
+        if gate is not None:
+            with torch.no_grad():
+                gate.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
     return layer
 
 
@@ -396,7 +397,7 @@ def test_detachment_acts_on_the_inputs_not_on_the_cross_task_layers_weights(bloc
         grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
     assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
     for name in ("attention.key_value.weight", "attention.key_value.bias", "attention.query.weight", "norm.weight",
-                 *(("gates",) if block == "gated" else ())):
+                 *(("attention_gate", "ffn_gate") if block == "gated" else ())):
         assert grads[0][name].abs().max() > 0
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
@@ -424,8 +425,8 @@ def test_the_gated_cross_task_layer_starts_as_the_identity_and_learns_its_gates(
     h = torch.randn(4, 3, 8)
     assert torch.equal(layer(h), h)
     for k in range(3):
-        (grad,) = torch.autograd.grad((layer(h)[:, k] * torch.randn(8)).sum(), layer.gates)
-        assert grad.abs().max() > 0
+        grads = torch.autograd.grad((layer(h)[:, k] * torch.randn(8)).sum(), [layer.attention_gate, layer.ffn_gate])
+        assert all(g.abs().max() > 0 for g in grads)
     post = CrossTaskAttention(OneRankConfig(dim=8, num_heads=2, cross_task_block="post_norm"), config.task_visibility(3))
     assert not torch.allclose(post(h), h, atol=1e-3)
     with pytest.raises(SchemaError, match="cross_task_block"):

@@ -435,8 +435,11 @@ class CrossTaskAttention(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.ffn = FeedForward(d, config.ffn_multiplier * d, config.dropout)
         self.ffn_norm = nn.LayerNorm(d)
-        # g_a, g_f of the gated block: 0 at the start, so z = h until the tasks' losses find reading across useful
-        self.gates = nn.Parameter(torch.zeros(2, d)) if self.block == "gated" else None
+        # g_a, g_f of the gated block, per channel: 0 at the start, so z = h until the tasks' losses find reading
+        # across useful (vectors, like norm gains: no weight decay)
+        gated = self.block == "gated"
+        self.attention_gate = nn.Parameter(torch.zeros(d)) if gated else None
+        self.ffn_gate = nn.Parameter(torch.zeros(d)) if gated else None
 
     def read_across(self, h: Tensor, normalize: bool) -> Tensor:
         """The masked attention over the task vectors h [R, K, d] (LN(h) with ``normalize``): [R, K, d]. With
@@ -464,12 +467,12 @@ class CrossTaskAttention(nn.Module):
         if self.block == "post_norm":
             z = self.norm(h + self.read_across(h, normalize=False))
             return self.ffn_norm(z + self.ffn(z))
-        attended, gate_f = self.read_across(h, normalize=True), None
-        if self.gates is not None:
-            attended, gate_f = self.gates[0] * attended, self.gates[1]
-        z = h + attended
+        # pre-norm residuals, scaled by the gates in the gated block
+        gated = self.attention_gate is not None
+        attended = self.read_across(h, normalize=True)
+        z = h + (self.attention_gate * attended if gated else attended)
         fed = self.ffn(self.ffn_norm(z))
-        return z + (fed if gate_f is None else gate_f * fed)
+        return z + (self.ffn_gate * fed if gated else fed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
