@@ -1,8 +1,8 @@
 """Single runs on the KuaiRand suite's protocol, seed by seed, and their comparison with a reference model.
 
 The probes of docs/onerank.md section 7 (issue 12): each RUN trains one model with the short protocol of the
-first KuaiRand suite (3 training days, histories of 10, 2 epochs; ``--full``: the full-budget suite's settings) through the suite runner's ``execute_run``,
-keeps the test predictions, and records the metrics in OUT/results.json (a run already there is skipped, so the
+first KuaiRand suite (3 training days, histories of 10, 2 epochs; ``--full``: the full-budget suite's settings)
+through the suite runner's ``execute_run``, keeps the test predictions, and records the metrics in OUT/results.json (a run already there is skipped, so the
 command resumes). ``--analyse`` prints mean +- std over seeds per label and the paired bootstrap over test users of
 every label against ``--reference``.
 
@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"dataset_options": {"train_dates": "20220503-20220505", "history_len": 10},
          "train": {"epochs": 2, "batch_size": 1024, "patience": 1, "threads": 1, "device": "cpu"}}
 FULL = yaml.safe_load((ROOT / "benchmarks" / "suites" / "kuairand.yaml").read_text())
-SUITE = SHORT
 TASKS = ["click", "long_view", "like"]
 
 
@@ -53,14 +52,14 @@ def parse_run(spec: str) -> tuple[str, str, float, int, dict, dict, dict, dict]:
     return label, model, float(lr), int(seed), options, objective, train, data
 
 
-def dataset_options(overrides: dict) -> dict:
-    """The suite's dataset options with ``data.NAME=VALUE`` overrides; ``data.NAME=null`` drops the suite's value
+def dataset_options(protocol: dict, overrides: dict) -> dict:
+    """The protocol's dataset options with ``data.NAME=VALUE`` overrides; ``data.NAME=null`` drops the suite's value
     (the loader's default, e.g. all 11 training days)."""
-    options = {**SUITE["dataset_options"], **overrides}
+    options = {**protocol["dataset_options"], **overrides}
     return {k: v for k, v in options.items() if v is not None}
 
 
-def run(out: Path, specs: list[str], data_dir: str) -> None:
+def run(out: Path, specs: list[str], data_dir: str, protocol: dict) -> None:
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -69,8 +68,8 @@ def run(out: Path, specs: list[str], data_dir: str) -> None:
         key = f"{label}_lr={lr}_seed={seed}"
         if key in results:
             continue
-        settings = {"progress": False, "tensorboard": False, **SUITE["train"], "lr": lr, "seed": seed, **train}
-        config = RunConfig(dataset="kuairand", data_dir=data_dir, dataset_options=dataset_options(data),
+        settings = {"progress": False, "tensorboard": False, **protocol["train"], "lr": lr, "seed": seed, **train}
+        config = RunConfig(dataset="kuairand", data_dir=data_dir, dataset_options=dataset_options(protocol, data),
                            model=model, model_options=options, objective=objective, train=TrainConfig(**settings))
         start = time.time()
         record, predictions = execute_run(config)
@@ -85,14 +84,14 @@ def run(out: Path, specs: list[str], data_dir: str) -> None:
         print(key, metrics, record.get("error"), f"{time.time() - start:.0f} s", flush=True)
 
 
-def analyse(out: Path, reference: str, data_dir: str) -> None:
+def analyse(out: Path, reference: str, data_dir: str, protocol: dict) -> None:
     results = json.loads((out / "results.json").read_text())
     groups: dict[str, list[tuple[int, str, dict]]] = {}
     for key, record in results.items():
         if not record.get("error"):
             groups.setdefault(record["label"], []).append((record["seed"], key, record))
     test = api.load_run_dataset(RunConfig(dataset="kuairand", data_dir=data_dir,
-                                          dataset_options=dict(SUITE["dataset_options"]))).split("test")
+                                          dataset_options=dict(protocol["dataset_options"]))).split("test")
     for label, runs in sorted(groups.items()):
         runs.sort(key=lambda r: r[0])
         print(f"{label}: seeds {[s for s, _, _ in runs]}")
@@ -127,12 +126,11 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the full-budget suite's data and trainer settings "
                         "(11 training days, histories of 50, up to 6 epochs, patience 2) instead of the short protocol")
     args = parser.parse_args()
-    global SUITE
-    SUITE = FULL if args.full else SHORT
+    protocol = FULL if args.full else SHORT
     if args.runs:
-        run(args.out, args.runs, args.data_dir)
+        run(args.out, args.runs, args.data_dir, protocol)
     if args.analyse:
-        analyse(args.out, args.reference, args.data_dir)
+        analyse(args.out, args.reference, args.data_dir, protocol)
 
 
 if __name__ == "__main__":
