@@ -21,8 +21,10 @@ from onerank.data.schema import SchemaError
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 from onerank.models.onerank import (
-    CrossTaskAttention, OneRank, OneRankConfig, context_mask, reference_encode, request_inputs,
+    CrossTaskAttention, OneRank, OneRankConfig, context_layout, context_mask, distinct_rows, reference_encode,
+    request_inputs,
 )
+from onerank.nn.transformer import SegmentedPrefix, attention_bias
 from onerank.objectives.losses import MultiTaskObjective, ObjectiveConfig
 from onerank.training.config import RunConfig, TrainConfig
 
@@ -186,6 +188,45 @@ def test_reference_mask_and_context_mask_follow_the_visibility_rules(space):
     assert torch.equal(allowed[sd][:, :], (context.valid[0][None, :] | torch.eye(U, dtype=torch.bool)[sd]))
 
 
+@pytest.mark.parametrize("anchors", [(), ("carted",)])
+def test_segmented_context_attention_equals_the_explicit_context_mask(space, anchors):
+    """The encoder's context attention (causal segments with their real tokens first, SD tokens over every real
+    token) against the explicit mask, for every set of queried tokens a layer asks for, with gradients."""
+    model = model_for(space, anchor_sequences=anchors)
+    batch = make_batch(space, [3, 2, 4], seed=11)
+    batch.histories["clicked"]["item_id"][batch.request == 1] = 0  # an empty history segment
+    context = model.tokenizer.context(request_inputs(batch))
+    layout = context_layout(context, torch.float32)
+    assert isinstance(layout, SegmentedPrefix)
+    for start in range(len(context.segment_lengths)):  # real tokens first inside every segment
+        first = sum(context.segment_lengths[:start])
+        real = context.valid[:, first:first + context.segment_lengths[start]].int()
+        assert (real[:, 1:] <= real[:, :-1]).all()
+    explicit = attention_bias(context_mask(context)).unsqueeze(1)
+    R, U = context.valid.shape
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(R, 2, U, 4, generator=g, requires_grad=True) for _ in range(3))
+    for first_query in (0, 3, L + 1, U - context.num_sd, U - 1):
+        got = layout.attend(query[:, :, first_query:], key, value, first_query)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, first_query:], key, value, attn_mask=explicit[:, :, first_query:])
+        real = context.valid[:, first_query:]  # padded slots' outputs are read by nobody
+        torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real])
+        grads = torch.autograd.grad((got.transpose(1, 2)[real]).sum(), (query, key, value))
+        expected = torch.autograd.grad((want.transpose(1, 2)[real]).sum(), (query, key, value))
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_distinct_rows_match_torch_unique_over_rows():
+    g = torch.Generator().manual_seed(0)
+    for shape, high in [((0, 3), 5), ((1, 1), 5), ((4000, 4), 6), ((3000, 1), 50), ((500, 3), 2**40)]:
+        rows = torch.randint(0, high, shape, generator=g)
+        distinct, inverse = distinct_rows(rows)
+        assert torch.equal(distinct[inverse], rows)
+        assert len(distinct) == len(torch.unique(rows, dim=0)) == len(torch.unique(distinct, dim=0))
+
+
 def test_history_tokens_never_attend_to_later_history_tokens(space):
     model = model_for(space)
     batch = make_batch(space, [3, 2], seed=3)
@@ -196,13 +237,16 @@ def test_history_tokens_never_attend_to_later_history_tokens(space):
     changed.histories["clicked"]["category"][rows, slot] = 7
     with torch.no_grad():
         # every context token's final state (the model's own path computes only the SD tokens' at the last layer)
-        before, after = (
-            model.encoder.context(model.tokenizer.context(request_inputs(b)))[0][0] for b in (batch, changed)
-        )
+        contexts = [model.tokenizer.context(request_inputs(b)) for b in (batch, changed)]
+        before, after = (model.encoder.context(context)[0][0] for context in contexts)
     moved = (before - after).abs().amax(-1) > 1e-6
-    # context layout: [clicked (L), carted (L), SD tokens]
-    assert not moved[:slot].any(), "an earlier history token saw a later one"
-    assert moved[slot:L].all()
+    # context layout: [clicked (L), carted (L), SD tokens], each segment's real tokens first, in their order
+    real = contexts[0].valid[0]
+    count = int(real[:L].sum())
+    assert real[:count].all() and not real[count:L].any()
+    changed_at = count - (L - slot)  # the changed item's place among the real tokens
+    assert not moved[:changed_at].any(), "an earlier history token saw a later one"
+    assert moved[changed_at:count].all()
     assert not moved[L:2 * L].any(), "another behaviour segment saw this one"
     assert moved[2 * L:].all(), "SD tokens see the whole history"
 

@@ -25,7 +25,9 @@ from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
 from onerank.models.base import MultiTaskModel, register_model
 from onerank.nn.mlp import MLP
-from onerank.nn.transformer import FeedForward, MultiHeadAttention, TransformerBlock, attention_bias
+from onerank.nn.transformer import (
+    FeedForward, MultiHeadAttention, SegmentedPrefix, TransformerBlock, attention_bias,
+)
 
 
 MANY_SD_FIELDS = 8  # sd_tokens: auto groups the SD fields of a dataset with more than this many
@@ -133,13 +135,32 @@ def request_inputs(batch: Batch) -> Batch:
     return Batch(pick(batch.categorical), pick(batch.dense), histories, {}, {}, batch.user[rows])
 
 
+def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows of an integer matrix [N, F] and each row's index among them: (distinct [M, F], inverse [N]),
+    ``distinct[inverse] == rows``. What ``torch.unique(rows, dim=0, return_inverse=True)`` returns (rows in another
+    order), but through one-dimensional sorts: on the CPU ``unique`` over rows compares them one by one and took a
+    third of a OneRank training step on KuaiRand. Each column is folded into a running key (a dense id below N times
+    the column's range plus the code), so no key can overflow."""
+    key = rows[:, 0]
+    for column in rows.unbind(1)[1:]:
+        _, dense = torch.unique(key, return_inverse=True)
+        key = dense * (int(column.max()) + 1 if column.numel() else 1) + column
+    _, inverse = torch.unique(key, return_inverse=True)
+    first = torch.empty(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=torch.long, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(len(rows), device=rows.device))  # any occurrence: identical rows
+    return rows[first], inverse
+
+
 class ContextTokens(NamedTuple):
-    """A request's context: ``[history segments, anchor groups, SD tokens]``, the SD tokens last."""
+    """A request's context: ``[history segments, anchor groups, SD tokens]``, the SD tokens last. Inside each segment
+    the real tokens come first, in their order, then the padding: attention is causal inside a segment, so a real
+    token then never has a padded slot before it and the segments need no per-request mask (``context_layout``)."""
 
     tokens: Tensor  # [R, U, d]
     valid: Tensor  # [R, U] bool: False on empty history / anchor slots
     blocks: Tensor  # [U] segment of each history / anchor token (causal inside it); -1 for SD tokens
     num_sd: int
+    segment_lengths: tuple[int, ...] = ()  # tokens per history / anchor segment, in order
 
 
 class Tokenizer(nn.Module):
@@ -202,7 +223,7 @@ class Tokenizer(nn.Module):
         fields = self.space.item_fields
         stacked = [torch.stack([codes[f] for f in fields], dim=-1) for codes in sequences]
         flat = torch.cat([s.reshape(-1, len(fields)) for s in stacked])
-        distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        distinct, inverse = distinct_rows(flat)
         tokens = self.items({f: distinct[:, j] for j, f in enumerate(fields)})[inverse]
         return [t.view(*s.shape[:-1], -1) for s, t in zip(stacked, tokens.split([s[..., 0].numel() for s in stacked]))]
 
@@ -235,13 +256,20 @@ class Tokenizer(nn.Module):
                 tokens.append(torch.cat([bos[:, None], items + self.anchor_position(recency), eos[:, None]], 1))
                 edge = present.new_ones(requests.size, 1)
                 present = torch.cat([edge, present, edge], 1)
+            # real tokens first, in their order, then the padding (histories come left-padded): see ContextTokens.
+            # Each token's new place from running counts (no sort: exporters know scatter, not a stable sort).
+            real = present.long()
+            place = torch.where(present, real.cumsum(1), real.sum(1, keepdim=True) + (1 - real).cumsum(1)) - 1
+            tokens[-1] = torch.zeros_like(tokens[-1]).scatter(1, place[..., None].expand_as(tokens[-1]), tokens[-1])
+            present = torch.zeros_like(present).scatter(1, place, present)
             valid.append(present)
             blocks.append(torch.full((present.shape[1],), segment, device=present.device))
         sd = self.situational(requests)
         tokens.append(sd)
         valid.append(torch.ones(sd.shape[:2], dtype=torch.bool, device=sd.device))
         blocks.append(torch.full((sd.shape[1],), -1, device=sd.device))
-        return ContextTokens(torch.cat(tokens, 1), torch.cat(valid, 1), torch.cat(blocks), sd.shape[1])
+        lengths = tuple(len(b) for b in blocks[:-1])
+        return ContextTokens(torch.cat(tokens, 1), torch.cat(valid, 1), torch.cat(blocks), sd.shape[1], lengths)
 
     def candidates(self, batch: Batch) -> Tensor:
         """[B, d] one token per impression; no position embedding (no position-label shortcut)."""
@@ -272,6 +300,16 @@ def context_mask(context: ContextTokens) -> Tensor:
     structure = (blocks[:, None] == -1) | ((blocks[:, None] == blocks[None, :]) & earlier)
     diagonal = torch.eye(U, dtype=torch.bool, device=blocks.device)
     return (structure & context.valid[:, None, :]) | diagonal
+
+
+def context_layout(context: ContextTokens, dtype: torch.dtype) -> SegmentedPrefix | Tensor:
+    """What the encoder's context self-attention runs on: the segments and the SD tokens' key bias
+    (``SegmentedPrefix``, which needs each segment's real tokens first: the tokenizer orders them so), or the explicit
+    additive mask [R, 1, U, U] of ``context_mask`` for context tokens built without segment lengths."""
+    U = context.tokens.shape[1]
+    if sum(context.segment_lengths) + context.num_sd != U:
+        return attention_bias(context_mask(context), dtype).unsqueeze(1)
+    return SegmentedPrefix(context.segment_lengths, attention_bias(context.valid, dtype)[:, None, None, :])
 
 
 def group_mask(size: int, device: torch.device | None = None) -> Tensor:
@@ -324,7 +362,7 @@ class Encoder(nn.Module):
         """(final states of the context tokens ``first_output:`` [R, U - first_output, d], per-layer keys / values):
         the last layer updates only the tokens whose final states are read (the SD tokens), all offer keys."""
         x, cache = context.tokens, []
-        mask = attention_bias(context_mask(context), x.dtype).unsqueeze(1)  # additive: built once, not per layer
+        mask = context_layout(context, x.dtype)  # built once, not per layer
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             x, kv = block.self_attend(x, mask, first_output if layer == last else 0)
@@ -347,7 +385,7 @@ class Encoder(nn.Module):
         R, N, S, d = groups.shape
         U = context.tokens.shape[1]
         x = torch.cat([context.tokens, groups.reshape(R, N * S, d)], dim=1)
-        mask = attention_bias(context_mask(context), x.dtype).unsqueeze(1)
+        mask = context_layout(context, x.dtype)
         bias = attention_bias(context.valid, x.dtype)
         last, cache = len(self.blocks) - 1, []
         for layer, block in enumerate(self.blocks):
@@ -625,11 +663,20 @@ class OneRank(MultiTaskModel):
             context, groups, _ = self.tokens(batch)
             return self.encode_tokens(context, groups)
         cache = self.encode_context(batch)
-        request = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)[present]
-        row_request = torch.empty_like(request).index_put_((slot[present],), request)  # request of each row
         candidates, template = self.tokenizer.candidates(batch)[:, None], self._shared_followers()
         inputs = candidates if template is not None else self._groups(candidates)
-        states = self.encoder.groups(inputs, template, cache.rows(row_request), self._first_output)  # [B, 1, S', d]
+        # Each request's first candidate reads its request's cache as it is; only the others get their request's
+        # keys / values copied (KuaiRand: 55 of 1,024 rows), not every candidate.
+        later = present.clone()
+        later[:, 0] = False
+        rows, firsts = slot[later], slot[:, 0]
+        request = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)[later]
+        states = torch.cat([
+            self.encoder.groups(inputs[firsts], template, cache, self._first_output),
+            self.encoder.groups(inputs[rows], template, cache.rows(request), self._first_output),
+        ])  # [B, 1, S', d] in the order (firsts, rows)
+        order = torch.cat([firsts, rows])
+        states = states[torch.empty_like(order).index_put_((order,), torch.arange(len(order), device=order.device))]
         return cache, self._task_states(states)[:, 0][slot]
 
     def encode_tokens(self, context: ContextTokens, groups: Tensor) -> tuple[ContextCache, Tensor]:
