@@ -341,22 +341,24 @@ class SegmentedPrefix:
     def attend(self, query: Tensor, key: Tensor, value: Tensor, first_query: int = 0) -> Tensor:
         """The queries of tokens ``first_query:`` [R, H, P - first_query, dh], keys / values of all P tokens
         [R, H, P, dh] -> their outputs [R, H, P - first_query, dh]."""
-        outputs, start = [], 0
-        for length in self.segment_lengths:
-            end = start + length
-            if end > first_query:  # a segment's first tokens may lie before first_query: computed, then dropped
-                span = slice(start, end)
-                rows = query[:, :, max(start - first_query, 0):end - first_query]
-                if start < first_query:
-                    rows = torch.cat([query.new_zeros(*rows.shape[:2], first_query - start, rows.shape[-1]), rows], 2)
-                out = F.scaled_dot_product_attention(rows, key[:, :, span], value[:, :, span], is_causal=True)
-                outputs.append(out[:, :, max(first_query - start, 0):])
-            start = end
-        first_global = max(first_query, start)
-        if first_global < key.shape[2]:
-            outputs.append(F.scaled_dot_product_attention(query[:, :, first_global - first_query:], key, value,
-                                                          attn_mask=self.key_bias.to(query.dtype)))
-        return torch.cat(outputs, dim=2) if outputs else query
+        P, first_global = key.shape[2], sum(self.segment_lengths)
+        if first_query >= first_global:  # only global tokens asked for (a last layer)
+            return self._attend_globally(query, key, value)
+        if first_query:  # a segment's first tokens lie before first_query: computed, then dropped (causal: exact)
+            query = torch.cat([query.new_zeros(*query.shape[:2], first_query, query.shape[-1]), query], dim=2)
+        # one split per tensor, not a slice per segment: its backward writes one gradient, not one per segment
+        sizes = [*self.segment_lengths, P - first_global]
+        queries, keys, values = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
+        outputs = [F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                   for q, k, v in zip(queries[:-1], keys[:-1], values[:-1])]
+        outputs.append(self._attend_globally(queries[-1], key, value))
+        return torch.cat(outputs, dim=2)[:, :, first_query:]
+
+    def _attend_globally(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Global tokens' queries -> their attention over every real prefix token."""
+        if query.shape[2] == 0:
+            return query
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=self.key_bias.to(query.dtype))
 
 
 def _prefix_attention(
