@@ -327,6 +327,54 @@ def test_model_tuning_gives_each_model_its_own_grid_and_applies_the_chosen_point
     assert seed_runs["mmoe", 1].train.weight_decay == 0.0001
 
 
+def test_coordinate_search_tunes_a_models_own_grid_first_then_the_suite_grid_at_its_choice(tmp_path, monkeypatch):
+    """tuning_search: coordinate. OneRank's own grid (dim x num_layers) runs at the suite's first lr; the lr grid then
+    runs at the chosen dim and num_layers; the choice is the best of every point run; a model without model_tuning
+    keeps the plain grid. The runner's phases ask for exactly those runs (training replaced by scores)."""
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE.replace("  mmoe: {weight_decay: [0.0, 0.0001]}\n", "")
+                                        .replace("models: [mmoe, onerank]", "models: [mmoe, onerank]\n"
+                                                 "tuning_search: coordinate"))
+    suite = load_suite("grid", tmp_path)
+    mmoe, onerank, ablation = suite.models
+    assert suite.first_stage(mmoe) == suite.grid(mmoe) == [{"lr": 0.001}, {"lr": 0.003}]
+    assert suite.first_stage(onerank) == [{"dim": d, "lr": 0.001, "num_layers": n} for d in (8, 16) for n in (1, 2)]
+    assert suite.second_stage(onerank, {"dim": 16, "lr": 0.001, "num_layers": 1}) == [
+        {"dim": 16, "lr": lr, "num_layers": 1} for lr in (0.001, 0.003)]
+    assert suite.second_stage(mmoe, {"lr": 0.001}) == []
+    assert suite.points_searched(onerank) == 4 + 2 - 1 and suite.points_searched(mmoe) == 2
+    runner = SuiteRunner(suite, tmp_path / "out")
+    # mmoe 2 points + 2 more seeds; onerank 5 points + 2 more seeds; the ablation 3 seeds
+    assert runner.total_runs() == (2 + 2) + (5 + 2) + 3
+
+    # onerank's validation score: best own values dim 16, 1 layer; at those, lr 3e-3 beats 1e-3; a point outside
+    # the search (dim 8, lr 3e-3) would score best of all: it must not be trained
+    scores = {(8, 1): 0.60, (8, 2): 0.62, (16, 1): 0.70, (16, 2): 0.65}
+    trained = []
+
+    def fake_run(config):
+        options, lr = config.model_options, config.train.lr
+        trained.append((config.model, options.get("dim"), options.get("num_layers"), lr, config.train.seed))
+        score = 0.6 if config.model == "mmoe" else scores.get((options["dim"], options["num_layers"]), 0.5) + (
+            (0.05 if options["dim"] == 16 else 0.5) if lr == 0.003 else 0.0)
+        return {"valid_monitor": score}, None
+
+    monkeypatch.setattr("onerank.benchmarking.runner.execute_run", fake_run)
+    monkeypatch.setattr("onerank.benchmarking.runner.api.load_run_dataset", lambda config: None)
+    monkeypatch.setattr(SuiteRunner, "finalize", lambda self: self._tune())
+    runner.run()
+    onerank_seed0 = [(d, n, lr) for model, d, n, lr, seed in trained if model == "onerank" and n and seed == 0]
+    assert sorted(onerank_seed0) == sorted([(8, 1, 0.001), (8, 2, 0.001), (16, 1, 0.001), (16, 2, 0.001),
+                                            (16, 1, 0.003)])
+    tuning = runner.results["tuning"]["None"]
+    assert tuning["onerank"]["chosen"] == {"dim": 16, "lr": 0.003, "num_layers": 1}
+    assert [p["hparams"] for p in tuning["onerank"]["grid"]][-1] == {"dim": 16, "lr": 0.003, "num_layers": 1}
+    assert len(tuning["onerank"]["grid"]) == 5 and all(p["valid_monitor"] for p in tuning["onerank"]["grid"])
+    assert sorted(seed for model, d, n, lr, seed in trained if (model, d, n, lr) == ("onerank", 16, 1, 0.003)) == \
+        [0, 1, 2]
+    assert len(trained) == runner.total_runs()
+    assert tuning["onerank[num_layers=0,cross_task=none]"]["chosen"] == {"dim": 16, "lr": 0.003}
+
+
 def test_run_keys_and_totals_of_the_published_suites_are_unchanged(tmp_path):
     """Every run of a published results.json is one the current runner would ask for, under the same key and with
     the same model options, so that ``--resume`` and ``--report-only`` keep finding them."""
@@ -364,6 +412,7 @@ def test_model_tuning_and_timings_errors_name_the_suite_the_model_and_the_key(tm
          "ablations: [{label: x, model: mmoe, options: {num_experts: 2}}]",
          r"ablation 'x' of model 'mmoe' takes its tuned values from 'onerank'.*\['dim'\]"),
         ("timings: no-thanks", "timings must be true or false"),
+        ("tuning_search: random", "tuning_search must be product or coordinate, got 'random'"),
         ("ablations: [{options: {cross_tsk: none}}]", r"onerank\[cross_tsk=none\]: model 'onerank' has no option"),
     ):
         text = head + body + "\n"

@@ -433,11 +433,14 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
     ]
     if suite.model_tuning:
         entries = {e.label: e for e in suite.models}
-        sizes = {label: len(suite.grid(entries[label])) for label in suite.model_tuning}
+        sizes = {label: suite.points_searched(entries[label]) for label in suite.model_tuning}
         grids = [f"{label} {axes} ({sizes[label]} point{'s' if sizes[label] > 1 else ''})"
                  for label, axes in suite.model_tuning.items()]
-        out.append("* per-model grids, each times the tuning grid above (a TrainConfig field is a trainer setting, any "
-                   "other key a model option): " + "; ".join(grids))
+        how = ("searched coordinate-wise: first the model's own grid at the first value of each axis of the tuning "
+               "grid above, then that grid at the chosen own values" if suite.tuning_search == "coordinate"
+               else "each times the tuning grid above")
+        out.append(f"* per-model grids, {how} (a TrainConfig field is a trainer setting, any other key a model "
+                   "option): " + "; ".join(grids))
     wall = (f"* wall time: {results.get('wall_seconds', 0) / 60:.1f} min on {results['machine']['cpu_count']} CPU cores "
             f"(torch {results['machine']['torch']}, {results['machine']['cuda'] or 'no GPU'})")
     if not suite.timings:
@@ -455,7 +458,8 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
         for label in [m for m in chosen if m in suite.model_tuning]:
             grid = tuning_table(results["tuning"].get(variant, {}).get(label, {}))
             if grid:
-                out += [f"Tuning of {label} (its grid times the suite's; seed 0, validation):", "", *grid, ""]
+                how = "coordinate search" if suite.tuning_search == "coordinate" else "its grid times the suite's"
+                out += [f"Tuning of {label} ({how}; seed 0, validation):", "", *grid, ""]
         sig = significance_table(block, suite.proposed)
         if sig:
             out += [f"{suite.proposed} against the best baseline per task (by mean test AUC):", "", *sig, ""]

@@ -156,8 +156,9 @@ def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
 
 
 class SuiteRunner:
-    """Phase 1: every model's tuning runs (seed 0, each grid point). Phase 2: the other seeds at each model's chosen
-    point (an ablation at its base row's). Runs of a phase are independent, so ``workers`` > 1 runs them in
+    """Phase 1: every model's tuning runs (seed 0, each grid point; with coordinate search the first stage, then the
+    second at the first stage's choice). Phase 2: the other seeds at each model's chosen point (an ablation at its
+    base row's). Runs of a phase are independent, so ``workers`` > 1 runs them in
     parallel processes (one torch thread each, as the suites set ``threads: 1``)."""
 
     def __init__(
@@ -269,7 +270,8 @@ class SuiteRunner:
     def total_runs(self) -> int:
         """Runs of the whole suite: per variant, each tuned model's own grid at seed 0 and its other seeds at the chosen
         point, and every seed of each ablation."""
-        per_variant = sum(self.seeds if e.ablation else len(self.suite.grid(e)) + self.seeds - 1 for e in self.entries)
+        per_variant = sum(self.seeds if e.ablation else self.suite.points_searched(e) + self.seeds - 1
+                          for e in self.entries)
         return len(self.suite.variant_values) * per_variant
 
     def _report_progress(self, spec: dict, fields: dict) -> None:
@@ -349,13 +351,20 @@ class SuiteRunner:
         sign = -1.0 if self.suite.train.get("monitor", "auc") in LOWER_IS_BETTER else 1.0
         return max(ok, key=lambda r: sign * r["valid_monitor"])["hparams"]
 
+    def _searched(self, variant: Any, entry: ModelEntry) -> list[dict[str, Any]]:
+        """The points a tuned model is chosen among: its first stage, then the second stage at the first stage's
+        choice (coordinate search; the shared point counted once)."""
+        first = self.suite.first_stage(entry)
+        second = self.suite.second_stage(entry, self._choose(variant, entry, first))
+        return first + [point for point in second if point not in first]
+
     def _tune(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """Fill ``results["tuning"]`` from the seed-0 runs done so far; the seed runs at the chosen values."""
         jobs = []
         for variant in self.suite.variant_values:
             tuning = self.results["tuning"].setdefault(str(variant), {})
             for entry in [e for e in self.entries if not e.ablation]:
-                grid = self.suite.grid(entry)
+                grid = self._searched(variant, entry)
                 tuning[entry.label] = {
                     "chosen": self._choose(variant, entry, grid),
                     "grid": [{"hparams": hp, "valid_monitor": (self._done(run_key(variant, entry.label, hp, 0))
@@ -377,7 +386,9 @@ class SuiteRunner:
             # build each variant's cache here, once: workers building the same cache at once would race
             api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
         tuned = [e for e in self.entries if not e.ablation]
-        self._execute([(e, v, hp, 0) for v in self.suite.variant_values for e in tuned for hp in self.suite.grid(e)])
+        variants = self.suite.variant_values
+        self._execute([(e, v, hp, 0) for v in variants for e in tuned for hp in self.suite.first_stage(e)])
+        self._execute([(e, v, hp, 0) for v in variants for e in tuned for hp in self._searched(v, e)])
         self._execute(self._tune())
         return self.finalize()
 

@@ -65,6 +65,9 @@ class Suite:
     tuning: dict[str, list[Any]] = field(default_factory=dict)  # TrainConfig field -> values, chosen with seed 0
     # model label -> {model option or TrainConfig field -> values}: that model's grid is the product with `tuning`
     model_tuning: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    # "product": a model with model_tuning runs every point of its grid; "coordinate": its own grid first (at the first
+    # value of each suite-wide axis), then the suite-wide grid at its chosen own values (fewer runs, no interactions)
+    tuning_search: str = "product"
     timings: bool = True  # False: the runs shared the machine, the report publishes no throughputs
     objective: dict[str, Any] = field(default_factory=dict)
     gradient_diagnostics: bool = False
@@ -89,6 +92,29 @@ class Suite:
             points = [ablation_point(entry, p) for p in (self.grid(base) if base else _product(self.tuning))]
             return [p for i, p in enumerate(points) if p not in points[:i]]
         return _product({**self.tuning, **self.model_tuning.get(entry.label, {})})
+
+    def _searches_by_coordinate(self, entry: ModelEntry) -> bool:
+        return self.tuning_search == "coordinate" and not entry.ablation and entry.label in self.model_tuning
+
+    def first_stage(self, entry: ModelEntry) -> list[dict[str, Any]]:
+        """The points trained before any choice: the whole ``grid``, or with coordinate search the model's own grid
+        at the first value of every suite-wide axis."""
+        if not self._searches_by_coordinate(entry):
+            return self.grid(entry)
+        return _product({**{k: values[:1] for k, values in self.tuning.items()}, **self.model_tuning[entry.label]})
+
+    def second_stage(self, entry: ModelEntry, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+        """With coordinate search, the suite-wide grid at the model's own values of ``chosen`` (the first stage's
+        choice, which is one of these points); nothing otherwise."""
+        if not self._searches_by_coordinate(entry):
+            return []
+        return _product({**self.tuning, **{k: [chosen[k]] for k in self.model_tuning[entry.label]}})
+
+    def points_searched(self, entry: ModelEntry) -> int:
+        """How many points a tuned model trains at seed 0."""
+        if not self._searches_by_coordinate(entry):
+            return len(self.grid(entry))
+        return len(self.first_stage(entry)) + len(_product(self.tuning)) - 1
 
 
 def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -132,7 +158,7 @@ def load_suite(name: str, suites_dir: str | Path = DEFAULT_SUITES_DIR) -> Suite:
 SUITE_KEYS = {
     "name", "description", "dataset", "data_dir", "dataset_options", "variants", "models", "model_options",
     "ablations", "proposed", "reference", "seeds", "train", "tuning", "model_tuning", "objective",
-    "gradient_diagnostics", "bootstrap", "timings",
+    "gradient_diagnostics", "bootstrap", "timings", "tuning_search",
 }
 
 
@@ -201,6 +227,8 @@ def parse_suite(raw: dict[str, Any], path: Path) -> Suite:
     for key, values in (raw.get("tuning") or {}).items():
         _check_axis(path, "tuning", key, values)
     model_tuning = _model_tuning(path, raw)
+    if raw.get("tuning_search", "product") not in ("product", "coordinate"):
+        raise SchemaError(f"{path}: tuning_search must be product or coordinate, got {raw['tuning_search']!r}")
     if not isinstance(raw.get("timings", True), bool):
         raise SchemaError(f"{path}: timings must be true or false, got {raw['timings']!r}")
 
@@ -270,6 +298,7 @@ def parse_suite(raw: dict[str, Any], path: Path) -> Suite:
         train=dict(raw.get("train") or {}),
         tuning={k: list(v) for k, v in (raw.get("tuning") or {}).items()},
         model_tuning=model_tuning,
+        tuning_search=raw.get("tuning_search", "product"),
         timings=raw.get("timings", True),
         objective=dict(raw.get("objective") or {}),
         gradient_diagnostics=bool(raw.get("gradient_diagnostics", False)),
