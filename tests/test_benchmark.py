@@ -485,3 +485,23 @@ def test_a_suite_with_model_tuning_and_no_timings_runs_reports_and_resumes(tmp_p
     before = results["runs"]
     assert cli.main(args + ["--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == before
+
+
+def test_kuairand_slices_partition_the_test_rows():
+    """benchmarks/kuairand_slices.py: the history-length slices and the video-frequency slices each cover every test
+    row exactly once, at the loader's history length."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kuairand_slices", ROOT / "benchmarks" / "kuairand_slices.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    for history_len in (1, 2, 10, 50):
+        lengths, shown = rng.integers(0, history_len + 1, 500), rng.integers(0, 120, 500)
+        masks = module.slices(history_len, lengths, shown)
+        by_history = [m for name, m in masks.items() if name.startswith("history")]
+        by_video = [m for name, m in masks.items() if name.startswith("video")]
+        assert (np.sum(by_history, axis=0) == 1).all() and (np.sum(by_video, axis=0) == 1).all(), history_len
+        assert masks[f"history {history_len}"].sum() == (lengths == history_len).sum()
+    assert list(masks)[-4:] == ["video unseen in training", "video shown 1-4x", "video shown 5-49x",
+                                "video shown 50+x"]
