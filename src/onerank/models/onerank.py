@@ -672,7 +672,8 @@ class OneRank(MultiTaskModel):
             self.encoder.groups(inputs[firsts], template, cache, self._first_output),
             self.encoder.groups(inputs[rows], template, cache.rows(request), self._first_output),
         ])  # [B, 1, S', d] in the order (firsts, rows)
-        states = states[torch.argsort(torch.cat([firsts, rows]))]  # back to row order
+        order = torch.cat([firsts, rows])
+        states = states[torch.empty_like(order).index_put_((order,), torch.arange(len(order), device=order.device))]
         return cache, self._task_states(states)[:, 0][slot]
 
     def encode_tokens(self, context: ContextTokens, groups: Tensor) -> tuple[ContextCache, Tensor]:
