@@ -160,7 +160,7 @@ class ContextTokens(NamedTuple):
     valid: Tensor  # [R, U] bool: False on empty history / anchor slots
     blocks: Tensor  # [U] segment of each history / anchor token (causal inside it); -1 for SD tokens
     num_sd: int
-    segment_lengths: tuple[int, ...]  # tokens per history / anchor segment, in order
+    segment_lengths: tuple[int, ...] = ()  # tokens per history / anchor segment, in order
 
 
 class Tokenizer(nn.Module):
@@ -302,10 +302,13 @@ def context_mask(context: ContextTokens) -> Tensor:
     return (structure & context.valid[:, None, :]) | diagonal
 
 
-def context_layout(context: ContextTokens, dtype: torch.dtype) -> SegmentedPrefix:
-    """What the encoder's context self-attention runs on: the segments and the SD tokens' key bias (``SegmentedPrefix``
-    needs each segment's real tokens first: the tokenizer orders them so); ``context_mask`` is the same rule as an
-    explicit mask, for the reference."""
+def context_layout(context: ContextTokens, dtype: torch.dtype) -> SegmentedPrefix | Tensor:
+    """What the encoder's context self-attention runs on: the segments and the SD tokens' key bias
+    (``SegmentedPrefix``, which needs each segment's real tokens first: the tokenizer orders them so), or the explicit
+    additive mask [R, 1, U, U] of ``context_mask`` for context tokens built without segment lengths."""
+    U = context.tokens.shape[1]
+    if sum(context.segment_lengths) + context.num_sd != U:
+        return attention_bias(context_mask(context), dtype).unsqueeze(1)
     return SegmentedPrefix(context.segment_lengths, attention_bias(context.valid, dtype)[:, None, None, :])
 
 
