@@ -6,6 +6,7 @@ history is causal; every ablation switch trains; the model trains end to end, al
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,19 @@ def test_distinct_rows_match_torch_unique_over_rows():
         distinct, inverse = distinct_rows(rows)
         assert torch.equal(distinct[inverse], rows)
         assert len(distinct) == len(torch.unique(rows, dim=0)) == len(torch.unique(distinct, dim=0))
+
+
+def test_distinct_rows_traced_follow_the_data_not_the_example():
+    # a traced graph (TorchScript, ONNX) must not bake in the example's code range or its count of distinct rows:
+    # served requests have larger codes and more distinct items than the export example
+    example = torch.tensor([[1, 2], [1, 2], [3, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(distinct_rows, (example,))
+    rows = torch.randint(0, 1000, (700, 2), generator=torch.Generator().manual_seed(1))
+    distinct, inverse = traced(rows)
+    assert torch.equal(distinct[inverse], rows)
+    assert len(distinct) == len(torch.unique(rows, dim=0))
 
 
 def test_history_tokens_never_attend_to_later_history_tokens(space):

@@ -140,14 +140,19 @@ def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     ``distinct[inverse] == rows``. What ``torch.unique(rows, dim=0, return_inverse=True)`` returns (rows in another
     order), but through one-dimensional sorts: on the CPU ``unique`` over rows compares them one by one and took a
     third of a OneRank training step on KuaiRand. Each column is folded into a running key (a dense id below N times
-    the column's range plus the code), so no key can overflow."""
+    the column's range plus the code), so no key can overflow.
+
+    Only tensor operations, no Python number read from the data: a traced or ONNX graph would bake such a number in
+    (the example's code range as the key's multiplier, so larger codes collide; the example's count of distinct rows
+    as a buffer size)."""
+    if rows.shape[0] == 0:
+        return rows, rows.new_zeros(0)
     key = rows[:, 0]
     for column in rows.unbind(1)[1:]:
         _, dense = torch.unique(key, return_inverse=True)
-        key = dense * (int(column.max()) + 1 if column.numel() else 1) + column
-    _, inverse = torch.unique(key, return_inverse=True)
-    first = torch.empty(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=torch.long, device=rows.device)
-    first.scatter_(0, inverse, torch.arange(len(rows), device=rows.device))  # any occurrence: identical rows
+        key = dense * (column.max() + 1) + column
+    keys, inverse = torch.unique(key, return_inverse=True)
+    first = torch.zeros_like(keys).scatter(0, inverse, torch.ones_like(inverse).cumsum(0) - 1)  # any occurrence
     return rows[first], inverse
 
 
@@ -160,7 +165,7 @@ class ContextTokens(NamedTuple):
     valid: Tensor  # [R, U] bool: False on empty history / anchor slots
     blocks: Tensor  # [U] segment of each history / anchor token (causal inside it); -1 for SD tokens
     num_sd: int
-    segment_lengths: tuple[int, ...] = ()  # tokens per history / anchor segment, in order
+    segment_lengths: tuple[int, ...]  # tokens per history / anchor segment, in order
 
 
 class Tokenizer(nn.Module):
@@ -302,13 +307,10 @@ def context_mask(context: ContextTokens) -> Tensor:
     return (structure & context.valid[:, None, :]) | diagonal
 
 
-def context_layout(context: ContextTokens, dtype: torch.dtype) -> SegmentedPrefix | Tensor:
-    """What the encoder's context self-attention runs on: the segments and the SD tokens' key bias
-    (``SegmentedPrefix``, which needs each segment's real tokens first: the tokenizer orders them so), or the explicit
-    additive mask [R, 1, U, U] of ``context_mask`` for context tokens built without segment lengths."""
-    U = context.tokens.shape[1]
-    if sum(context.segment_lengths) + context.num_sd != U:
-        return attention_bias(context_mask(context), dtype).unsqueeze(1)
+def context_layout(context: ContextTokens, dtype: torch.dtype) -> SegmentedPrefix:
+    """What the encoder's context self-attention runs on: the segments and the SD tokens' key bias (``SegmentedPrefix``
+    needs each segment's real tokens first: the tokenizer orders them so); ``context_mask`` is the same rule as an
+    explicit mask, for the reference."""
     return SegmentedPrefix(context.segment_lengths, attention_bias(context.valid, dtype)[:, None, None, :])
 
 
