@@ -375,6 +375,34 @@ def test_coordinate_search_tunes_a_models_own_grid_first_then_the_suite_grid_at_
     assert tuning["onerank[num_layers=0,cross_task=none]"]["chosen"] == {"dim": 16, "lr": 0.003}
 
 
+def test_a_suite_without_ablations_trains_every_tuned_run_and_the_ablations_come_later(tmp_path, monkeypatch):
+    """--no-ablations: the tuned models' grids and seeds, none of the ablations' runs; a later run with the
+    ablations (what --resume does) trains exactly the ablations' seeds, at the base row's chosen point."""
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE)
+    suite = load_suite("grid", tmp_path)
+    trained = []
+
+    def fake_run(config):
+        trained.append((config.model, tuple(sorted(config.model_options.items())), config.train.seed))
+        return {"valid_monitor": 0.6 + 0.01 * config.train.seed}, None
+
+    monkeypatch.setattr("onerank.benchmarking.runner.execute_run", fake_run)
+    monkeypatch.setattr("onerank.benchmarking.runner.api.load_run_dataset", lambda config: None)
+    monkeypatch.setattr(SuiteRunner, "finalize", lambda self: self._tune())
+    complete = SuiteRunner(suite, tmp_path / "all")
+    without = SuiteRunner(suite, tmp_path / "out", ablations=False)
+    assert without.total_runs() == complete.total_runs() - 3  # the ablation's 3 seeds
+    without.run()
+    assert len(trained) == without.total_runs()
+    assert not any(("cross_task", "none") in options for _, options, _ in trained)
+    later = SuiteRunner(suite, tmp_path / "out")
+    later.results["runs"] = without.results["runs"]
+    trained.clear()
+    later.run()
+    assert len(trained) == 3 and all(("cross_task", "none") in options for _, options, _ in trained)
+    assert len(later.results["runs"]) == complete.total_runs()
+
+
 def test_run_keys_and_totals_of_the_published_suites_are_unchanged(tmp_path):
     """Every run of a published results.json is one the current runner would ask for, under the same key and with
     the same model options, so that ``--resume`` and ``--report-only`` keep finding them."""

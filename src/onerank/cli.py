@@ -355,13 +355,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     flags = [("--seeds", args.seeds), ("--out", args.out), ("--models", args.models), ("--device", args.device),
              ("--workers", args.workers if args.workers != 1 else None)]
-    command = " ".join([f"onerank benchmark --suite {args.suite}"] + [f"{f} {v}" for f, v in flags if v is not None])
+    command = " ".join([f"onerank benchmark --suite {args.suite}"] + [f"{f} {v}" for f, v in flags if v is not None]
+                       + (["--no-ablations"] if args.no_ablations else []))
     result = run_benchmark(
         args.suite, out_dir=args.out, seeds=args.seeds, models=models, suites_dir=args.suites_dir,
         work_dir=args.work_dir, resume=args.resume, report_only=args.report_only, cache_dir=args.cache_dir,
         command=command, device=args.device, workers=args.workers,
         progress=lambda line: print(line, file=sys.stderr, flush=True), publish=args.publish,
         rerun=[m.strip() for m in args.rerun.split(",") if m.strip()] if args.rerun else None,
+        ablations=not args.no_ablations,
     )
     print(result["report"])
     return 0
@@ -476,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the suite's)")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, help="runs trained in parallel processes (default 1)")
+    p.add_argument("--no-ablations", action="store_true", help="train the tuned models only, not the suite's "
+                   "ablations (e.g. every model's seeds first on a small machine; a later --resume adds them)")
     p.add_argument("--rerun", metavar="MODELS", help="with --resume: train these models again (names or labels, "
                    "comma-separated; a model name takes its ablations too), e.g. after their code changed")
     p.add_argument("--publish", metavar="PAGE", help="also write the report into PAGE (e.g. BENCHMARKS.md) between "

@@ -175,6 +175,7 @@ class SuiteRunner:
         workers: int = 1,
         progress: Callable[[str], None] | None = None,
         rerun: list[str] | None = None,
+        ablations: bool = True,
     ) -> None:
         self.suite = suite
         self.rerun = set(rerun or [])  # model names or labels whose earlier runs are trained again (code changed)
@@ -183,7 +184,7 @@ class SuiteRunner:
         self.out_dir = Path(out_dir)
         self.work_dir = Path(work_dir) if work_dir else Path("runs/benchmark") / suite.name
         self.seeds = int(seeds if seeds is not None else suite.seeds)
-        self.entries = suite.entries(models)
+        self.entries = [e for e in suite.entries(models) if ablations or not e.ablation]
         self.cache_dir = cache_dir
         self.device = device
         self.workers = max(1, int(workers))
@@ -423,11 +424,13 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
     publish: str | Path | None = None,
     rerun: list[str] | None = None,
+    ablations: bool = True,
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
     ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown).
     ``publish``: a Markdown page (e.g. BENCHMARKS.md) whose block for this suite (``publish_section``) is replaced by
-    the report, with image links relative to the page."""
+    the report, with image links relative to the page. ``ablations=False`` trains the tuned models only (the
+    ablations' runs already done are kept and reported)."""
     from onerank.benchmarking.plots import make_plots
     from onerank.benchmarking.report import render_markdown
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
@@ -445,7 +448,7 @@ def run_benchmark(
         command, seeds = previous.get("command"), previous.get("seeds", seeds)
     runner = SuiteRunner(suite, out, work_dir=work_dir, seeds=seeds, models=models, resume=resume or report_only,
                          cache_dir=cache_dir, command=command, device=device, workers=workers, progress=progress,
-                         rerun=rerun)
+                         rerun=rerun, ablations=ablations)
     if report_only:  # re-rendering is not part of the suite's wall time
         runner.results["runs"], runner.predictions = [], {}
         runner._load_previous(without_predictions=True)
