@@ -1,10 +1,12 @@
-"""Where on the KuaiRand test split a model wins or loses: test AUC per slice, for the models of a finished (or
-partial) ``kuairand`` suite and any extra prediction files.
+"""Where on the KuaiRand test split a model wins or loses: test AUC and GAUC per slice, for the models of a finished
+(or partial) ``kuairand`` suite and any extra prediction files.
 
 Slices: the length of the user's first behaviour history at request time (KuaiRand: ``watched``; empty, short, ...,
 full at the loader's ``history_len``) and how often the candidate video was shown in the training days (unseen,
 rare, ..., popular). Each model is read at its chosen tuning point (``results.json``'s tuning, or the runs of seed 0
-when tuning is not finished), every seed whose test predictions are in the work folder, AUC averaged over seeds.
+when tuning is not finished), every seed whose test predictions are in the work folder, metrics averaged over
+seeds. AUC mixes two abilities: ranking users (who clicks more) and ranking one user's impressions (GAUC, the
+impression-weighted per-user AUC over users with both labels); the second table separates them.
 
     python benchmarks/kuairand_slices.py --results benchmarks/results/kuairand --work-dir runs/benchmark/kuairand \\
         --models stem,mmoe,onerank [--extra probe=runs/probe/predictions/gated_lr=0.001_seed=0.npz] [--json OUT]
@@ -21,9 +23,10 @@ import numpy as np
 from onerank import api
 from onerank.benchmarking import load_suite
 from onerank.benchmarking.runner import SuiteRunner, run_key
-from onerank.metrics.ranking import auc
+from onerank.metrics.ranking import auc, gauc
 
 TASKS = ("click", "long_view", "like")
+MIN_GAUC_ROWS = 500  # a GAUC over a few dozen users is noise (the empty-history slice holds 45 test rows)
 
 
 def slices(history_len: int, lengths: np.ndarray, shown: np.ndarray) -> dict[str, np.ndarray]:
@@ -84,19 +87,23 @@ def main() -> int:
     masks = slices(history.shape[1], lengths.sum(1), shown[test.categorical[item]])
 
     table = {}
-    for task in [t for t in TASKS if t in test.labels]:
-        print(f"\n{task}: test AUC by slice (mean over seeds); history = length of '{sequence}' at request time")
-        names = list(predictions)
-        print(f"{'slice':28} {'rows':>7} {'share':>6} " + " ".join(f"{n[:22]:>22}" for n in names))
-        for name, mask in {"all": np.ones(len(lengths), bool), **masks}.items():
-            y = test.labels[task][mask]
-            if mask.sum() == 0 or y.min() == y.max():
-                continue
-            scores = {n: float(np.mean([auc(y, run[task][mask]) for run in runs])) for n, runs in predictions.items()}
-            best = max(scores.values())
-            cells = " ".join(f"{('*' if s == best else '') + f'{s:.4f}':>22}" for s in scores.values())
-            print(f"{name:28} {int(mask.sum()):7,} {mask.mean():6.1%} {cells}")
-            table.setdefault(task, {})[name] = {"rows": int(mask.sum()), **scores}
+    rows = {"all": np.ones(len(lengths), bool), **masks}
+    for metric, score in (("AUC", lambda y, p, m: auc(y, p)), ("GAUC", lambda y, p, m: gauc(y, p, test.user[m]))):
+        for task in [t for t in TASKS if t in test.labels]:
+            print(f"\n{task}: test {metric} by slice (mean over seeds); history = length of '{sequence}' at request time")
+            names = list(predictions)
+            print(f"{'slice':28} {'rows':>7} {'share':>6} " + " ".join(f"{n[:22]:>22}" for n in names))
+            for name, mask in rows.items():
+                mask = mask & test.label_mask[task]
+                y = test.labels[task][mask]
+                if mask.sum() == 0 or y.min() == y.max() or (metric == "GAUC" and mask.sum() < MIN_GAUC_ROWS):
+                    continue
+                scores = {n: float(np.mean([score(y, run[task][mask], mask) for run in runs]))
+                          for n, runs in predictions.items()}
+                best = max(scores.values())
+                cells = " ".join(f"{('*' if s == best else '') + f'{s:.4f}':>22}" for s in scores.values())
+                print(f"{name:28} {int(mask.sum()):7,} {mask.mean():6.1%} {cells}")
+                table.setdefault(metric, {}).setdefault(task, {})[name] = {"rows": int(mask.sum()), **scores}
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
         print(f"wrote {args.json}")
