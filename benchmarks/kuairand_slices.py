@@ -9,7 +9,8 @@ seeds. AUC mixes two abilities: ranking users (who clicks more) and ranking one 
 impression-weighted per-user AUC over users with both labels); the second table separates them.
 
     python benchmarks/kuairand_slices.py --results benchmarks/results/kuairand --work-dir runs/benchmark/kuairand \\
-        --models stem,mmoe,onerank [--extra probe=runs/probe/predictions/gated_lr=0.001_seed=0.npz] [--json OUT]
+        --models stem,mmoe,onerank [--extra probe=runs/probe/predictions/gated_lr=0.001_seed=0.npz] \\
+        [--blend onerank+stem] [--json OUT]
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def model_predictions(runner: SuiteRunner, labels: list[str]) -> dict[str, list[
     return out
 
 
+def blend(predictions: dict[str, list[dict[str, np.ndarray]]], labels: list[str]) -> list[dict[str, np.ndarray]]:
+    """The sum of the models' logits (probabilities in, probabilities out), seed by seed over their common seeds."""
+    def model(label: str) -> list[dict[str, np.ndarray]]:
+        found = [runs for name, runs in predictions.items() if name == label or name.startswith(f"{label} (n=")]
+        if not found:
+            raise SystemExit(f"--blend: no predictions for {label!r}; have {sorted(predictions)}")
+        return found[0]
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+        return np.log(p) - np.log1p(-p)
+
+    runs = [model(label) for label in labels]
+    return [{task: 1 / (1 + np.exp(-sum(logit(seed[task]) for seed in seeds))) for task in seeds[0]}
+            for seeds in zip(*runs)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="benchmarks/results/kuairand", help="the suite's output folder")
@@ -63,6 +81,9 @@ def main() -> int:
     p.add_argument("--suite", default="kuairand")
     p.add_argument("--models", help="comma-separated labels (default: every tuned model with predictions)")
     p.add_argument("--extra", action="append", default=[], help="LABEL=PATH.npz: more test predictions")
+    p.add_argument("--blend", action="append", default=[], metavar="A+B",
+                   help="also score the sum of two models' logits (labels as in --models / --extra): do they hold "
+                        "the same information?")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args()
 
@@ -76,6 +97,8 @@ def main() -> int:
             predictions[label] = [{t: npz[t] for t in npz.files}]
     if not predictions:
         raise SystemExit(f"no test predictions found under {args.work_dir}")
+    for pair in args.blend:
+        predictions[pair] = blend(predictions, pair.split("+"))
 
     dataset = api.load_run_dataset(runner.run_config(suite.models[0], None, {}, 0))
     test, train = dataset.split("test"), dataset.split("train")
