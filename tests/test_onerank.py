@@ -134,9 +134,11 @@ def space():
     {"num_layers": 1},
     {"num_layers": 1, "task_tokens": "projection"},
     {"sd_representation": "mlp"},  # s reads no final SD state: the last layer updates only task tokens
+    {"task_item_embedding": True},  # each task's own item embedding in its task token's input
 ])
 def test_structured_encoder_equals_the_reference_masked_full_attention(space, options):
     model = model_for(space, **options)
+    randomize_task_item_embeddings(model)
     batch = make_batch(space, [4, 1, 7, 3], seed=1)  # ragged requests: padded candidates, empty histories
     with torch.no_grad():
         cache = model.encode_context(batch)
@@ -367,9 +369,20 @@ def gradients(model: OneRank, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
 
 
+def randomize_task_item_embeddings(model: OneRank) -> None:
+    """task_item_embedding starts at zero (the model without it); tests that compare paths need it non-zero."""
+    for channel in model.channels.values():
+        if channel.item_embedding is not None:
+            with torch.no_grad():
+                channel.item_embedding.weight[1:].normal_(std=0.5)
+
+
+@pytest.mark.parametrize("task_item_embedding", [False, True])
 @pytest.mark.parametrize("detach", [True, False])
-def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach):
-    model = model_for(space, cross_task="full", detach_cross_task=detach).train()
+def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach, task_item_embedding):
+    model = model_for(space, cross_task="full", detach_cross_task=detach,
+                      task_item_embedding=task_item_embedding).train()
+    randomize_task_item_embeddings(model)
     batch = make_batch(space, [5, 4, 6], seed=7)
     losses = losses_of(model, batch)
     for k in TASKS:
@@ -378,13 +391,19 @@ def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, deta
         def norm(prefix):
             return sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(prefix))
 
-        for part, prefix in private_groups(k).items():
+        groups = private_groups(k)
+        if task_item_embedding:
+            groups["item embedding e_k"] = f"channels.{k}.item_embedding."
+        for part, prefix in groups.items():
             assert norm(prefix) > 0, f"{k}'s loss gives no gradient to its own {part}"
         assert norm("encoder.") > 0 and norm("tokenizer.") > 0 and norm("cross_task.") > 0
         for j in TASKS:
             if j == k:
                 continue
-            leaked = {part: norm(prefix) for part, prefix in private_groups(j).items() if "scale" not in part}
+            others = private_groups(j)
+            if task_item_embedding:
+                others["item embedding e_k"] = f"channels.{j}.item_embedding."
+            leaked = {part: norm(prefix) for part, prefix in others.items() if "scale" not in part}
             if detach:
                 assert all(v == 0.0 for v in leaked.values()), f"{k}'s loss reached {j}'s {leaked}"
             else:
@@ -524,6 +543,7 @@ ABLATIONS = [
     {"task_token_input": "template"},
     {"contextualization": "mean_pool"},
     {"scorer": "bilinear"},
+    {"task_item_embedding": True},
 ]
 
 
@@ -570,6 +590,31 @@ def test_config_errors_name_the_option(space):
         model_for(space, dim=10, num_heads=4)
     with pytest.raises(SchemaError, match="num_layers"):
         model_for(space, num_layers=0)
+    for clash in ({"task_tokens": "shared"}, {"task_token_input": "template"}):
+        with pytest.raises(SchemaError, match="task_item_embedding"):
+            model_for(space, task_item_embedding=True, **clash)
+
+
+def test_task_item_embeddings_start_at_zero_and_are_each_tasks_own(space):
+    """At the start the option changes nothing (e_k = 0): the same scores as the model without it. Once e_k is
+    non-zero it moves only task k's scores of that item, in a one-task-per-channel model (cross_task none)."""
+    torch.manual_seed(0)
+    plain = model_for(space, cross_task="none").eval()
+    torch.manual_seed(0)
+    model = model_for(space, cross_task="none", task_item_embedding=True).eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".item_embedding." in name for name in missing) and missing
+    batch = make_batch(space, [3, 2], seed=5)
+    with torch.no_grad():
+        before = model(batch)
+        expected = plain(batch)
+        for t in TASKS:
+            torch.testing.assert_close(before[t], expected[t])
+        model.channels["click"].item_embedding.weight[1:].normal_(std=0.5)
+        after = model(batch)
+    assert (after["click"] - before["click"]).abs().max() > 1e-3
+    for t in TASKS[1:]:
+        torch.testing.assert_close(after[t], before[t])
 
 
 def tiny_run(dataset, epochs: int = 3, out_dir=None) -> dict:

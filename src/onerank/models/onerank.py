@@ -51,6 +51,10 @@ class OneRankConfig:
     # "candidate": task token k of group i enters the encoder as t_k + c_i (the candidate reaches every layer of its
     # task tokens, not through one key among the context's); "template": the bare t_k (the paper's figure; ablation).
     task_token_input: str = "candidate"
+    # True: each task also owns an embedding of the candidate's item id, added to its task token's input
+    # (t_k + c_i + e_k(item)); zero at the start. Task-specific embeddings as in STEM (Su et al., AAAI 2024), on the
+    # candidate side only: the context stays shared, so the cost is one lookup per task and candidate.
+    task_item_embedding: bool = False
     scorer: str = "dot"  # s = <z_k, r> a_k + b_k; "bilinear": z_k^T W_k r a_k + b_k with W_k = I at the start
     # ---- ablation switches (section 1.6) ----
     attention: str = "structured"  # "structured" mask, or "full" bidirectional attention over all tokens
@@ -95,6 +99,11 @@ class OneRankConfig:
         unknown = sorted(set(self.anchor_sequences) - set(space.sequences))
         if unknown:
             raise SchemaError(f"onerank: anchor_sequences {unknown} are not sequences of the schema {space.sequences}")
+        if self.task_item_embedding and (
+            self.task_tokens != "per_task" or self.task_token_input != "candidate" or not space.item_fields
+        ):
+            raise SchemaError("onerank: task_item_embedding needs task_tokens 'per_task', task_token_input 'candidate' "
+                              "and an item id among the schema's fields")
 
     def cross_task_mode(self, funnel: bool) -> str:
         """``cross_task`` with "auto" resolved: "cascade" where the schema declares nested task spaces (``funnel``:
@@ -429,11 +438,17 @@ class TaskChannel(nn.Module):
     """Everything private to one task: its task token t_k (or projection P_k), situation query f_k, pool attention
     MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
 
-    def __init__(self, config: OneRankConfig, with_token: bool, with_projection: bool) -> None:
+    def __init__(
+        self, config: OneRankConfig, with_token: bool, with_projection: bool, item_vocab: int | None = None
+    ) -> None:
         super().__init__()
         d = config.dim
         self.contextualization = config.contextualization
         self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
+        # e_k(item) of task_item_embedding: zero at the start, so the model starts as it would without it
+        self.item_embedding = nn.Embedding(item_vocab, d, padding_idx=0) if item_vocab else None
+        if self.item_embedding is not None:
+            nn.init.zeros_(self.item_embedding.weight)
         self.projection = nn.Linear(d, d) if with_projection else None
         reads_situation = config.contextualization != "mean_pool"
         self.query = nn.Linear(d, d) if reads_situation else None  # f_k
@@ -543,6 +558,7 @@ class OneRank(MultiTaskModel):
                 config,
                 with_token=config.task_tokens == "per_task",
                 with_projection=config.task_tokens == "projection",
+                item_vocab=space.vocab_sizes[space.schema.item_id] if config.task_item_embedding else None,
             )
             for t in self.tasks
         })
@@ -581,11 +597,24 @@ class OneRank(MultiTaskModel):
         the encoder's first layer then handles them once per request. None when they differ per group."""
         return self._task_template() if self.config.task_token_input == "template" else None
 
+    def _candidates(self, batch: Batch) -> Tensor:
+        """The candidate inputs of the groups: c_i [B, d]; with ``task_item_embedding`` [B, 1 + K, d], c_i and then
+        c_i + e_k(item) for each task k."""
+        candidates = self.tokenizer.candidates(batch)
+        if not self.config.task_item_embedding:
+            return candidates
+        item = batch.categorical[self.space.schema.item_id]
+        own = [candidates + self.channels[t].item_embedding(item) for t in self.tasks]
+        return torch.stack([candidates, *own], dim=1)
+
     def _groups(self, candidates: Tensor) -> Tensor:
-        """[R, N, d] candidate tokens -> the explicit groups [R, N, S, d] (S = 1 + K, 2 or 1): [c_i, t_k + c_i ...]
-        with ``task_token_input: candidate``, [c_i, t_k ...] with ``template``. c_i carries no task token, so adding
-        it to every task token of its group opens no path from task j to task k: the channels stay private."""
+        """[R, N, d] candidate tokens (``_candidates``) -> the explicit groups [R, N, S, d] (S = 1 + K, 2 or 1):
+        [c_i, t_k + c_i ...] with ``task_token_input: candidate``, [c_i, t_k ...] with ``template``; from
+        [R, N, 1 + K, d] (``task_item_embedding``): [c_i, t_k + c_i + e_k(item) ...]. c_i carries no task token and
+        e_k belongs to task k, so no path opens from task j to task k: the channels stay private."""
         template = self._task_template()
+        if candidates.dim() == 4:
+            return torch.cat([candidates[:, :, :1], candidates[:, :, 1:] + template], dim=2)
         if template is None:
             return candidates[:, :, None]
         R, N, d = candidates.shape
@@ -645,7 +674,7 @@ class OneRank(MultiTaskModel):
         [R, N]): the encoder's input."""
         context = self.tokenizer.context(request_inputs(batch))
         slot, present = batch.list_layout()
-        return context, self._groups(self.tokenizer.candidates(batch)[slot]), present
+        return context, self._groups(self._candidates(batch)[slot]), present
 
     def encode(self, batch: Batch, pack: bool | None = None) -> tuple[ContextCache, Tensor]:
         """Context and candidates (what training and ``score_pool`` of a pool within one chunk run): (the requests'
@@ -665,7 +694,7 @@ class OneRank(MultiTaskModel):
             context, groups, _ = self.tokens(batch)
             return self.encode_tokens(context, groups)
         cache = self.encode_context(batch)
-        candidates, template = self.tokenizer.candidates(batch)[:, None], self._shared_followers()
+        candidates, template = self._candidates(batch)[:, None], self._shared_followers()
         inputs = candidates if template is not None else self._groups(candidates)
         # Each request's first candidate reads its request's cache as it is; only the others get their request's
         # keys / values copied (KuaiRand: 55 of 1,024 rows), not every candidate.
@@ -698,7 +727,7 @@ class OneRank(MultiTaskModel):
                 f"onerank: the batch has {slot.shape[0]} requests, the context cache {cache.num_requests}; "
                 "group a serving pool with as_one_request(batch)"
             )
-        candidates, template = self.tokenizer.candidates(batch), self._shared_followers()
+        candidates, template = self._candidates(batch), self._shared_followers()
 
         def encode(rows: Tensor) -> Tensor:
             inputs = candidates[rows] if template is not None else self._groups(candidates[rows])
