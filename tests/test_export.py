@@ -57,6 +57,27 @@ def test_export_matches_pytorch(name, fmt, tiny_dataset, test_split, tmp_path):
         assert diff <= TOLERANCE, f"{name} {fmt}: max |diff| {diff:.2e} on {len(rows)} candidates"
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_onerank_with_task_item_embeddings_exports(fmt, tiny_dataset, test_split, tmp_path):
+    """The per-task item embeddings read the candidates' item fields: the exported graph must take them along."""
+    space = FeatureSpace.from_dataset(tiny_dataset)
+    torch.manual_seed(0)
+    model = build_model("onerank", space, {"task_item_embedding": "all"}).eval()
+    with torch.no_grad():
+        for channel in model.channels.values():
+            for table in channel.item_embeddings.values():
+                table.weight[1:].normal_(std=0.5)
+    path = tmp_path / f"onerank.{fmt}"
+    export = export_onnx if fmt == "onnx" else export_torchscript
+    export(ExportableModel(model, tiny_dataset.item_table), flat_inputs(one_request(test_split, torch.arange(3)), space),
+           path, "onerank")
+    batch = one_request(test_split, torch.arange(7, 30))
+    with torch.no_grad():
+        expected = model.score_pool(batch, chunk_size=4096)
+    got = run_export(path, fmt, flat_inputs(batch, space))
+    assert max_abs_diff(tuple(expected[t] for t in space.task_names), got) <= TOLERANCE
+
+
 def test_families_listed_as_unsupported_are_refused_with_their_reason(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(UNSUPPORTED, ("mmoe", "onnx"), "a documented reason")
     with pytest.raises(ValueError, match="'mmoe' cannot be exported to onnx: a documented reason"):

@@ -134,7 +134,7 @@ def space():
     {"num_layers": 1},
     {"num_layers": 1, "task_tokens": "projection"},
     {"sd_representation": "mlp"},  # s reads no final SD state: the last layer updates only task tokens
-    {"task_item_embedding": True},  # each task's own item embedding in its task token's input
+    {"task_item_embedding": "all"},  # each task's own item embeddings in its task token's input
 ])
 def test_structured_encoder_equals_the_reference_masked_full_attention(space, options):
     model = model_for(space, **options)
@@ -372,12 +372,12 @@ def gradients(model: OneRank, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 def randomize_task_item_embeddings(model: OneRank) -> None:
     """task_item_embedding starts at zero (the model without it); tests that compare paths need it non-zero."""
     for channel in model.channels.values():
-        if channel.item_embedding is not None:
+        for table in channel.item_embeddings.values():
             with torch.no_grad():
-                channel.item_embedding.weight[1:].normal_(std=0.5)
+                table.weight[1:].normal_(std=0.5)
 
 
-@pytest.mark.parametrize("task_item_embedding", [False, True])
+@pytest.mark.parametrize("task_item_embedding", ["off", "all"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach, task_item_embedding):
     model = model_for(space, cross_task="full", detach_cross_task=detach,
@@ -392,8 +392,8 @@ def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, deta
             return sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(prefix))
 
         groups = private_groups(k)
-        if task_item_embedding:
-            groups["item embedding e_k"] = f"channels.{k}.item_embedding."
+        if task_item_embedding != "off":
+            groups["item embeddings e_k"] = f"channels.{k}.item_embeddings."
         for part, prefix in groups.items():
             assert norm(prefix) > 0, f"{k}'s loss gives no gradient to its own {part}"
         assert norm("encoder.") > 0 and norm("tokenizer.") > 0 and norm("cross_task.") > 0
@@ -401,8 +401,8 @@ def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, deta
             if j == k:
                 continue
             others = private_groups(j)
-            if task_item_embedding:
-                others["item embedding e_k"] = f"channels.{j}.item_embedding."
+            if task_item_embedding != "off":
+                others["item embeddings e_k"] = f"channels.{j}.item_embeddings."
             leaked = {part: norm(prefix) for part, prefix in others.items() if "scale" not in part}
             if detach:
                 assert all(v == 0.0 for v in leaked.values()), f"{k}'s loss reached {j}'s {leaked}"
@@ -543,7 +543,7 @@ ABLATIONS = [
     {"task_token_input": "template"},
     {"contextualization": "mean_pool"},
     {"scorer": "bilinear"},
-    {"task_item_embedding": True},
+    {"task_item_embedding": "id"},
 ]
 
 
@@ -592,7 +592,9 @@ def test_config_errors_name_the_option(space):
         model_for(space, num_layers=0)
     for clash in ({"task_tokens": "shared"}, {"task_token_input": "template"}):
         with pytest.raises(SchemaError, match="task_item_embedding"):
-            model_for(space, task_item_embedding=True, **clash)
+            model_for(space, task_item_embedding="id", **clash)
+    with pytest.raises(SchemaError, match="task_item_embedding"):
+        model_for(space, task_item_embedding="yes")
 
 
 def test_task_item_embeddings_start_at_zero_and_are_each_tasks_own(space):
@@ -601,16 +603,17 @@ def test_task_item_embeddings_start_at_zero_and_are_each_tasks_own(space):
     torch.manual_seed(0)
     plain = model_for(space, cross_task="none").eval()
     torch.manual_seed(0)
-    model = model_for(space, cross_task="none", task_item_embedding=True).eval()
+    model = model_for(space, cross_task="none", task_item_embedding="all").eval()
     missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(".item_embedding." in name for name in missing) and missing
+    assert not unexpected and all(".item_embeddings." in name for name in missing)
+    assert len(missing) == len(TASKS) * len(space.item_fields) > len(TASKS)
     batch = make_batch(space, [3, 2], seed=5)
     with torch.no_grad():
         before = model(batch)
         expected = plain(batch)
         for t in TASKS:
             torch.testing.assert_close(before[t], expected[t])
-        model.channels["click"].item_embedding.weight[1:].normal_(std=0.5)
+        model.channels["click"].item_embeddings[space.item_fields[-1]].weight[1:].normal_(std=0.5)
         after = model(batch)
     assert (after["click"] - before["click"]).abs().max() > 1e-3
     for t in TASKS[1:]:

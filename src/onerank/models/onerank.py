@@ -51,10 +51,11 @@ class OneRankConfig:
     # "candidate": task token k of group i enters the encoder as t_k + c_i (the candidate reaches every layer of its
     # task tokens, not through one key among the context's); "template": the bare t_k (the paper's figure; ablation).
     task_token_input: str = "candidate"
-    # True: each task also owns an embedding of the candidate's item id, added to its task token's input
-    # (t_k + c_i + e_k(item)); zero at the start. Task-specific embeddings as in STEM (Su et al., AAAI 2024), on the
-    # candidate side only: the context stays shared, so the cost is one lookup per task and candidate.
-    task_item_embedding: bool = False
+    # "id": each task also owns an embedding of the candidate's item id, added to its task token's input
+    # (t_k + c_i + e_k(item)); "all": of every categorical item field, summed; zero at the start. Task-specific
+    # embeddings as in STEM (Su et al., AAAI 2024), on the candidate side only: the context stays shared, so the
+    # cost is a few lookups per task and candidate. "off": none.
+    task_item_embedding: str = "off"
     scorer: str = "dot"  # s = <z_k, r> a_k + b_k; "bilinear": z_k^T W_k r a_k + b_k with W_k = I at the start
     # ---- ablation switches (section 1.6) ----
     attention: str = "structured"  # "structured" mask, or "full" bidirectional attention over all tokens
@@ -78,6 +79,7 @@ class OneRankConfig:
         choices = {
             "sd_tokens": ("auto", "field", "group"),
             "task_token_input": ("candidate", "template"),
+            "task_item_embedding": ("off", "id", "all"),
             "scorer": ("dot", "bilinear"),
             "attention": ("structured", "full"),
             "task_tokens": ("per_task", "shared", "projection"),
@@ -99,7 +101,7 @@ class OneRankConfig:
         unknown = sorted(set(self.anchor_sequences) - set(space.sequences))
         if unknown:
             raise SchemaError(f"onerank: anchor_sequences {unknown} are not sequences of the schema {space.sequences}")
-        if self.task_item_embedding and (
+        if self.task_item_embedding != "off" and (
             self.task_tokens != "per_task" or self.task_token_input != "candidate" or not space.item_fields
         ):
             raise SchemaError("onerank: task_item_embedding needs task_tokens 'per_task', task_token_input 'candidate' "
@@ -434,21 +436,31 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # 1.3 - 1.5 Per-task parts, and the cross-task layer
 # ---------------------------------------------------------------------------------------------------------------------
+def task_item_fields(space: FeatureSpace, config: OneRankConfig) -> list[str]:
+    """The item fields each task embeds for itself (``task_item_embedding``)."""
+    if config.task_item_embedding == "off":
+        return []
+    return [space.schema.item_id] if config.task_item_embedding == "id" else list(space.item_fields)
+
+
 class TaskChannel(nn.Module):
     """Everything private to one task: its task token t_k (or projection P_k), situation query f_k, pool attention
     MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
 
     def __init__(
-        self, config: OneRankConfig, with_token: bool, with_projection: bool, item_vocab: int | None = None
+        self, config: OneRankConfig, with_token: bool, with_projection: bool, item_vocabs: dict[str, int] | None = None
     ) -> None:
         super().__init__()
         d = config.dim
         self.contextualization = config.contextualization
         self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
-        # e_k(item) of task_item_embedding: zero at the start, so the model starts as it would without it
-        self.item_embedding = nn.Embedding(item_vocab, d, padding_idx=0) if item_vocab else None
-        if self.item_embedding is not None:
-            nn.init.zeros_(self.item_embedding.weight)
+        # e_k(item) of task_item_embedding, one table per item field: zero at the start, so the model starts as it
+        # would without them
+        self.item_embeddings = nn.ModuleDict(
+            {field: nn.Embedding(size, d, padding_idx=0) for field, size in (item_vocabs or {}).items()}
+        )
+        for table in self.item_embeddings.values():
+            nn.init.zeros_(table.weight)
         self.projection = nn.Linear(d, d) if with_projection else None
         reads_situation = config.contextualization != "mean_pool"
         self.query = nn.Linear(d, d) if reads_situation else None  # f_k
@@ -461,6 +473,10 @@ class TaskChannel(nn.Module):
         # probabilities calibrate, while the list-wise softmax ignores it.
         self.scale = nn.Parameter(torch.tensor(d**-0.5))
         self.bias = nn.Parameter(torch.zeros(()))
+
+    def item_embedding(self, codes: dict[str, Tensor]) -> Tensor:
+        """e_k(item): the sum of this task's embeddings of the candidate's item fields, [B, d]."""
+        return sum(table(codes[field]) for field, table in self.item_embeddings.items())
 
     def contextualize(self, situation: Tensor, r: Tensor, present: Tensor) -> Tensor:
         """h_k = MHCA_k(query = f_k(s), keys = values = r[k, i] over the request's valid candidates): [R, d]; the mean
@@ -558,7 +574,7 @@ class OneRank(MultiTaskModel):
                 config,
                 with_token=config.task_tokens == "per_task",
                 with_projection=config.task_tokens == "projection",
-                item_vocab=space.vocab_sizes[space.schema.item_id] if config.task_item_embedding else None,
+                item_vocabs={f: space.vocab_sizes[f] for f in task_item_fields(space, config)},
             )
             for t in self.tasks
         })
@@ -601,10 +617,9 @@ class OneRank(MultiTaskModel):
         """The candidate inputs of the groups: c_i [B, d]; with ``task_item_embedding`` [B, 1 + K, d], c_i and then
         c_i + e_k(item) for each task k."""
         candidates = self.tokenizer.candidates(batch)
-        if not self.config.task_item_embedding:
+        if self.config.task_item_embedding == "off":
             return candidates
-        item = batch.categorical[self.space.schema.item_id]
-        own = [candidates + self.channels[t].item_embedding(item) for t in self.tasks]
+        own = [candidates + self.channels[t].item_embedding(batch.categorical) for t in self.tasks]
         return torch.stack([candidates, *own], dim=1)
 
     def _groups(self, candidates: Tensor) -> Tensor:
