@@ -403,6 +403,32 @@ def test_a_suite_without_ablations_trains_every_tuned_run_and_the_ablations_come
     assert len(later.results["runs"]) == complete.total_runs()
 
 
+def test_a_filtered_resume_of_a_changed_suite_keeps_the_other_models_runs(tmp_path):
+    """--resume --models X after the suite file changed: the runs the new version still asks for are kept for every
+    model, not only X's (X's own are dropped where their configuration changed); a model left out of --models must
+    not lose its runs."""
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE)
+    before = SuiteRunner(load_suite("grid", tmp_path), tmp_path / "out", work_dir=tmp_path / "work")
+    runs = []
+    for job in before._all_jobs():
+        spec = before._spec(*job)
+        path = before._prediction_path(spec["key"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, click=np.zeros(2))
+        runs.append({**spec, "valid_monitor": 0.5})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"suite_sha256": "an older version", "runs": runs}))
+    # the new version changes onerank's options: its runs (and its ablation's) go, mmoe's stay
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE.replace("num_heads: 1}", "num_heads: 1, ffn_multiplier: 2}"))
+    resumed = SuiteRunner(load_suite("grid", tmp_path), tmp_path / "out", work_dir=tmp_path / "work",
+                          models=["onerank"], resume=True)
+    kept = resumed.results["runs"]
+    assert sorted(r["key"] for r in kept) == sorted(r["key"] for r in runs if r["model"] == "mmoe")
+    unchanged = SuiteRunner(load_suite("grid", tmp_path), tmp_path / "out", work_dir=tmp_path / "work",
+                            models=["mmoe"], resume=True)
+    assert len(unchanged.results["runs"]) == len(kept)
+
+
 def test_run_keys_and_totals_of_the_published_suites_are_unchanged(tmp_path):
     """Every run of a published results.json is one the current runner would ask for, under the same key and with
     the same model options, so that ``--resume`` and ``--report-only`` keep finding them."""

@@ -229,7 +229,9 @@ class SuiteRunner:
         if changed:
             log.warning("results.json was made by another version of the suite: keeping only the runs whose "
                         "configuration the new version still asks for")
-        wanted = {self._spec(*job)["key"]: self._spec(*job)["config_sha256"] for job in self._all_jobs()}
+        # every run the suite asks for, whatever --models trains now: a filtered resume must keep the other
+        # models' runs
+        wanted = {self._spec(*job)["key"]: self._spec(*job)["config_sha256"] for job in self._all_jobs(every_model=True)}
         for run in previous.get("runs", []):
             path = self._prediction_path(run["key"])
             if changed and wanted.get(run["key"]) != run.get("config_sha256", "none"):
@@ -306,10 +308,12 @@ class SuiteRunner:
             cache_dir=self.cache_dir,
         )
 
-    def _all_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
+    def _all_jobs(self, every_model: bool = False) -> list[tuple[ModelEntry, Any, dict, int]]:
         """Every run the suite can ask for given the tuning already done in ``previous``: each grid point of each
-        seed (the chosen points are among them): a kept run is one the current suite would train identically."""
-        return [(e, v, hp, seed) for v in self.suite.variant_values for e in self.entries for hp in self.suite.grid(e)
+        seed (the chosen points are among them): a kept run is one the current suite would train identically. Of
+        the models this runner trains, or with ``every_model`` of the whole suite."""
+        entries = self.suite.models if every_model else self.entries
+        return [(e, v, hp, seed) for v in self.suite.variant_values for e in entries for hp in self.suite.grid(e)
                 for seed in range(self.seeds)]
 
     def _spec(self, entry: ModelEntry, variant: Any, hparams: dict, seed: int) -> dict[str, Any]:
