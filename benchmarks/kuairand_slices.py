@@ -24,6 +24,7 @@ import numpy as np
 from onerank import api
 from onerank.benchmarking import load_suite
 from onerank.benchmarking.runner import SuiteRunner, run_key
+from onerank.fusion.calibration import logit
 from onerank.metrics.ranking import auc, gauc
 
 TASKS = ("click", "long_view", "like")
@@ -64,10 +65,6 @@ def blend(predictions: dict[str, list[dict[str, np.ndarray]]], labels: list[str]
         if not found:
             raise SystemExit(f"--blend: no predictions for {label!r}; have {sorted(predictions)}")
         return found[0]
-
-    def logit(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-        return np.log(p) - np.log1p(-p)
 
     runs = [model(label) for label in labels]
     return [{task: 1 / (1 + np.exp(-sum(logit(seed[task]) for seed in seeds))) for task in seeds[0]}
