@@ -375,6 +375,48 @@ def test_coordinate_search_tunes_a_models_own_grid_first_then_the_suite_grid_at_
     assert tuning["onerank[num_layers=0,cross_task=none]"]["chosen"] == {"dim": 16, "lr": 0.003}
 
 
+def test_a_run_is_queued_as_soon_as_its_own_inputs_are_done_not_after_every_models_tuning(tmp_path):
+    """Parallel workers are never left idle behind a slow model's grid: a model whose search is done has its other
+    seeds ready while another model is still in its first stage; a second stage waits only for its own first stage,
+    an ablation only for its base row's search; lower seeds come first."""
+    (tmp_path / "grid.yaml").write_text(GRID_SUITE.replace("models: [mmoe, onerank]", "models: [mmoe, onerank]\n"
+                                                           "tuning_search: coordinate"))
+    suite = load_suite("grid", tmp_path)
+    mmoe, onerank, ablation = suite.models
+    runner = SuiteRunner(suite, tmp_path / "out")
+
+    def finish(entry, points, seed=0):
+        runner.results["runs"] += [{"key": run_key(None, entry.label, hp, seed), "label": entry.label, "hparams": hp,
+                                    "valid_monitor": 0.6 + 0.01 * hp.get("dim", 0) + hp["lr"] + hp.get("weight_decay", 0)}
+                                   for hp in points]
+
+    def ready():
+        return [(e.label, tuple(sorted(hp.items())), seed) for e, _, hp, seed in runner._ready_jobs()
+                if runner._done(run_key(None, e.label, hp, seed)) is None]
+
+    finish(mmoe, suite.grid(mmoe))  # mmoe tuned; onerank has one of its four first-stage points
+    finish(onerank, suite.first_stage(onerank)[:1])
+    jobs = ready()
+    mmoe_best = tuple(sorted({"lr": 0.003, "weight_decay": 0.0001}.items()))
+    assert sorted(j for j in jobs if j[0] == "mmoe") == [("mmoe", mmoe_best, 1), ("mmoe", mmoe_best, 2)]
+    assert sorted(j[1] for j in jobs if j[0] == "onerank") == sorted(
+        tuple(sorted(hp.items())) for hp in suite.first_stage(onerank)[1:])
+    assert not any(j[0] == ablation.label for j in jobs)
+    assert [j[2] for j in jobs] == sorted(j[2] for j in jobs)  # the tuning runs (seed 0) before any seed 1
+
+    finish(onerank, suite.first_stage(onerank)[1:])  # first stage done: its second stage, not yet its seeds
+    jobs = ready()
+    second = {"dim": 16, "lr": 0.003, "num_layers": 1}  # dim 16 scores best; a tie between depths keeps the first
+    assert [j for j in jobs if j[0] == "onerank"] == [("onerank", tuple(sorted(second.items())), 0)]
+    assert not any(j[0] == ablation.label for j in jobs)
+
+    finish(onerank, [second])  # tuned: its seeds and the ablation's, at onerank's chosen point
+    jobs = ready()
+    assert sorted(j[2] for j in jobs if j[0] == "onerank") == [1, 2]
+    assert sorted(j for j in jobs if j[0] == ablation.label) == [
+        (ablation.label, (("dim", 16), ("lr", 0.003)), seed) for seed in range(3)]
+
+
 def test_a_suite_without_ablations_trains_every_tuned_run_and_the_ablations_come_later(tmp_path, monkeypatch):
     """--no-ablations: the tuned models' grids and seeds, none of the ablations' runs; a later run with the
     ablations (what --resume does) trains exactly the ablations' seeds, at the base row's chosen point."""

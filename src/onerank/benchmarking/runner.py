@@ -156,10 +156,11 @@ def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
 
 
 class SuiteRunner:
-    """Phase 1: every model's tuning runs (seed 0, each grid point; with coordinate search the first stage, then the
-    second at the first stage's choice). Phase 2: the other seeds at each model's chosen point (an ablation at its
-    base row's). Runs of a phase are independent, so ``workers`` > 1 runs them in
-    parallel processes (one torch thread each, as the suites set ``threads: 1``)."""
+    """Each model's tuning runs (seed 0, each grid point; with coordinate search the first stage, then the second at
+    the first stage's choice), then its other seeds at the chosen point (an ablation's at its base row's once that row
+    is tuned). A run starts as soon as the runs it depends on are done, whatever other models are still tuning, so
+    ``workers`` > 1 parallel processes (one torch thread each, as the suites set ``threads: 1``) are never left idle
+    waiting for a slow model's grid; lower seeds go first, so a suite cut short has every model at fewer seeds."""
 
     def __init__(
         self,
@@ -329,24 +330,66 @@ class SuiteRunner:
             "git_commit": self.code["git_commit"], "config_sha256": fingerprint,
         }
 
-    def _execute(self, jobs: list[tuple[ModelEntry, Any, dict, int]]) -> None:
-        """Run every job not already done; in ``workers`` processes when more than one."""
-        todo = []
-        for entry, variant, hparams, seed in jobs:
-            spec = self._spec(entry, variant, hparams, seed)
-            if self._done(spec["key"]) is None and all(spec["key"] != s["key"] for s, _ in todo):
-                todo.append((spec, self.run_config(entry, variant, hparams, seed)))
+    def _ready_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
+        """The runs whose inputs are known now: every first-stage point; a model's second stage once its first is
+        done; its other seeds once its search is done; an ablation's seeds once its base row is tuned (at once when
+        this runner does not train that row). Lower seeds first; done runs included."""
+        def searched_done(variant: Any, entry: ModelEntry, points: list[dict]) -> bool:
+            return all(self._done(run_key(variant, entry.label, hp, 0)) for hp in points)
+
+        jobs, tuned_labels = [], set()
+        tuned = [e for e in self.entries if not e.ablation]
+        ablation_jobs = self._tune()  # an ablation's seeds at its base row's choice (asked for once that is final)
+        for variant in self.suite.variant_values:
+            for entry in tuned:
+                first = self.suite.first_stage(entry)
+                jobs += [(entry, variant, hp, 0) for hp in first]
+                if not searched_done(variant, entry, first):
+                    continue
+                searched = self._searched(variant, entry)
+                jobs += [(entry, variant, hp, 0) for hp in searched]
+                if not searched_done(variant, entry, searched):
+                    continue
+                tuned_labels.add((str(variant), entry.label))
+                chosen = self._choose(variant, entry, searched)
+                jobs += [(entry, variant, chosen, seed) for seed in range(self.seeds)]
+            for entry in [e for e in self.entries if e.ablation]:
+                base = ablation_base(self.suite, entry)
+                if any(e.label == base for e in tuned) and (str(variant), base) not in tuned_labels:
+                    continue
+                jobs += [job for job in ablation_jobs if job[0] is entry and job[1] == variant]
+        return sorted(jobs, key=lambda job: job[3])
+
+    def _execute(self) -> None:
+        """Train every run of the suite not already done, in ``workers`` processes when more than one; after each
+        finished run the runs it unblocked are queued (``_ready_jobs``)."""
+        def pending(running: set[str]) -> list[tuple[dict, RunConfig]]:
+            todo: list[tuple[dict, RunConfig]] = []
+            for entry, variant, hparams, seed in self._ready_jobs():
+                spec = self._spec(entry, variant, hparams, seed)
+                if (self._done(spec["key"]) is None and spec["key"] not in running
+                        and all(spec["key"] != s["key"] for s, _ in todo)):
+                    todo.append((spec, self.run_config(entry, variant, hparams, seed)))
+            return todo
+
         if self.workers == 1:
-            for spec, config in todo:
+            while todo := pending(set()):
+                spec, config = todo[0]
                 self._record(spec, *execute_run(config))
             return
         import concurrent.futures as cf
         import multiprocessing as mp
 
         with cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(execute_run, config): spec for spec, config in todo}
-            for future in cf.as_completed(futures):
-                self._record(futures[future], *future.result())
+            running: dict[cf.Future, dict] = {}
+            while True:
+                for spec, config in pending({s["key"] for s in running.values()})[:self.workers - len(running)]:
+                    running[pool.submit(execute_run, config)] = spec
+                if not running:
+                    return
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    self._record(running.pop(future), *future.result())
 
     def _choose(self, variant: Any, entry: ModelEntry, grid: list[dict]) -> dict[str, Any]:
         runs = [self._done(run_key(variant, entry.label, hp, 0)) for hp in grid]
@@ -390,11 +433,7 @@ class SuiteRunner:
         for variant in self.suite.variant_values:
             # build each variant's cache here, once: workers building the same cache at once would race
             api.load_run_dataset(self.run_config(self.entries[0], variant, {}, 0))
-        tuned = [e for e in self.entries if not e.ablation]
-        variants = self.suite.variant_values
-        self._execute([(e, v, hp, 0) for v in variants for e in tuned for hp in self.suite.first_stage(e)])
-        self._execute([(e, v, hp, 0) for v in variants for e in tuned for hp in self._searched(v, e)])
-        self._execute(self._tune())
+        self._execute()
         return self.finalize()
 
     def finalize(self) -> dict[str, Any]:
