@@ -112,10 +112,18 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert kept == {r["key"]: r["train_seconds"] for r in results["runs"]}
     listwise_off = [r for r in changed["runs"] if r["label"] == "onerank[listwise=0]"]
     assert len(listwise_off) == 4 and all(r["objective"] == {"listwise": 0.0} for r in listwise_off)
-    # --rerun trains a model again (its code changed) and keeps the others
-    assert cli.main(args + ["--resume", "--suites-dir", str(suites), "--rerun", "onerank[listwise=0]"]) == 0
+    # --rerun trains a model again (its code changed) and keeps the others; with --models the ablation alone is
+    # trained at its base row's chosen point (tuned from the runs on disk), and the progress counts its runs only
+    assert cli.main(args + ["--resume", "--suites-dir", str(suites), "--rerun", "onerank[listwise=0]",
+                            "--models", "onerank[listwise=0]"]) == 0
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[smoke] ")]
     assert len(progress) == 4 and all("onerank[listwise=0]" in line for line in progress)
+    assert progress[0].startswith("[smoke] 1/4 runs done") and progress[-1].startswith("[smoke] 4/4 runs done")
+    rerun = json.loads((out / "results.json").read_text())
+    for variant, tuning in rerun["tuning"].items():
+        ablated = [r for r in rerun["runs"] if r["label"] == "onerank[listwise=0]" and str(r["variant"]) == variant]
+        assert {r["hparams"]["lr"] for r in ablated} == {tuning["onerank"]["chosen"]["lr"]}
+    assert len(rerun["runs"]) == 20
     assert cli.main(args + ["--resume", "--rerun", "mmoe"]) == 2  # not a model of the suite: exit 2
 
 
@@ -415,6 +423,12 @@ def test_a_run_is_queued_as_soon_as_its_own_inputs_are_done_not_after_every_mode
     assert sorted(j[2] for j in jobs if j[0] == "onerank") == [1, 2]
     assert sorted(j for j in jobs if j[0] == ablation.label) == [
         (ablation.label, (("dim", 16), ("lr", 0.003)), seed) for seed in range(3)]
+
+    # the ablation alone (--models): nothing while its base row has no runs on disk, then the same runs
+    alone = SuiteRunner(suite, tmp_path / "alone", models=[ablation.label])
+    assert alone._ready_jobs() == []
+    alone.results["runs"] = runner.results["runs"]
+    assert [(hp, seed) for _, _, hp, seed in alone._ready_jobs()] == [({"dim": 16, "lr": 0.003}, s) for s in range(3)]
 
 
 def test_a_suite_without_ablations_trains_every_tuned_run_and_the_ablations_come_later(tmp_path, monkeypatch):

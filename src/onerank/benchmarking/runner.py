@@ -282,7 +282,10 @@ class SuiteRunner:
         self.session_runs += 1
         if self.progress is None:
             return
-        done, total = len(self.results["runs"]), self.total_runs()
+        # of the models this runner trains (--models): the other models' kept runs are not part of its total
+        labels = {e.label for e in self.entries}
+        total = self.total_runs()
+        done = min(sum(r["label"] in labels for r in self.results["runs"]), total)
         elapsed = time.time() - self.started
         left = elapsed / self.session_runs * max(total - done, 0)
         status = f"FAILED: {fields['error'][:80]}" if fields.get("error") else f"{fields.get('wall_seconds', 0):.0f} s"
@@ -332,16 +335,15 @@ class SuiteRunner:
 
     def _ready_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """The runs whose inputs are known now: every first-stage point; a model's second stage once its first is
-        done; its other seeds once its search is done; an ablation's seeds once its base row is tuned (at once when
-        this runner does not train that row). Lower seeds first; done runs included."""
+        done; its other seeds once its search is done; an ablation's seeds once its base row is tuned (also when
+        --models leaves that row out, once its runs are on disk). Lower seeds first; done runs included."""
         def searched_done(variant: Any, entry: ModelEntry, points: list[dict]) -> bool:
             return all(self._done(run_key(variant, entry.label, hp, 0)) for hp in points)
 
-        jobs, tuned_labels = [], set()
-        tuned = [e for e in self.entries if not e.ablation]
+        jobs = []
         ablation_jobs = self._tune()  # an ablation's seeds at its base row's choice (asked for once that is final)
         for variant in self.suite.variant_values:
-            for entry in tuned:
+            for entry in [e for e in self.entries if not e.ablation]:
                 first = self.suite.first_stage(entry)
                 jobs += [(entry, variant, hp, 0) for hp in first]
                 if not searched_done(variant, entry, first):
@@ -350,14 +352,12 @@ class SuiteRunner:
                 jobs += [(entry, variant, hp, 0) for hp in searched]
                 if not searched_done(variant, entry, searched):
                     continue
-                tuned_labels.add((str(variant), entry.label))
                 chosen = self._choose(variant, entry, searched)
                 jobs += [(entry, variant, chosen, seed) for seed in range(self.seeds)]
             for entry in [e for e in self.entries if e.ablation]:
-                base = ablation_base(self.suite, entry)
-                if any(e.label == base for e in tuned) and (str(variant), base) not in tuned_labels:
-                    continue
-                jobs += [job for job in ablation_jobs if job[0] is entry and job[1] == variant]
+                base = self._entry(ablation_base(self.suite, entry))
+                if searched_done(variant, base, self._searched(variant, base)):
+                    jobs += [job for job in ablation_jobs if job[0] is entry and job[1] == variant]
         return sorted(jobs, key=lambda job: job[3])
 
     def _execute(self) -> None:
@@ -376,7 +376,15 @@ class SuiteRunner:
             while todo := pending(set()):
                 spec, config = todo[0]
                 self._record(spec, *execute_run(config))
-            return
+        else:
+            self._execute_in_processes(pending)
+        for entry in [e for e in self.entries if e.ablation]:
+            base = ablation_base(self.suite, entry)
+            if not any(job[0] is entry for job in self._ready_jobs()):
+                log.warning("%s not trained: its base row %s is not tuned yet (train %s first, or without --models)",
+                            entry.label, base, base)
+
+    def _execute_in_processes(self, pending: Callable[[set[str]], list[tuple[dict, RunConfig]]]) -> None:
         import concurrent.futures as cf
         import multiprocessing as mp
 
@@ -390,6 +398,9 @@ class SuiteRunner:
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
                     self._record(running.pop(future), *future.result())
+
+    def _entry(self, label: str) -> ModelEntry:
+        return next(e for e in self.suite.models if e.label == label)
 
     def _choose(self, variant: Any, entry: ModelEntry, grid: list[dict]) -> dict[str, Any]:
         runs = [self._done(run_key(variant, entry.label, hp, 0)) for hp in grid]
@@ -409,9 +420,12 @@ class SuiteRunner:
     def _tune(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """Fill ``results["tuning"]`` from the seed-0 runs done so far; the seed runs at the chosen values."""
         jobs = []
+        # an ablation's base row is tuned from its runs on disk even when --models leaves that row out
+        bases = {ablation_base(self.suite, e) for e in self.entries if e.ablation}
+        tuned = [e for e in self.suite.models if not e.ablation and (e in self.entries or e.label in bases)]
         for variant in self.suite.variant_values:
             tuning = self.results["tuning"].setdefault(str(variant), {})
-            for entry in [e for e in self.entries if not e.ablation]:
+            for entry in tuned:
                 grid = self._searched(variant, entry)
                 tuning[entry.label] = {
                     "chosen": self._choose(variant, entry, grid),
@@ -421,9 +435,8 @@ class SuiteRunner:
             for entry in self.entries:
                 if entry.ablation:  # at its base row's chosen point, so that the two differ only by the ablation
                     base = ablation_base(self.suite, entry)
-                    chosen = (ablation_point(entry, tuning[base]["chosen"]) if base in tuning
-                              else self.suite.grid(entry)[0])
-                    tuning[entry.label] = {"chosen": chosen, "grid": [], "from": base}
+                    tuning[entry.label] = {"chosen": ablation_point(entry, tuning[base]["chosen"]), "grid": [],
+                                           "from": base}
                 jobs += [(entry, variant, tuning[entry.label]["chosen"], seed) for seed in range(self.seeds)]
         # seed by seed over every variant and model: a suite cut short has every model at fewer seeds, not the last
         # variants at none
