@@ -335,29 +335,22 @@ class SuiteRunner:
 
     def _ready_jobs(self) -> list[tuple[ModelEntry, Any, dict, int]]:
         """The runs whose inputs are known now: every first-stage point; a model's second stage once its first is
-        done; its other seeds once its search is done; an ablation's seeds once its base row is tuned (also when
-        --models leaves that row out, once its runs are on disk). Lower seeds first; done runs included."""
-        def searched_done(variant: Any, entry: ModelEntry, points: list[dict]) -> bool:
+        done; the seeds of ``_tune`` once the row they are tuned from (the model's own, or an ablation's base row,
+        also when --models leaves that row out) has its whole search done. Lower seeds first; done runs included."""
+        def all_done(variant: Any, entry: ModelEntry, points: list[dict]) -> bool:
             return all(self._done(run_key(variant, entry.label, hp, 0)) for hp in points)
 
         jobs = []
-        ablation_jobs = self._tune()  # an ablation's seeds at its base row's choice (asked for once that is final)
         for variant in self.suite.variant_values:
             for entry in [e for e in self.entries if not e.ablation]:
                 first = self.suite.first_stage(entry)
                 jobs += [(entry, variant, hp, 0) for hp in first]
-                if not searched_done(variant, entry, first):
-                    continue
-                searched = self._searched(variant, entry)
-                jobs += [(entry, variant, hp, 0) for hp in searched]
-                if not searched_done(variant, entry, searched):
-                    continue
-                chosen = self._choose(variant, entry, searched)
-                jobs += [(entry, variant, chosen, seed) for seed in range(self.seeds)]
-            for entry in [e for e in self.entries if e.ablation]:
-                base = self._entry(ablation_base(self.suite, entry))
-                if searched_done(variant, base, self._searched(variant, base)):
-                    jobs += [job for job in ablation_jobs if job[0] is entry and job[1] == variant]
+                if all_done(variant, entry, first):
+                    jobs += [(entry, variant, hp, 0) for hp in self._searched(variant, entry)]
+        for entry, variant, hparams, seed in self._tune():
+            row = self._entry(ablation_base(self.suite, entry)) if entry.ablation else entry
+            if all_done(variant, row, self._searched(variant, row)):  # its first stage included
+                jobs.append((entry, variant, hparams, seed))
         return sorted(jobs, key=lambda job: job[3])
 
     def _execute(self) -> None:
@@ -378,11 +371,11 @@ class SuiteRunner:
                 self._record(spec, *execute_run(config))
         else:
             self._execute_in_processes(pending)
-        for entry in [e for e in self.entries if e.ablation]:
+        ready = {job[0].label for job in self._ready_jobs()}
+        for entry in [e for e in self.entries if e.ablation and e.label not in ready]:
             base = ablation_base(self.suite, entry)
-            if not any(job[0] is entry for job in self._ready_jobs()):
-                log.warning("%s not trained: its base row %s is not tuned yet (train %s first, or without --models)",
-                            entry.label, base, base)
+            log.warning("%s not trained: its base row %s is not tuned yet (train %s first, or without --models)",
+                        entry.label, base, base)
 
     def _execute_in_processes(self, pending: Callable[[set[str]], list[tuple[dict, RunConfig]]]) -> None:
         import concurrent.futures as cf
