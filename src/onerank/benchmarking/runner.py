@@ -504,6 +504,7 @@ def run_benchmark(
         runner.started = time.time()
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
         runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
+        runner.results["workers"] = previous.get("workers", runner.results["workers"])  # ... and how many processes
         runner.count_time = False
         results = runner.finalize()
     else:
