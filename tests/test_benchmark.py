@@ -89,6 +89,7 @@ def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     rendered = json.loads((out / "results.json").read_text())
     assert rendered["summary"].keys() == results["summary"].keys()
     assert rendered["workers"] == 2 and rendered["command"] == stored["command"]
+    assert rendered["finished"] == stored["finished"] and rendered["wall_seconds"] == stored["wall_seconds"]
 
     # --publish writes the report into a page between the suite's markers, links relative to the page
     page = tmp_path / "docs" / "PAGE.md"
@@ -620,3 +621,21 @@ def test_kuairand_slices_partition_the_test_rows():
         assert masks[f"history {history_len}"].sum() == (lengths == history_len).sum()
     assert list(masks)[-4:] == ["video unseen in training", "video shown 1-4x", "video shown 5-49x",
                                 "video shown 50+x"]
+
+
+def test_every_label_of_a_shipped_suite_has_its_own_colour():
+    """One colour per model or variant within a suite's figures (bars carry no marker), the same in every figure; a
+    variant such as ``mmoe+distil`` is a lighter shade of its model's colour."""
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    from onerank.benchmarking.plots import MODEL_STYLES, style
+
+    for path in sorted(SUITES.glob("*.yaml")):
+        labels = [entry.label for entry in load_suite(path).models]
+        colours = [style(label)["color"] for label in labels]
+        assert len(set(colours)) == len(labels), (path.name, dict(zip(labels, colours)))
+    assert style("onerank") == style("onerank") and style("mmoe")["color"] == MODEL_STYLES["mmoe"][0]
+    variants = [style(f"{model}+distil")["color"] for model in ("mmoe", "ple", "onerank")]
+    assert len(set(variants)) == 3 and not set(variants) & {c for c, _ in MODEL_STYLES.values()}
+    base, shade = (rgb_to_hsv(to_rgb(c)) for c in (MODEL_STYLES["ple"][0], variants[1]))
+    assert abs(shade[0] - base[0]) < 0.01 and shade[1] < base[1]  # PLE's hue, paler

@@ -53,15 +53,37 @@ _FALLBACK = [("#000000", "o"), ("#5254a3", "s"), ("#8ca252", "^"), ("#bd9e39", "
 ORACLE_STYLE = {"color": "black", "marker": "*", "linestyle": ":", "markersize": 9}
 
 
+_VARIANT_TINTS = (0.45, 0.65, 0.3)  # how far a variant's colour moves from its base model's towards white
+_VARIANT_MARKERS = ("x", "d", "p", "*", "8")
+
+
 def style(label: str) -> dict:
     """Matplotlib keywords for ``label``: the same in every figure of every suite."""
     if label in MODEL_STYLES:
         colour, marker = MODEL_STYLES[label]
         return {"color": colour, "marker": marker, "linestyle": "-"}
     inner = label[label.find("[") + 1:-1] if label.endswith("]") and "[" in label else label
-    colour, marker = ABLATION_STYLES.get(inner) or _FALLBACK[
-        int(hashlib.sha1(label.encode()).hexdigest(), 16) % len(_FALLBACK)]
+    if inner in ABLATION_STYLES:
+        colour, marker = ABLATION_STYLES[inner]
+        return {"color": colour, "marker": marker, "linestyle": "--"}
+    digest = int(hashlib.sha1(label.encode()).hexdigest(), 16)
+    base = _base_model(label)
+    if base is not None:
+        # a variant of a zoo model (``mmoe+distil``, ``onerank[dim=64]``): a lighter shade of its model's colour,
+        # so that with / without pairs read together and two models' variants never share one fallback colour
+        tint = _VARIANT_TINTS[digest % len(_VARIANT_TINTS)]
+        rgb = np.array(matplotlib.colors.to_rgb(MODEL_STYLES[base][0]))
+        colour = matplotlib.colors.to_hex(rgb + (1.0 - rgb) * tint)
+        marker = _VARIANT_MARKERS[digest // len(_VARIANT_TINTS) % len(_VARIANT_MARKERS)]
+        return {"color": colour, "marker": marker, "linestyle": "--"}
+    colour, marker = _FALLBACK[digest % len(_FALLBACK)]
     return {"color": colour, "marker": marker, "linestyle": "--"}
+
+
+def _base_model(label: str) -> str | None:
+    """The zoo model a variant label starts with (``ple+distil`` -> ``ple``), the longest such name, else None."""
+    bases = [m for m in MODEL_STYLES if label.startswith(m) and label[len(m):len(m) + 1] in ("+", "[", "-", ":")]
+    return max(bases, key=len) if bases else None
 
 
 def _subplots(rows: int, cols: int, width: float = 4.2, height: float = 3.2):

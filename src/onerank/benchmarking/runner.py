@@ -451,7 +451,8 @@ class SuiteRunner:
             enc = dataset.split("test")
             labels[str(variant)] = {"labels": enc.labels, "mask": enc.label_mask, "user": enc.user,
                                     "oracle": (dataset.info.get("oracle") or {}).get("test")}
-        self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if self.count_time:  # a re-rendering keeps the time the runs finished
+            self.results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.results["summary"] = summarize(self.results, self.suite, self.predictions, labels,
                                             previous=self.previous_summary)
         self._save()
@@ -505,6 +506,7 @@ def run_benchmark(
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
         runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
         runner.results["workers"] = previous.get("workers", runner.results["workers"])  # ... and how many processes
+        runner.results["finished"] = previous.get("finished")
         runner.count_time = False
         results = runner.finalize()
     else:
