@@ -634,7 +634,7 @@ def test_every_label_of_a_shipped_suite_has_its_own_colour():
         labels = [entry.label for entry in load_suite(path).models]
         colours = [style(label)["color"] for label in labels]
         assert len(set(colours)) == len(labels), (path.name, dict(zip(labels, colours)))
-    assert style("onerank") == style("onerank") and style("mmoe")["color"] == MODEL_STYLES["mmoe"][0]
+    assert style("mmoe")["color"] == MODEL_STYLES["mmoe"][0] and style("transformer_mmoe+distil") != style("mmoe+distil")
     variants = [style(f"{model}+distil")["color"] for model in ("mmoe", "ple", "onerank")]
     assert len(set(variants)) == 3 and not set(variants) & {c for c, _ in MODEL_STYLES.values()}
     base, shade = (rgb_to_hsv(to_rgb(c)) for c in (MODEL_STYLES["ple"][0], variants[1]))
