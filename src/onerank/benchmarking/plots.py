@@ -81,9 +81,8 @@ def style(label: str) -> dict:
 
 
 def _base_model(label: str) -> str | None:
-    """The zoo model a variant label starts with (``ple+distil`` -> ``ple``), the longest such name, else None."""
-    bases = [m for m in MODEL_STYLES if label.startswith(m) and label[len(m):len(m) + 1] in ("+", "[", "-", ":")]
-    return max(bases, key=len) if bases else None
+    """The zoo model of a variant label (``ple+distil``, ``onerank[dim=64]``), else None."""
+    return next((m for m in MODEL_STYLES if label.startswith((m + "+", m + "["))), None)
 
 
 def _subplots(rows: int, cols: int, width: float = 4.2, height: float = 3.2):

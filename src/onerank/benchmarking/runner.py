@@ -504,9 +504,8 @@ def run_benchmark(
         runner._load_previous(without_predictions=True)
         runner.started = time.time()
         runner.results["previous_wall_seconds"] = previous.get("wall_seconds", 0.0)
-        runner.results["code"] = previous.get("code")  # the code that trained the runs, not the one re-rendering
-        runner.results["workers"] = previous.get("workers", runner.results["workers"])  # ... and how many processes
-        runner.results["finished"] = previous.get("finished")
+        for key in ("code", "workers", "finished"):  # how and when the runs were made, not the re-rendering
+            runner.results[key] = previous.get(key, runner.results.get(key))
         runner.count_time = False
         results = runner.finalize()
     else:
