@@ -38,6 +38,16 @@ class FeatureEmbedding(nn.Module):
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, dim))
         self._offset_cache: dict[tuple[str, ...], Tensor] = {}
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints of the first release hold one table per field (``tables.<field>.weight``, row 0 its padding
+        # row): the same rows, laid out one after the other as __init__ does.
+        old = [f"{prefix}tables.{name}.weight" for name in self.space.categorical_fields]
+        if f"{prefix}table.weight" not in state_dict and old and all(key in state_dict for key in old):
+            tables = [state_dict.pop(key) for key in old]
+            state_dict[f"{prefix}table.weight"] = torch.cat([tables[0][:1].new_zeros(1, self.dim)]
+                                                            + [t[1:] for t in tables])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def field_table(self, name: str) -> Tensor:
         """Field ``name``'s embedding rows, indexed by its codes ([V, d]; row 0 is the padding row)."""
         start = self.offsets[name] + 1

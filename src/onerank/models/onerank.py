@@ -558,10 +558,11 @@ class OneRank(MultiTaskModel):
     # point-wise loss and cost about 0.04 test AUC on KuaiRand (docs/onerank.md section 1.5).
     objective_defaults = {"pointwise": 1.0, "listwise": 0.1, "temperature": 1.0}
 
-    @classmethod
-    def saved_options(cls, options: dict) -> dict:
-        # checkpoints written before cross_task_block existed hold the post-norm layer (no gates)
-        return {"cross_task_block": "post_norm", **options}
+    # Before these options existed: "group" SD tokens were whole schema groups, task tokens entered the encoder bare
+    # (the template), scores were dot products, the cross-task layer was the post-norm block, and no task owned item
+    # embeddings.
+    added_options = {"sd_group_size": None, "task_token_input": "template", "scorer": "dot",
+                     "cross_task_block": "post_norm", "task_item_embedding": "off"}
 
     def __init__(self, space: FeatureSpace, config: OneRankConfig) -> None:
         super().__init__(space, config)
