@@ -122,11 +122,12 @@ def load(path: str | Path, kind: str | None = None) -> dict:
                               "exported from")
     try:
         state = read_plain(path)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} holds Python objects that are not plain data ({_refused(exc)}); refused "
-                              f"without running them: not {expected} written by onerank train, or a tampered "
-                              "file") from None
-    except Exception:
+    except Exception as exc:
+        refused = _refused(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(f"{path} holds Python objects that are not plain data (it names {refused}); "
+                                  f"refused without running them: not {expected} written by onerank train, or a "
+                                  "tampered file") from None
         raise CheckpointError(f"{path} is not a readable checkpoint: {_sniff(path)}; expected {expected} "
                               "written by onerank train") from None
     if not isinstance(state, dict):
@@ -159,10 +160,11 @@ def _numpy_arrays(obj: Any) -> Any:
     return obj
 
 
-def _refused(exc: pickle.UnpicklingError) -> str:
-    """The object the restricted unpickler refused, from its message (e.g. ``GLOBAL posix.system``)."""
+def _refused(exc: pickle.UnpicklingError) -> str | None:
+    """The object the restricted unpickler refused to build, from its message (``GLOBAL posix.system``, ``got
+    <class 'x.Y'>``); None when it stopped at bytes that are no pickle at all."""
     found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(exc))
-    return f"it names {found.group(1) or found.group(2)}" if found else str(exc).splitlines()[0][:120]
+    return (found.group(1) or found.group(2)) if found else None
 
 
 def _is_torchscript(path: Path) -> bool:
