@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import yaml
 
 import onerank
-from onerank.data.schema import SchemaError
+from onerank.data.schema import SchemaError, load_yaml
 from onerank.resources import shipped
 from onerank.training.config import RunConfig
 
@@ -63,8 +63,15 @@ def _existing_parent(path: str, flag: str) -> Path:
     return out
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(text: str, flag: str, key: str) -> Any:
+    """A flag's value as YAML 1.2 (``off`` and ``no`` stay strings, ``true`` / ``false`` are booleans, ``[1, 2]`` a
+    list); a value that is not YAML ends with one line naming the flag."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SchemaError(f"{flag} {key}={text!r} is not a valid value ({problem}); write a list as [a, b], a mapping "
+                          "as {a: 1}, and quote a string that holds such brackets") from None
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -73,8 +80,35 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise SchemaError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value)
+        out[key.strip()] = _parse_value(value, flag, key.strip())
     return out
+
+
+# RunConfig fields that hold free-form mappings: --set reaches any key inside them (checked where they are used)
+OPEN_MAPPINGS = ("dataset_options", "model_options", "objective", "weighting_options")
+
+
+def apply_settings(config: RunConfig, items: list[str] | None) -> RunConfig:
+    """``--set KEY.PATH=VALUE`` over a config (``train.weight_decay=0.01``, ``objective.listwise=0.1``,
+    ``model_options.dim=16``, ``dataset=census``), then checked like a config file: an unknown key, a wrong type or
+    an out-of-range value ends with one line naming it."""
+    raw = config.to_dict()
+    for key, value in _key_values(items, "--set").items():
+        path = key.split(".")
+        if path[0] not in raw:
+            raise SchemaError(f"--set {key}: no config key {path[0]!r}; expected one of {sorted(raw)}")
+        target = raw
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(target.get(part), dict):
+                if part not in target and path[0] in OPEN_MAPPINGS:
+                    target[part] = {}
+                else:
+                    raise SchemaError(f"--set {key}: {'.'.join(path[:i + 1])} holds no settings of its own")
+            target = target[part]
+        if path[0] == "train" and len(path) == 2 and path[1] not in target:
+            raise SchemaError(f"--set {key}: no train setting {path[1]!r}; expected one of {sorted(target)}")
+        target[path[-1]] = value
+    return RunConfig.from_dict(raw)
 
 
 def _bias_init(text: str) -> str | list[float]:
@@ -120,6 +154,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads per process")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config key, dotted (train.weight_decay=0.01, train.lr_schedule=cosine, "
+                        "objective.listwise=0.1); applied after the other flags and checked like a config file "
+                        "(repeatable)")
 
 
 def _config_path(text: str) -> Path:
@@ -166,7 +204,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     _distillation_flags(args, config)
     if args.cache_dir:
         config.cache_dir = args.cache_dir
-    return config.validated()
+    return apply_settings(config.validated(), args.set)
 
 
 def _distillation_flags(args: argparse.Namespace, config: RunConfig) -> None:
@@ -234,6 +272,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from onerank import api
     from onerank.training.trainer import write_json
 
+    model_settings = [s for s in args.set or [] if s.split("=", 1)[0].split(".")[0] in ("model", "model_options")]
+    if model_settings:
+        raise SchemaError(f"--set {model_settings[0]}: compare takes its models from --models and their options "
+                          "from --model-option MODEL.KEY=VALUE")
     config = _run_config(args)
     if args.output:
         _existing_parent(args.output, "--output")

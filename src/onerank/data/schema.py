@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -250,6 +251,41 @@ class Schema:
         return cls.from_dict(raw.get("schema", raw))
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for plain scalars: only ``true`` / ``false`` are booleans
+    (YAML 1.1 also reads ``yes``, ``no``, ``on``, ``off``, ``y``, ``n`` as booleans, so a documented value such as
+    ``contextualization: off`` arrived as False), integers are decimal (``010`` is 10), hexadecimal ``0x`` or octal
+    ``0o`` (no base-60 ``1:30``), and ``1e-3`` is a number (1.1 wants a dot)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                   list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                       r"|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+
+def _yaml12_int(loader: Yaml12Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0 if text.startswith(("0x", "0o")) else 10)
+
+
+Yaml12Loader.add_constructor(_INT, _yaml12_int)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, read as YAML 1.2 (see ``Yaml12Loader``); every YAML the project reads goes here."""
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level must be a mapping; every problem is a SchemaError naming the file."""
     path = Path(path)
@@ -258,7 +294,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise SchemaError(f"config file {path} is a folder; give a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except UnicodeDecodeError:
         raise SchemaError(f"{path}: not a text file; expected YAML") from None
     except yaml.YAMLError as exc:

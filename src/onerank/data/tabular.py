@@ -48,7 +48,7 @@ from onerank.data.encoding import RaggedHistory, check_constant_per_request
 from onerank.data.histories import build_histories
 from onerank.data.registry import register_dataset
 from onerank.data.requests import group_requests, request_start_times, size_distribution
-from onerank.data.schema import Schema, SchemaError, read_yaml_mapping
+from onerank.data.schema import Schema, SchemaError, load_yaml, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ TABULAR_MIN_COUNT = 2
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------------
 def _parse_scalar(value: Any) -> Any:
-    """Command-line options arrive as strings: "0.1" -> 0.1, "[a, b]" -> list, "null" -> None."""
+    """Command-line options arrive as strings: "0.1" -> 0.1, "[a, b]" -> list, "null" -> None (YAML 1.2: "off" and
+    "no" stay strings)."""
     if isinstance(value, str):
         try:
-            return yaml.safe_load(value)
+            return load_yaml(value)
         except yaml.YAMLError:
             return value
     return value
