@@ -21,7 +21,7 @@ from onerank.models.base import MultiTaskModel, build_config, build_model, model
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
 from onerank.training import checkpoint as ckpt
-from onerank.training import distributed
+from onerank.training import distributed, tracking
 from onerank.training.config import RunConfig, objective_config
 from onerank.data.schema import SchemaError
 from onerank.training.trainer import Trainer, TrainingDiverged, write_json
@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 # What makes a folder a run's: with any of these in it, a new run needs --resume or --overwrite.
 RUN_FILES = ("checkpoint.pt", "last.pt", "metrics.json")
 # Removed by --overwrite with the run files: what the old run wrote next to them (exports, logs).
-RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.torchscript.pt", "tensorboard")
+RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.pt2", "checkpoint.aoti.pt2", "checkpoint.torchscript.pt", "tensorboard",
+                 "mlruns")
 # Settings a resumed run may change: where and how fast it runs, and when it stops; anything else would make the
 # resumed run a different experiment than metrics.json says.
 RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", "train.progress", "train.tensorboard",
-                     "train.threads", "train.device", "train.compile", "train.eval_batch_size",
-                     "train.checkpoint_every"}
+                     "train.mlflow", "train.mlflow_uri", "train.mlflow_experiment", "train.threads", "train.device",
+                     "train.compile", "train.eval_batch_size", "train.checkpoint_every"}
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
@@ -92,6 +93,7 @@ def train(
     """
     config = config.validated()
     build_config(config.model, config.model_options)  # a misspelled model or option fails before any data is read
+    tracking.check_installed(config.train)
     distributed.setup(config.train.device)  # joins torchrun's process group; a no-op in a plain process
     if resume and out_dir is None:
         raise ValueError("resume needs the output folder of the run to continue")
@@ -129,10 +131,11 @@ def train(
             "history": state.history,
             "config": config.to_dict(),
         }
+        if out_dir is not None and distributed.info().is_main:
+            write_json(result, Path(out_dir) / "metrics.json")
+            trainer.loggers.log_artifacts([Path(out_dir) / "metrics.json", Path(out_dir) / "checkpoint.pt"])
     finally:
         trainer.close()
-    if out_dir is not None and distributed.info().is_main:
-        write_json(result, Path(out_dir) / "metrics.json")
     return result
 
 

@@ -15,10 +15,10 @@ import yaml
 
 import onerank
 from onerank.data.schema import SchemaError, load_yaml
-from onerank.resources import shipped
+from onerank.resources import MissingExtra, shipped
 from onerank.training.config import RunConfig
 
-USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError, MissingExtra)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -147,6 +147,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-option", action="append", metavar="KEY=VALUE",
                    help="another distillation option: ranking_weight, correction, hidden (repeatable)")
     p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
+    p.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under OUT/tensorboard "
+                   "(the tracking extra)")
+    p.add_argument("--mlflow", action="store_true", help="log an MLflow run: params, metrics, task weights, "
+                   "metrics.json and checkpoint.pt (the tracking extra)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else OUT/mlruns); "
+                   "implies --mlflow")
+    p.add_argument("--mlflow-experiment", help="MLflow experiment name (default onerank); implies --mlflow")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--no-progress", action="store_true")
@@ -185,6 +192,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:
         config.train.gradient_diagnostics = True
+    if args.tensorboard:
+        config.train.tensorboard = True
+    if args.mlflow or args.mlflow_uri or args.mlflow_experiment:
+        config.train.mlflow = True
+    if args.mlflow_uri:
+        config.train.mlflow_uri = args.mlflow_uri
+    if args.mlflow_experiment:
+        config.train.mlflow_experiment = args.mlflow_experiment
     if args.compile:
         config.train.compile = True
     if args.no_progress:

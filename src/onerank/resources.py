@@ -18,3 +18,21 @@ def shipped(name: str) -> Path:
         raise ValueError(f"unknown resource {name!r}; expected one of {sorted(CHECKOUT)}")
     packaged = PACKAGE / name
     return packaged if packaged.is_dir() else CHECKOUT[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optional dependencies: the extras of pyproject.toml
+# ---------------------------------------------------------------------------------------------------------------------
+class MissingExtra(RuntimeError):
+    """A command needs an optional dependency that is not installed; the message names the extra that brings it."""
+
+
+def require(extra: str, what: str, *modules: str) -> None:
+    """Raise ``MissingExtra`` naming ``onerank[extra]`` when any of ``modules`` (import names) is not installed.
+    Looks the modules up without importing them, so the check costs nothing where they are present."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs the optional dependencies of onerank[{extra}] ({', '.join(missing)} not "
+                           f"installed): pip install 'onerank[{extra}]'")
