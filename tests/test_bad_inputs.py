@@ -420,7 +420,7 @@ def test_bad_checkpoints_for_evaluate(kind, culprits, capsys, run, area, cache, 
                  watch=(area, tmp_path))
 
 
-@pytest.mark.parametrize("command", [["export", "--format", "torchscript"], ["serve", "--port", "0"]])
+@pytest.mark.parametrize("command", [["export", "--format", "pt2"], ["serve", "--port", "0"]])
 @pytest.mark.parametrize("kind", ["truncated", "random", "torchscript"])
 def test_bad_checkpoints_for_export_and_serve(command, kind, capsys, run, area, tmp_path):
     path = _bad_checkpoint(kind, run, tmp_path)

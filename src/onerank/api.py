@@ -20,6 +20,7 @@ from onerank.fusion.fit import FuseSettings
 from onerank.models.base import MultiTaskModel, build_config, build_model, model_class
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
+from onerank.resources import require
 from onerank.training import checkpoint as ckpt
 from onerank.training import distributed, tracking
 from onerank.training.config import RunConfig, objective_config
@@ -303,6 +304,7 @@ def fuse(
     and, in ``out_dir`` (default ``<checkpoint folder>/fusion``), ``report.json``, ``table.md``,
     ``reliability.png`` and ``pareto.png``. Neither is replaced unless ``overwrite``.
     """
+    require("fusion", "onerank fuse", "sklearn", "cmaes", "matplotlib")
     from onerank.fusion import default_path, file_sha256
     from onerank.fusion.fit import SplitData, format_report, fuse_predictions
 

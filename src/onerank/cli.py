@@ -15,7 +15,7 @@ import yaml
 
 import onerank
 from onerank.data.schema import SchemaError, load_yaml
-from onerank.resources import MissingExtra, shipped
+from onerank.resources import MissingExtra, require, shipped
 from onerank.training.config import RunConfig
 
 USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError, MissingExtra)
@@ -347,10 +347,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "onerank serve", "fastapi", "uvicorn", "prometheus_client")
     from onerank.serving.app import serve
 
     serve(
-        args.checkpoint, host=args.host, port=args.port, backend=args.backend, onnx_path=args.onnx,
+        args.checkpoint, host=args.host, port=args.port, backend=args.backend, export_path=args.export_file,
         fusion=_fusion(args), chunk_size=args.chunk_size, max_candidates=args.max_candidates,
         max_history=args.max_history, max_body_bytes=args.max_body_mb * 2**20, workers=args.workers,
         threads=args.threads, fusion_file=False if args.no_fusion_file else args.fusion_file,
@@ -407,6 +408,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
+    require("bench", "onerank benchmark", "matplotlib", "scipy")
     from onerank.benchmarking import run_benchmark
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -460,8 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--onnx", help="ONNX file for --backend onnx (default: next to the checkpoint)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "pt2"],
+                   help="torch: the checkpoint's model; onnx, pt2: its export (onerank export)")
+    p.add_argument("--export-file", "--onnx", dest="export_file", help="the export file of --backend onnx or pt2 "
+                   "(default: next to the checkpoint, CHECKPOINT.onnx / .pt2)")
     p.add_argument("--fusion", choices=["weighted_sum", "product"],
                    help="how task predictions become one score (default: the checkpoint's fitted fusion from "
                    "`onerank fuse`, else weighted_sum)")
@@ -517,10 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_fuse)
 
-    p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX, a torch.export program or an AOTInductor "
+                       "package (checked against PyTorch)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "pt2", "aoti"],
+                   help="onnx (ONNX Runtime; the serve extra), pt2 (torch.export program: batches of requests, served "
+                   "by --backend pt2), aoti (pt2 compiled ahead of time by AOTInductor, for Python and C++; needs a "
+                   "C++ compiler)")
+    p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .pt2 / .aoti.pt2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/NAME.yaml): tables, tests, plots")

@@ -55,6 +55,8 @@ class FeatureEmbedding(nn.Module):
         return torch.cat([self.table.weight[:1], rows])
 
     def _offsets(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():  # graph capture (torch.export) records the offsets as constants instead
+            return torch.tensor([self.offsets[n] for n in names], dtype=torch.long, device=device)
         cached = self._offset_cache.get(names)
         if cached is None or cached.device != device:
             cached = torch.tensor([self.offsets[n] for n in names], dtype=torch.long, device=device)
