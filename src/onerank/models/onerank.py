@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
-from onerank.data.schema import SchemaError
+from onerank.data.schema import CANDIDATE_GROUPS, SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
 from onerank.models.base import MultiTaskModel, register_model
@@ -195,8 +195,8 @@ class Tokenizer(nn.Module):
         self.space = space
         self.embedding = FeatureEmbedding(space, d)
         dense = space.schema.dense
-        self.sd_dense = [i for i, f in enumerate(dense) if f.group != "item"]
-        self.item_dense = [i for i, f in enumerate(dense) if f.group == "item"]
+        self.sd_dense = [i for i, f in enumerate(dense) if f.group not in CANDIDATE_GROUPS]
+        self.item_dense = [i for i, f in enumerate(dense) if f.group in CANDIDATE_GROUPS]
         self.anchors = list(config.anchor_sequences)
         self.history = [s for s in space.sequences if s not in self.anchors]
         if space.item_fields:
@@ -218,7 +218,7 @@ class Tokenizer(nn.Module):
         # up to sd_group_size fields of one schema group: one token per field lets 30-odd user fields crowd out the
         # candidate and the history in every attention row (KuaiRand: 62-69 % of the task tokens' attention) and
         # costs width; a handful of group tokens keeps the user side's detail in their projections.
-        groups = [f.group for f in space.schema.categorical if f.group != "item"]
+        groups = [f.group for f in space.schema.categorical if f.group not in CANDIDATE_GROUPS]
         groups += [dense[i].group for i in self.sd_dense]
         self.sd_groups = []
         if config.sd_tokens == "group" or (config.sd_tokens == "auto" and len(groups) > MANY_SD_FIELDS):

@@ -22,6 +22,7 @@ import torch
 
 import onerank
 from onerank.data.encoding import Encoders
+from onerank.data.schema import CANDIDATE_GROUPS
 from onerank.features.space import FeatureSpace
 from onerank.fusion import AnyFusion, Fusion, file_sha256, load_for_checkpoint
 from onerank.resources import require
@@ -298,7 +299,7 @@ class Ranker:
             "schema": {
                 "user": [f.name for f in schema.categorical + schema.dense if f.group == "user"],
                 "context": [f.name for f in schema.categorical + schema.dense if f.group == "context"],
-                "candidate": [f.name for f in schema.categorical + schema.dense if f.group == "item"],
+                "candidate": [f.name for f in schema.categorical + schema.dense if f.group in CANDIDATE_GROUPS],
                 "item_id": schema.item_id,
                 "dense": [f.name for f in schema.dense],
                 "histories": {s.name: {"max_len": s.max_len} for s in schema.sequences},
