@@ -9,7 +9,7 @@ for, and at the end its files (``metrics.json``, ``checkpoint.pt``) as artefacts
 MLflow: the run goes to ``train.mlflow_uri``, else to ``MLFLOW_TRACKING_URI``, else to a local file store in the
 run's folder (``OUT/mlruns``; ``mlflow ui --backend-store-uri OUT/mlruns`` shows it). MLflow 3 keeps its file store
 in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``; onerank sets that for the file store it chose itself.
-Weights & Biases is left out: its client brings its own service binary, which would more than double the extra.
+Weights & Biases is left out: its client's wheel carries 76 MB of binaries of its own (docs/architecture.md).
 """
 
 from __future__ import annotations
