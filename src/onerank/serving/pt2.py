@@ -113,11 +113,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
-def load_program(path: str | Path) -> Callable[..., tuple[Tensor, ...]]:
+def load_program(path: str | Path, device: torch.device | None = None) -> Callable[..., tuple[Tensor, ...]]:
     """The program of a .pt2 file written by ``onerank export --format pt2``, after :func:`check_program_archive`
-    (an ``UnsafeProgram`` naming what it refused otherwise)."""
+    (an ``UnsafeProgram`` naming what it refused otherwise), on ``device`` (default: where it was exported, the
+    CPU)."""
     check_program_archive(path)
-    return torch.export.load(str(path)).module()
+    program = torch.export.load(str(path))
+    if device is not None and device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)  # weights and the constants the graph holds
+    return program.module()
 
 
 def load_own_package(path: str | Path) -> Callable[..., tuple[Tensor, ...]]:

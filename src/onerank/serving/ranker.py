@@ -120,9 +120,7 @@ class Pt2Backend:
         from onerank.serving import pt2
         from onerank.serving.export import input_arrays
 
-        self.program = pt2.load_program(path)
-        if device.type != "cpu":
-            self.program = self.program.to(device)
+        self.program = pt2.load_program(path, device)
         self.device = device
         self.space = space
         self._input_arrays = input_arrays
