@@ -77,14 +77,18 @@ def main() -> None:
     project = tomllib.loads(Path(args.pyproject).read_text())["project"]
     installs = ["default", *project.get("optional-dependencies", {})]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    clean = not subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    # clean: no change in the checkout but the results file itself
+    ignore = [f":!{Path(args.out).resolve().relative_to(ROOT)}"] if args.out and Path(args.out).resolve().is_relative_to(
+        ROOT) else []
+    clean = not subprocess.run(["git", "status", "--porcelain", "--", ".", *ignore], cwd=ROOT, capture_output=True,
+                               text=True).stdout
     rows = []
     for install in installs:
         dists = closure(requirements(project, install))
         sizes = {name: sum(f.size or 0 for f in dist.files or []) for name, dist in dists.items()}
         total, torch = sum(sizes.values()), sizes.get("torch", 0)
         rows.append({
-            "label": args.label, "install": install, "distributions": len(dists), "torch": dists["torch"].version,
+            "label": args.label, "commit": commit, "clean": clean, "install": install, "distributions": len(dists), "torch": dists["torch"].version,
             "mb_total": round(total / 1e6, 1), "mb_without_torch": round((total - torch) / 1e6, 1),
             "largest_without_torch": sorted(((round(v / 1e6, 1), k) for k, v in sizes.items() if k != "torch"),
                                             reverse=True)[:6],
@@ -95,7 +99,7 @@ def main() -> None:
         path = Path(args.out)
         previous = json.loads(path.read_text())["rows"] if path.exists() else []
         keep = [r for r in previous if r["label"] != args.label]
-        path.write_text(json.dumps({"commit": commit, "clean": clean, "python": sys.version.split()[0],
+        path.write_text(json.dumps({"python": sys.version.split()[0],
                                     "method": "closure of requirements over installed metadata, RECORD file sizes",
                                     "rows": keep + rows}, indent=1) + "\n")
 
