@@ -225,7 +225,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, dict]:
     meta = state["meta"]
     try:
         space = FeatureSpace.from_dict(meta["space"])
-        model = build_model(meta["model"], space, model_class(meta["model"]).saved_options(meta["model_config"]))
+        model = build_model(meta["model"], space, model_class(meta["model"]).saved_options(meta["model_config"], space))
     except (KeyError, SchemaError) as exc:
         raise ckpt.CheckpointError(f"{path}: cannot rebuild its model {meta['model']!r} ({exc}); it was written by "
                                    f"onerank {state.get('onerank_version', '< 0.1.0')}: retrain or use that version")
