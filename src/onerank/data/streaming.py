@@ -381,6 +381,19 @@ class StreamingBatchLoader:
         return self.epoch(0)
 
 
+def parquet_labels(source: str | Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(labels, label masks) per task of a whole encoded Parquet dataset, read column by column (no other column)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(source), format="parquet").to_table(
+        columns=[f"labels.{t}" for t in tasks] + [f"label_mask.{t}" for t in tasks]
+    )
+    return (
+        {t: table.column(f"labels.{t}").to_numpy() for t in tasks},
+        {t: table.column(f"label_mask.{t}").to_numpy() for t in tasks},
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # When to stream
 # ---------------------------------------------------------------------------------------------------------------------
@@ -446,6 +459,6 @@ def _manifest(path: Path) -> dict:
 
 
 __all__ = [
-    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "save_streaming_dataset",
-    "split_nbytes", "stream_source_for", "write_encoded_parquet",
+    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "parquet_labels",
+    "save_streaming_dataset", "split_nbytes", "stream_source_for", "write_encoded_parquet",
 ]
