@@ -41,8 +41,6 @@ RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", 
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
-    import onerank.data.streaming  # noqa: F401  (registers the "encoded" dataset: a train split kept on disk)
-
     if config.cache_dir is not None and Path(config.cache_dir).exists() and not Path(config.cache_dir).is_dir():
         raise SchemaError(f"--cache-dir {config.cache_dir} is a file; give a folder (it is created when missing)")
 

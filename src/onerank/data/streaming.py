@@ -37,7 +37,6 @@ import torch
 
 from onerank.data.batching import Batch, BatchLoader, TensorSplit
 from onerank.data.dataset import EncodedDataset, EncodedSplit
-from onerank.data.registry import register_dataset
 from onerank.data.schema import SchemaError
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,6 @@ def save_streaming_dataset(
     return directory
 
 
-@register_dataset("encoded")
 def load_streaming_dataset(
     data_dir: str | Path | None, cache_root: str | Path | None = None, **options
 ) -> EncodedDataset:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
-import pkgutil
 import typing
 from typing import Any, ClassVar
 
@@ -20,6 +18,7 @@ from onerank.data.batching import Batch
 from onerank.data.schema import SchemaError, typed
 from onerank.features.space import FeatureSpace
 from onerank.nn.mlp import MLP
+from onerank.resources import Registry
 
 
 class MultiTaskModel(nn.Module, abc.ABC):
@@ -136,38 +135,37 @@ class TaskTowers(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Registry
+# Registry: model names -> classes, imported on first use (adding a model is adding a file and a line here)
 # ---------------------------------------------------------------------------------------------------------------------
-_MODELS: dict[str, type[MultiTaskModel]] = {}
+MODELS: Registry[type[MultiTaskModel]] = Registry("model", {
+    "single_task": "onerank.models.single_task:SingleTask",
+    "shared_bottom": "onerank.models.shared_bottom:SharedBottom",
+    "omoe": "onerank.models.mmoe:OMoE",
+    "mmoe": "onerank.models.mmoe:MMoE",
+    "ple": "onerank.models.ple:PLE",
+    "esmm": "onerank.models.esmm:ESMM",
+    "aitm": "onerank.models.aitm:AITM",
+    "stem": "onerank.models.stem:STEM",
+    "dtrn": "onerank.models.dtrn:DTRN",
+    "dtrn_mmoe": "onerank.models.dtrn:DTRNMMoE",
+    "dtrn_ple": "onerank.models.dtrn:DTRNPLE",
+    "transformer_mmoe": "onerank.models.transformer_heads:TransformerMMoE",
+    "transformer_ple": "onerank.models.transformer_heads:TransformerPLE",
+    "onerank": "onerank.models.onerank:OneRank",
+}, SchemaError)
 
 
-def register_model(name: str):
-    def decorate(cls: type[MultiTaskModel]) -> type[MultiTaskModel]:
-        cls.model_name = name
-        _MODELS[name] = cls
-        return cls
-
-    return decorate
-
-
-def _discover() -> None:
-    # Every module of this package registers its models on import: adding a model is adding a file.
-    import onerank.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"onerank.models.{info.name}")
+def register_model(name: str, model: type[MultiTaskModel] | str) -> None:
+    """Make ``model`` (a ``MultiTaskModel`` class, or its ``"module:Class"``) the model ``name``."""
+    MODELS.register(name, model)
 
 
 def model_names() -> list[str]:
-    _discover()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_class(name: str) -> type[MultiTaskModel]:
-    _discover()
-    if name not in _MODELS:
-        raise SchemaError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def build_config(name: str, options: dict | None = None) -> Any:

@@ -21,7 +21,7 @@ from onerank.data.batching import Batch
 from onerank.data.schema import SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, register_model
+from onerank.models.base import MultiTaskModel
 from onerank.models.onerank_checkpoints import saved_options
 from onerank.nn.mlp import MLP
 from onerank.nn.structured import (
@@ -304,7 +304,6 @@ class CrossTaskAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------------
-@register_model("onerank")
 class OneRank(MultiTaskModel):
     Config = OneRankConfig
     needs_requests = True
