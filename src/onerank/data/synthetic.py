@@ -530,7 +530,7 @@ def oracle_metrics(sim: Simulation) -> dict[str, dict]:
         rows = (imp["split"] == name).to_numpy()
         users = pd.factorize(imp["user_id"][rows])[0]
         oracle[name] = {
-            t: {k: v for k, v in task_metrics(TaskSpec(t), imp[t].to_numpy()[rows], sim.probability[t][rows],
+            t: {k: v for k, v in task_metrics("binary", imp[t].to_numpy()[rows], sim.probability[t][rows],
                                               users).items() if k in ("auc", "gauc", "logloss")}
             for t in TASKS
         }

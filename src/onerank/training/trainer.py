@@ -372,7 +372,8 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
         enc = self.dataset.split(split)
         preds = self.predict(split)
-        return evaluate_predictions(self.tasks, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
+        kinds = {t.name: t.kind for t in self.tasks}
+        return evaluate_predictions(kinds, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
 
     def close(self) -> None:
         if self._writer is not None:
