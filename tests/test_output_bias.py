@@ -79,7 +79,7 @@ def test_auto_bias_init_uses_the_training_split_base_rates(tiny_dataset, name):
 def test_streamed_training_split_gives_the_same_base_rates(tiny_dataset, tmp_path):
     streamed = api.build_trainer(config(streaming="on", stream_buffer_rows=128), tiny_dataset, out_dir=tmp_path)
     try:
-        assert streamed.streaming
+        assert streamed.data.streaming
         got = {t: b.item() for t, b in streamed.model.output_biases().items()}
     finally:
         streamed.close()
