@@ -132,6 +132,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="torchrec: embedding tables sharded over the processes (extra onerank[torchrec]; docs/scaling.md)")
     p.add_argument("--sharding", choices=["auto", "table_wise", "column_wise", "row_wise"],
                    help="how TorchRec shards the tables (default: its planner's choice)")
+    p.add_argument("--embedding-optimizer", choices=["adam", "adagrad"],
+                   help="the embedding tables' optimiser (torchrec on CPU: adagrad)")
 
 
 def _config_path(text: str) -> Path:
@@ -155,7 +157,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     for flag, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                        ("patience", "patience"), ("device", "device"), ("precision", "precision"),
                        ("streaming", "streaming"), ("threads", "threads"),
-                       ("embedding_tables", "embedding_tables"), ("sharding", "sharding")):
+                       ("embedding_tables", "embedding_tables"), ("sharding", "sharding"),
+                       ("embedding_optimizer", "embedding_optimizer")):
         if getattr(args, flag) is not None:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:

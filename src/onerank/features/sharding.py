@@ -39,6 +39,14 @@ def shard(model: nn.Module, settings: TableSettings, device: torch.device) -> di
     from torchrec.distributed.shard import shard_modules
     from torchrec.distributed.types import ShardingEnv
 
+    if settings.optimizer == "adam" and device.type == "cpu":
+        raise ValueError("embedding_tables: torchrec on CPU: FBGEMM's CPU kernels train tables with Adagrad (or SGD), "
+                         "not Adam; set train.embedding_optimizer: adagrad (--embedding-optimizer adagrad)")
+    from torchrec.distributed import comm_ops
+
+    if not comm_ops.GRADIENT_DIVISION:  # the tables' gradients would be W times the global-batch mean's
+        raise ValueError("TorchRec's gradient division is off (comm_ops.set_gradient_division(False)); sharded tables "
+                         "need it on to train like one process")
     embeddings = list(feature_embeddings(model))
     if not embeddings:
         raise ValueError(f"{type(model).__name__} has no FeatureEmbedding: nothing to shard")
@@ -46,7 +54,6 @@ def shard(model: nn.Module, settings: TableSettings, device: torch.device) -> di
     world = dist.get_world_size(group)
     for _, fe in embeddings:
         fe.use_torchrec()
-        fe.torchrec.gradient_scale = 1.0 / world
     sharder = EmbeddingCollectionSharder(fused_params=fused_parameters(settings))
     types = ["table_wise", "column_wise", "row_wise"] if settings.sharding == "auto" else [settings.sharding]
     constraints = {f: ParameterConstraints(sharding_types=types) for _, fe in embeddings for f in fe.torchrec.fields}
@@ -66,7 +73,7 @@ def shard(model: nn.Module, settings: TableSettings, device: torch.device) -> di
 
 def fused_parameters(settings: TableSettings) -> dict[str, Any]:
     """FBGEMM's optimiser for the tables: the fused-table optimiser's rule and hyper-parameters (Adam as torch's
-    AdamW without weight decay, or exact Adagrad), applied to the rows of the batch only."""
+    AdamW without weight decay, CUDA only; or exact Adagrad), applied to the rows of the batch only."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
     if settings.optimizer == "adagrad":

@@ -16,9 +16,9 @@ optimiser once per backward of each lookup; the model, however, reads the same f
 (candidate, histories, OneRank's item tokens). So the rows are fetched once per forward: a hook before the model's
 forward collects every code the batch holds, per field, looks the distinct ones up in one call (``TorchRecTables.fetch``),
 and the model's lookups index that small block. The update is then one optimiser step on the summed gradient of each
-row, as with the fused table. Rows come back from the other ranks with their gradients summed over ranks, while DDP
-averages the dense gradients: the fetched rows' gradients are divided by the world size so that both are the gradient
-of the global-batch mean.
+row, as with the fused table. TorchRec divides the rows' gradients by the world size on their way back to the owning
+rank (its ``comm_ops`` gradient division, on by default), as DDP averages the dense ones, so both are the gradient of
+the global-batch mean (each rank's loss is rescaled to its share of it: ``training/distributed.py``).
 
 TorchRec and FBGEMM are the optional extra ``onerank[torchrec]``; this module imports them only when asked for.
 """
@@ -124,7 +124,6 @@ class TorchRecTables(nn.Module):
         with torch.no_grad():
             for f, weight in rows.items():
                 self.collection.embeddings[f].weight.copy_(weight)
-        self.gradient_scale = 1.0  # 1 / world size once sharded (see the module doc)
         self._fetched: dict[str, tuple[Tensor, Tensor]] = {}
 
     def fetch(self, codes: dict[str, list[Tensor]]) -> None:
@@ -141,9 +140,7 @@ class TorchRecTables(nn.Module):
         lengths = torch.tensor([len(d) for d in distinct], dtype=torch.int32)
         features = KeyedJaggedTensor.from_lengths_sync(keys=self.fields, values=torch.cat(distinct), lengths=lengths)
         out = self.collection(features)
-        self._fetched = {
-            f: (d, _ScaledGradient.apply(out[f].values(), self.gradient_scale)) for f, d in zip(self.fields, distinct)
-        }
+        self._fetched = {f: (d, out[f].values()) for f, d in zip(self.fields, distinct)}
 
     def lookup(self, codes: Tensor, names: list[str] | tuple[str, ...]) -> Tensor:
         """codes [..., len(names)] -> [..., len(names), d], from the rows fetched for this forward."""
@@ -166,19 +163,6 @@ class TorchRecTables(nn.Module):
 
     def _device(self) -> torch.device:
         return next(iter(self.collection.parameters()), torch.empty(0)).device
-
-
-class _ScaledGradient(torch.autograd.Function):
-    """Identity forward; the gradient times ``scale`` (see the module doc: rows are summed over ranks)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale if ctx.scale != 1.0 else grad, None
 
 
 __all__ = [

@@ -66,7 +66,7 @@ class TrainConfig:
     embedding_tables: Literal["fused", "torchrec"] = "fused"
     sharding: Literal["auto", "table_wise", "column_wise", "row_wise"] = "auto"  # torchrec: "auto" = the planner's pick
     # the embedding tables' optimiser: "adam" (fused tables: part of the AdamW, or its own Adam with embedding_lr;
-    # torchrec: FBGEMM's Adam on the batch's rows only) or "adagrad" (exact Adagrad, the same in both)
+    # torchrec: FBGEMM's Adam on the batch's rows only, CUDA only) or "adagrad" (exact Adagrad, the same in both)
     embedding_optimizer: Literal["adam", "adagrad"] = "adam"
 
 

@@ -21,10 +21,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from onerank.features import sharding
 from onerank.training.checkpoint import CheckpointError
 
 # What a DCP plan pickles (checked on torch 2.13): its dataclasses, torch's Size, dtypes and layouts, and the path it
@@ -117,12 +120,36 @@ def load(state: dict[str, Any], directory: str | Path) -> None:
     if not (directory / ".metadata").is_file():
         raise CheckpointError(f"{directory} is not a sharded checkpoint (no .metadata); expected the folder written "
                               "by onerank train with embedding_tables: torchrec")
-    dcp.load(state, storage_reader=SafeReader(directory), planner=TensorsOnly(),
-             no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, storage_reader=SafeReader(directory), planner=TensorsOnly(),
+                 no_dist=not dist.is_initialized())
+    except CheckpointException as exc:  # DCP wraps every rank's failure; its text holds ours
+        reason = str(exc)
+        refused = next((line for line in reason.splitlines() if "refusing" in line), None)
+        if refused is not None:
+            raise CheckpointError(f"{directory}: {refused.split('failed: ', 1)[-1].split('; rank local')[0]}") from None
+        raise CheckpointError(f"{directory}: not a readable sharded checkpoint ({reason.strip().splitlines()[-1]})") \
+            from None
+
+
+def load_unsharded(model: nn.Module, directory: str | Path) -> None:
+    """Read the tables of a sharded checkpoint (``last.dcp``, written by any number of ranks) whole into ``model``, a
+    model of the same kind with the fused table (an unsharded model, e.g. for serving or export). In a plain process."""
+    embeddings = [(path, fe) for path, fe in sharding.feature_embeddings(model) if fe.torchrec is None]
+    wanted: dict[str, Tensor] = {}
+    for path, fe in embeddings:
+        prefix = f"{path}.torchrec.collection.embeddings." if path else "torchrec.collection.embeddings."
+        for name in fe.space.categorical_fields:
+            wanted[prefix + name + ".weight"] = torch.zeros(fe.space.vocab_sizes[name], fe.dim)
+    load({"tables": wanted}, directory)
+    with torch.no_grad():
+        for path, fe in embeddings:
+            prefix = f"{path}.torchrec.collection.embeddings." if path else "torchrec.collection.embeddings."
+            fe.table.weight.copy_(fe.fused_weight({n: wanted[prefix + n + ".weight"] for n in fe.space.categorical_fields}))
 
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-__all__ = ["SafeReader", "TensorsOnly", "load", "save"]
+__all__ = ["SafeReader", "TensorsOnly", "load", "load_unsharded", "save"]

@@ -249,9 +249,9 @@ class Trainer:
                 raise ValueError("resume needs a checkpoint path or an output directory")
             state = ckpt.load(path, kind="resume")
         try:
-            missing, unexpected = self.model.load_state_dict(state["model"], strict=not self.sharded)
-            if set(missing) - sharding.sharded_state_keys(self.model) or unexpected:
-                raise RuntimeError(f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+            # the sharded tables are in last.dcp: here they keep their own values (TorchRec's load expects them)
+            live = self.model.state_dict()
+            self.model.load_state_dict({**state["model"], **{k: live[k] for k in sharding.sharded_state_keys(self.model)}})
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{path}: its weights do not fit this run's model "
                                        f"({str(exc).splitlines()[0]}); start a new run (--overwrite)") from None
