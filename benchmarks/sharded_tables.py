@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish_only:
         publish(json.loads(args.json.read_text()), args.publish)
         return
-    load_before = os.getloadavg()
+    load_before, code = os.getloadavg(), code_version()  # the code that runs, before anything is committed meanwhile
     with tempfile.TemporaryDirectory(prefix="onerank-sharded-") as tmp:
         start = time.perf_counter()
         ds = _hashed(raw_dataset(args.rows, args.valid_rows, seed=0), args.buckets)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(args.world_size)]
     result = {
         "benchmark": "sharded_tables",
-        "code": code_version(),
+        "code": code,
         "torch": torch.__version__,
         "torchrec": _version("torchrec"),
         "fbgemm_gpu": _version("fbgemm_gpu"),
