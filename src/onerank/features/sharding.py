@@ -23,11 +23,6 @@ def feature_embeddings(model: nn.Module) -> Iterator[tuple[str, FeatureEmbedding
             yield name, module
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether the model's tables are TorchRec's: its forward is then a collective (every rank calls it as often)."""
-    return any(fe.torchrec is not None for _, fe in feature_embeddings(model))
-
-
 def shard(model: nn.Module, settings: TableSettings, device: torch.device) -> dict[str, Any]:
     """Move every ``FeatureEmbedding`` of ``model`` to TorchRec tables and shard them over the process group (a group
     of one process is started when there is none: the tables are then trained by the same fused kernels on one rank).
@@ -224,7 +219,7 @@ def _copy_into_shards(value: Any, whole: Tensor) -> None:
 
 
 __all__ = [
-    "feature_embeddings", "fused_optimizers", "fused_parameters", "is_sharded", "load_plain_state_dict",
+    "feature_embeddings", "fused_optimizers", "fused_parameters", "load_plain_state_dict",
     "plain_state_dict", "shard", "sharded_parameter_names", "sharded_paths", "sharded_state_keys", "step_counters",
     "table_bytes",
 ]

@@ -94,6 +94,9 @@ class Trainer:
         self.meta = meta or {}
         self.oov_dropout = {f.name: f.oov_dropout for f in self.dataset.schema.categorical if f.oov_dropout > 0}
         self.train_loader = data.train
+        if config.embedding_tables == "torchrec" and config.compile:
+            raise ValueError("train.compile does not combine with embedding_tables: torchrec (its sharded lookups are "
+                             "collectives torch.compile cannot trace); drop one of the two")
         # TorchRec tables (features/tables.py): sharded over the ranks, updated by their fused optimisers in backward
         self.table_plan = sharding.shard(self.model, self.table_settings(), self.device) \
             if config.embedding_tables == "torchrec" else {}
