@@ -26,8 +26,10 @@ def table(runs: list[dict]) -> str:
             cells.append(f"{row['train_samples_per_s']:,.0f}, {row['data_share']:.1%}, {row['busy']:.2f}")
         lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
     loads = ", ".join(f"{r['load_average'][0]:.1f}" for r in runs)
-    lines += ["", f"(Load average when each run started: {loads}, on a machine with 2 cores shared with other jobs; "
-              "the data share is the wall time spent waiting for the next batch.)"]
+    commits = ", ".join(f"`{(r.get('code') or {}).get('git_commit', '?')[:10]}`"
+                        f"{' (uncommitted changes)' if (r.get('code') or {}).get('git_dirty') else ''}" for r in runs)
+    lines += ["", f"(Commits: {commits}. Load average when each run started: {loads}, on a machine with 2 cores shared "
+              "with other jobs; the data share is the wall time spent waiting for the next batch.)"]
     return "\n".join(lines)
 
 

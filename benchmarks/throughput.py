@@ -262,7 +262,10 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.precision}; measured matrix-multiply peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     stream_dir = Path(tempfile.mkdtemp(prefix="onerank-throughput-"))
-    report = {"streaming": args.streaming, "stream_prefetch": args.stream_prefetch if args.streaming else None,
+    from onerank.benchmarking.runner import code_version
+
+    report = {"code": code_version(), "streaming": args.streaming,
+              "stream_prefetch": args.stream_prefetch if args.streaming else None,
               "load_average": os.getloadavg(), "peak_flops_per_s": peak, "threads": args.threads,
               "precision": args.precision,
               "batch_size": args.batch_size, "torch": torch.__version__, "results": []}
