@@ -33,7 +33,7 @@ from onerank.nn.transformer import FeedForward, MultiHeadAttention
 @dataclass
 class OneRankExperimental:
     """Switches no suite runs: the paper's other ablations (section 1.6), its optional preference anchors, and the
-    forms older checkpoints hold. docs/onerank.md section 2 says what each measured."""
+    forms older checkpoints hold (docs/onerank.md section 2; none was measured on this project's data)."""
 
     anchor_sequences: tuple[str, ...] = ()  # behaviour sequences read as preference-anchor groups, not history
     sd_mlp: bool = False  # s = an MLP over the SD embeddings instead of the mean of the final SD states
