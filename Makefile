@@ -22,7 +22,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP := $(BIN)/python -m pip install --quiet
 # TorchRec for the sharded-table tests: it requires the distribution fbgemm-gpu (PyPI's is the 2.7 GB CUDA build), so it
 # is installed without dependencies after dev, which brings PyPI's CPU build (fbgemm-gpu-cpu) and its other
-# requirements (pyproject.toml, extra torchrec-cpu; about 50 MB)
+# requirements (pyproject.toml, extra torchrec-cpu; about 50 MB; Linux only, elsewhere those tests skip)
 TORCHREC_VERSION ?= 1.8.0
 
 $(STAMP): pyproject.toml | $(BIN)/python
