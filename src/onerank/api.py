@@ -37,7 +37,7 @@ RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.torchscript.pt", "tensorboard")
 # resumed run a different experiment than metrics.json says.
 RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", "train.progress", "train.tensorboard",
                      "train.threads", "train.device", "train.compile", "train.eval_batch_size",
-                     "train.checkpoint_every"}
+                     "train.checkpoint_every", "train.stream_prefetch"}
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
@@ -61,7 +61,7 @@ def run_data(config: RunConfig, dataset: EncodedDataset, by_request: bool, out_d
     return training_data(
         dataset, train.batch_size, train.seed, by_request, streaming or train.streaming, train.streaming_threshold_mb,
         train.stream_buffer_rows, out_dir, where.rank, where.world_size, distributed.all_ranks,
-        distributed.rank_zero_first,
+        distributed.rank_zero_first, train.stream_prefetch,
     )
 
 
@@ -191,7 +191,8 @@ def claim_out_dir(out: Path, overwrite: bool) -> None:
 
 def check_same_run(saved_meta: dict, config: RunConfig, path: Path) -> None:
     """A resumed run trains with the settings it started with (see RESUMABLE_CHANGES)."""
-    before = _flat(saved_meta.get("run_config") or {})
+    defaults = _flat(RunConfig().to_dict())  # a setting added since the run started counts as its default
+    before = {**{k: v for k, v in defaults.items() if k.startswith("train.")}, **_flat(saved_meta.get("run_config") or {})}
     now = _flat(config.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
@@ -255,6 +256,7 @@ def checkpoint_trainer(
     """A trainer around a checkpoint's model and its dataset (re-loaded from cache), ready to predict a split."""
     model, meta = load_checkpoint(path)
     config = RunConfig.from_dict(meta["run_config"])
+    config.train.embedding_tables = "fused"  # checkpoint.pt holds the plain layout, whatever trained it
     if data_dir is not None:
         config.data_dir = data_dir
     if cache_dir is not None:

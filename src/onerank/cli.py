@@ -128,6 +128,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads per process")
+    p.add_argument("--embedding-tables", choices=["fused", "torchrec"],
+                   help="torchrec: embedding tables sharded over the processes (extra onerank[torchrec]; docs/scaling.md)")
+    p.add_argument("--sharding", choices=["auto", "table_wise", "column_wise", "row_wise"],
+                   help="how TorchRec shards the tables (default: its planner's choice)")
+    p.add_argument("--embedding-optimizer", choices=["adam", "adagrad"],
+                   help="the embedding tables' optimiser (torchrec on CPU: adagrad)")
 
 
 def _config_path(text: str) -> Path:
@@ -150,7 +156,9 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         config.dataset_options["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for flag, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                        ("patience", "patience"), ("device", "device"), ("precision", "precision"),
-                       ("streaming", "streaming"), ("threads", "threads")):
+                       ("streaming", "streaming"), ("threads", "threads"),
+                       ("embedding_tables", "embedding_tables"), ("sharding", "sharding"),
+                       ("embedding_optimizer", "embedding_optimizer")):
         if getattr(args, flag) is not None:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:

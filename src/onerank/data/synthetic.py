@@ -582,7 +582,9 @@ def build_raw(config: SyntheticConfig | None = None, **options) -> RawDataset:
 
 def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, **options) -> EncodedDataset:
     """Load the synthetic dataset (``data_dir`` is ignored: nothing is read from disk). ``options``: the fields of
-    ``SyntheticConfig``; every one of them and the generator version are in the cache key."""
+    ``SyntheticConfig`` and ``hash_buckets`` (``load_or_build``); every one of them and the generator version are in the
+    cache key."""
+    hash_buckets = options.pop("hash_buckets", None)  # {field: buckets}: hashed ids instead of vocabularies
     config = SyntheticConfig.from_options(options)
     key = {"dataset": "synthetic", "generator": GENERATOR_VERSION, "config": dataclasses.asdict(config)}
-    return load_or_build("synthetic", key, lambda: build_raw(config), cache_root)
+    return load_or_build("synthetic", key, lambda: build_raw(config), cache_root, hash_buckets)
