@@ -45,7 +45,7 @@ class FittedFusion:
             "file": self.source,
             "checkpoint_sha256": self.checkpoint_sha256,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
-            "fusion": None if self.fusion is None else self.fusion.to_dict(),
+            "fusion": None if self.fusion is None else getattr(self.fusion, "summary", self.fusion.to_dict)(),
             "info": self.info,
         }
 
@@ -105,7 +105,7 @@ def load_for_checkpoint(checkpoint: str | Path, path: str | Path | None = None,
     try:
         fitted = FittedFusion.from_dict(json.loads(path.read_text()))
         fitted.source = str(path)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"fusion file {path} is unreadable ({exc}); fit it again with `onerank fuse`") from None
     sha = checkpoint_sha256 or file_sha256(checkpoint)
     if fitted.checkpoint_sha256 != sha:
