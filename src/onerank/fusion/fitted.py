@@ -18,6 +18,7 @@ import numpy as np
 
 from onerank.fusion.calibration import Calibration
 from onerank.fusion.forms import AnyFusion, fusion_from_dict
+from onerank.fusion.policy import PolicyFusion
 from onerank.training.checkpoint import file_sha256
 
 FORMAT = 1
@@ -35,7 +36,7 @@ class FittedFusion:
 
     checkpoint_sha256: str
     calibration: Calibration | None = None
-    fusion: AnyFusion | None = None
+    fusion: AnyFusion | PolicyFusion | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what it was fitted for and how it did (value, k, figures)
     source: str | None = None  # the file it was read from
 
@@ -68,7 +69,7 @@ class FittedFusion:
         return cls(
             checkpoint_sha256=raw["checkpoint_sha256"],
             calibration=None if raw.get("calibration") is None else Calibration.from_dict(raw["calibration"]),
-            fusion=None if raw.get("fusion") is None else fusion_from_dict(raw["fusion"]),
+            fusion=None if raw.get("fusion") is None else _fusion_from_dict(raw["fusion"]),
             info=raw.get("info", {}),
         )
 
@@ -87,6 +88,11 @@ class FittedFusion:
                 os.unlink(tmp)
             raise
         return path
+
+
+def _fusion_from_dict(raw: dict[str, Any]) -> AnyFusion | PolicyFusion:
+    """A static fusion form, or a fusion policy (per-request weights from the session state, docs/rl_fusion.md)."""
+    return PolicyFusion.from_dict(raw) if raw.get("kind") == "policy" else fusion_from_dict(raw)
 
 
 def load_for_checkpoint(checkpoint: str | Path, path: str | Path | None = None,

@@ -144,8 +144,4 @@ def fusion_from_dict(raw: dict[str, Any]) -> AnyFusion:
         arr = lambda key: np.asarray(raw[key], dtype=np.float64)  # noqa: E731
         return MonotoneFusion(list(raw["tasks"]), dict(raw["task_kinds"]), arr("shift"), arr("scale"), arr("W"),
                               arr("b"), arr("v"), arr("u"))
-    if kind == "policy":  # per-request weights from the session state (onerank.fusion.policy, docs/rl_fusion.md)
-        from onerank.fusion.policy import PolicyFusion
-
-        return PolicyFusion.from_dict(raw)
-    raise ValueError(f"fusion kind must be 'weighted_sum', 'product', 'monotone' or 'policy', not {kind!r}")
+    raise ValueError(f"fusion kind must be 'weighted_sum', 'product' or 'monotone', not {kind!r}")
