@@ -378,7 +378,7 @@ def checkpoint_simulation(checkpoint: str | Path, settings=None, seed: int = 0, 
                          seed + 10_000)
     calibrate_leave(world, starts, static_policy(centre), sim_config, settings.satisfaction, settings.target_depth)
     sha = ckpt.file_sha256(checkpoint)
-    return CheckpointSimulation(world, scorers, users, tasks, centre, {
+    return CheckpointSimulation(world, log_, scorers, users, tasks, centre, {
         "checkpoint_sha256": sha, "model": meta["model"],
         "calibration": None if fitted.calibration is None else fitted.calibration.to_dict(),
         "static_fusion": fitted.fusion.to_dict()})
@@ -411,9 +411,10 @@ def fuse_batch_rl(checkpoint: str | Path, sessions: str | Path, settings=None, f
                   overwrite: bool = False, evaluate: bool = True) -> dict[str, Any]:
     """Train a fusion policy (``BatchRLSettings``: BCQ or CQL) on logged sessions of ``checkpoint`` and write it as the
     checkpoint's fusion file (default beside it), with the calibration the sessions were logged with. ``evaluate``:
-    also the conservative FQE estimate, on the logs, of the new policy and of the logging policy's static centre."""
+    also the conservative FQE estimate, on the logs, of the new policy and of the logging policy's static centre
+    (each critic trained for ``settings.steps`` steps)."""
     from onerank.fusion import Calibration, FittedFusion, default_path, file_sha256
-    from onerank.fusion.batch_rl import BatchRLSettings, LoggedSessions, conservative_fqe, train_policy
+    from onerank.fusion.batch_rl import BatchRLSettings, FQESettings, LoggedSessions, conservative_fqe, train_policy
     from onerank.simulator.policies import fusion_policy, static_policy
 
     checkpoint = Path(checkpoint)
@@ -439,8 +440,9 @@ def fuse_batch_rl(checkpoint: str | Path, sessions: str | Path, settings=None, f
                               "sessions": int(logged.initial.sum()), "requests": int(len(logged.session))}
     if evaluate:
         centre = np.asarray(logged.meta.get("logging_policy", {}).get("centre", np.zeros(len(logged.tasks))))
-        report["conservative_fqe"] = {"policy": conservative_fqe(logged, fusion_policy(policy))["estimate"],
-                                      "logging_centre": conservative_fqe(logged, static_policy(centre))["estimate"]}
+        fqe = FQESettings(steps=settings.steps, seed=settings.seed)  # the critic gets the policy's budget
+        report["conservative_fqe"] = {"policy": conservative_fqe(logged, fusion_policy(policy), fqe)["estimate"],
+                                      "logging_centre": conservative_fqe(logged, static_policy(centre), fqe)["estimate"]}
     policy.info["report"] = report
     FittedFusion(sha, calibration, policy, info={"method": "batch-rl", "sessions": str(sessions), **report}).save(
         fusion_path, overwrite=overwrite)

@@ -30,6 +30,7 @@ from onerank.simulator.response import SESSION_DECAY, SESSION_SIGNALS, UNIFORMS,
 # ranker scorer: (user ids [N], pools of video ids [N, P]) -> calibrated predictions [N, P, K] of the fused tasks
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 STATE_USER_FIELDS = ("user_active_degree", "is_lowactive_period")
+RESPONSES = ("click", "long_view", "completion", "like", "comment", "forward", "play_s")
 assert SESSION_DECAY == RECENT_DECAY, "the policy's recent interactions are the response model's session sums"
 
 
@@ -166,8 +167,8 @@ class SessionBatch:
         return np.concatenate([self.user_block[rows], np.column_stack(cols)], axis=1)
 
     def step(self, rows: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
-        """One request for each session in ``rows`` (live ones): returns reward, terminated, truncated, impressions
-        and the slates' video ids per row."""
+        """One request for each session in ``rows`` (live ones): returns reward, terminated, truncated, impressions,
+        the slates' video ids and the responses per row ([R, slate_size] per response, NaN after the user left)."""
         config, world = self.config, self.world
         weights = action_weights(actions, config.action_scale)  # [R, K]
         scores = np.einsum("rpk,rk->rp", self.starts.predictions[rows], weights)
@@ -175,6 +176,7 @@ class SessionBatch:
         slate = np.argsort(-scores, axis=1, kind="stable")[:, : config.slate_size]  # [R, k] pool positions
         self.shown[rows[:, None], slate] = True
         reward = np.zeros(len(rows))
+        responses = {name: np.full((len(rows), config.slate_size), np.nan) for name in RESPONSES}  # NaN: unseen
         left = np.zeros(len(rows), dtype=bool)
         shown_count = np.zeros(len(rows), dtype=np.int64)
         n_pool = self.starts.pools.shape[1]
@@ -196,6 +198,8 @@ class SessionBatch:
             self.signals[sess] = SESSION_DECAY * self.signals[sess] + np.column_stack(
                 [values[s] for s in SESSION_SIGNALS])
             reward[active] += config.reward(answer)
+            for name in RESPONSES:
+                responses[name][active, j] = answer[name]
             self.impressions[sess] += 1
             shown_count[active] += 1
             hazard = world.leave.hazard(position, {s: self.signals[sess, i] for i, s in enumerate(SESSION_SIGNALS)})
@@ -205,7 +209,7 @@ class SessionBatch:
         self.alive[rows] = ~(left | truncated)
         self.total_reward[rows] += reward
         return {"reward": reward, "terminated": left, "truncated": truncated, "impressions": shown_count,
-                "slate": self.starts.pools[rows[:, None], slate]}
+                "slate": self.starts.pools[rows[:, None], slate], "responses": responses}
 
 
 Policy = Callable[[np.ndarray], np.ndarray]  # raw states [B, D] -> actions [B, K] in [-1, 1]
@@ -289,8 +293,14 @@ def make_env(world: World, users: np.ndarray, scorer: Scorer, config: SimulatorC
             self.world, self.users, self.scorer, self.config = world, np.asarray(users), scorer, config
             probe = draw_starts(world, self.users[:1], 1, config.pool_size, scorer, 0)
             self.num_tasks = probe.predictions.shape[2]
-            dim = sum(len(v) + 1 for v in world.user_fields.values()) + len(SESSION_FEATURES)
-            self.observation_space = gymnasium.spaces.Box(0.0, np.inf, (dim,), np.float32)
+            # bounds: one-hots, log1p of the counts, decayed sums of at most 1 / (1 - decay) times their largest term
+            longest_play = np.log1p(3.0 * float(world.builder.duration.max()))
+            recent_high = {"recent_play": longest_play / (1 - SESSION_DECAY)}
+            session_high = [np.log1p(config.max_requests) if f == "requests" else
+                            np.log1p(config.max_impressions) if f == "impressions" else
+                            recent_high.get(f, 1.0 / (1 - SESSION_DECAY)) for f in SESSION_FEATURES]
+            high = np.r_[np.ones(sum(len(v) + 1 for v in world.user_fields.values())), session_high].astype(np.float32)
+            self.observation_space = gymnasium.spaces.Box(np.zeros_like(high), high, (len(high),), np.float32)
             self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (self.num_tasks,), np.float32)
             self.batch: SessionBatch | None = None
 

@@ -10,6 +10,7 @@ import numpy as np
 from onerank.fusion.batch_rl import LoggedSessions
 from onerank.simulator.env import SessionStarts, SimulatorConfig, World, simulate
 from onerank.simulator.leave import LeaveModel
+from onerank.simulator.logs import KuaiRandLog
 from onerank.simulator.policies import Policy, exploring_policy
 
 
@@ -83,6 +84,7 @@ class CheckpointSimulation:
     checkpoint's fusion file), the fused tasks and the static fusion's action (the logging policy's centre)."""
 
     world: World
+    log: KuaiRandLog
     scorers: dict  # split -> RankerScorer
     users: dict  # split -> raw user ids with a context in that split and side features
     tasks: list[str]
