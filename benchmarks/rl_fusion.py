@@ -63,7 +63,7 @@ def fit_report(sim, settings: SimulationSettings, seed: int) -> dict:
     one_by_one = SimulatorConfig(slate_size=1, pool_size=settings.pool_size, max_requests=settings.pool_size)
     assumed = world.leave
     world.leave = LeaveModel(**report["leave_fitted_on_train"]["model"])
-    starts = draw_starts(world, sim.users["test"], 2000, settings.pool_size, sim.scorers["test"], seed + 20_000)
+    starts = draw_starts(world, sim.users["test"], 500, settings.pool_size, sim.scorers["test"], seed + 20_000)
     fitted_lengths = simulate(world, starts, static_policy(sim.centre), one_by_one).session_depth()
     world.leave = assumed
     app = simulate(world, starts, static_policy(sim.centre), settings.config()).session_depth()
@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     started = time.time()
     timings: dict[str, float] = {}
-    settings = SimulationSettings(target_depth=args.target_depth)
+    settings = SimulationSettings(target_depth=args.target_depth, max_train_rows=args.train_rows,
+                                  calibration_sessions=args.calibration_sessions)
     sim = api.checkpoint_simulation(args.checkpoint, settings, seed=0, data_dir=args.data_dir)
     timings["simulator"] = time.time() - started
+    print(f"simulator fitted and calibrated ({timings['simulator']:.0f} s)", flush=True)
     config = settings.config()
     results: dict = {"checkpoint": str(args.checkpoint), "tasks": sim.tasks, "static_fusion": sim.meta["static_fusion"],
                      "centre_action": sim.centre.tolist(), "settings": settings.to_dict(),
@@ -87,9 +89,10 @@ def run(args: argparse.Namespace) -> dict:
     t = time.time()
     results["fit"] = fit_report(sim, settings, 0)
     timings["fit_report"] = time.time() - t
+    print(f"fit report ({timings['fit_report']:.0f} s)", flush=True)
 
     t = time.time()
-    swapped = fit_world(sim.log, "logistic", seed=0)
+    swapped = fit_world(sim.log, "logistic", seed=0, max_train_rows=args.train_rows)
     calibration_starts = draw_starts(swapped, sim.users["valid"], settings.calibration_sessions, settings.pool_size,
                                      sim.scorers["valid"], 10_000)
     calibrate_leave(swapped, calibration_starts, static_policy(sim.centre), config, settings.satisfaction,
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     results["response_logistic"] = response_fit(swapped, sim.log, "test")
     results["world_logistic"] = swapped.describe()
     timings["swapped_simulator"] = time.time() - t
+    print(f"swapped simulator ({timings['swapped_simulator']:.0f} s)", flush=True)
     worlds = {"gbdt": sim.world, "logistic": swapped}
 
     per_seed = []
@@ -295,6 +299,10 @@ def main() -> None:
     parser.add_argument("--cql-steps", type=int, default=1500)
     parser.add_argument("--fqe-steps", type=int, default=3000)
     parser.add_argument("--target-depth", type=float, default=30.0)
+    parser.add_argument("--train-rows", type=int, default=60_000,
+                        help="train-day rows the response models are fitted on (a seeded sample; all: 0)")
+    parser.add_argument("--calibration-sessions", type=int, default=200,
+                        help="sessions the leave model's intercept is calibrated on")
     parser.add_argument("--report-only", action="store_true", help="re-render the figure and table from results.json")
     parser.add_argument("--publish", help="page whose rl_fusion results block gets the table")
     parser.add_argument("--figure-link", default="../benchmarks/results/rl_fusion/rl_fusion.png",
@@ -308,6 +316,7 @@ def main() -> None:
             raise SystemExit(f"{out}/results.json exists: a run never overwrites another's; choose a new --out")
         if not args.checkpoint:
             raise SystemExit("--checkpoint is required")
+        args.train_rows = args.train_rows or None
         out.mkdir(parents=True, exist_ok=True)
         results = run(args)
         (out / "results.json").write_text(json.dumps(results, indent=1))

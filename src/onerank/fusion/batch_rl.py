@@ -303,7 +303,7 @@ class FQESettings:
     batch_size: int = 256
     hidden: tuple[int, ...] = (64, 64)
     lr: float = 1e-3
-    tau: float = 0.005  # target network update rate
+    tau: float = 0.05  # target network update rate: evaluation, not control, so the targets may follow quickly
     conservative_weight: float = 1.0  # penalty on Q(s, pi(s)) - Q(s, a_logged), in reward-spread units
     seed: int = 0
 

@@ -50,7 +50,7 @@ class SimulationSettings:
 
 
 def calibrate_leave(world: World, starts: SessionStarts, policy: Policy, config: SimulatorConfig,
-                    satisfaction: dict[str, float], target_depth: float, iterations: int = 14) -> LeaveModel:
+                    satisfaction: dict[str, float], target_depth: float, iterations: int = 10) -> LeaveModel:
     """The assumed leave model whose intercept makes the mean session depth under ``policy`` on ``starts`` equal
     ``target_depth`` (bisection: the depth falls as the intercept rises)."""
     lo, hi = -10.0, 5.0

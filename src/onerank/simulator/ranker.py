@@ -37,7 +37,8 @@ class RankerScorer:
         self.user_vocab, self.item_vocab = vocab[schema.user_id], vocab[schema.item_id]
         user_codes = self.enc.categorical[schema.user_id]
         first = np.unique(user_codes, return_index=True)
-        self.context_row = dict(zip(first[0].tolist(), first[1].tolist()))
+        # users unseen in train share the OOV code: none of them has a context of its own
+        self.context_row = {c: r for c, r in zip(first[0].tolist(), first[1].tolist()) if c >= 2}
         self.item_table = {k: torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in dataset.item_table.items()}
         self.request_categorical = [f.name for f in schema.categorical if f.group != "item"]
         self.item_categorical = [f.name for f in schema.categorical if f.group == "item" and f.name != schema.item_id]
@@ -50,7 +51,7 @@ class RankerScorer:
     def users(self) -> np.ndarray:
         """Raw ids of the users who have a context in this split."""
         codes = np.array(sorted(self.context_row), dtype=np.int64)
-        return np.asarray(self.user_vocab.to_list(), dtype=object)[codes].astype(np.int64)
+        return np.asarray(self.user_vocab.to_list(), dtype=object)[codes - 2].astype(np.int64)  # known codes from 2
 
     def __call__(self, users: np.ndarray, pools: np.ndarray) -> np.ndarray:
         schema = self.dataset.schema
