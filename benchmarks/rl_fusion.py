@@ -75,6 +75,7 @@ def fit_report(sim, settings: SimulationSettings, seed: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
+    code = code_version()  # the code that runs (later commits to the checkout do not change this process)
     started = time.time()
     timings: dict[str, float] = {}
     settings = SimulationSettings(target_depth=args.target_depth, max_train_rows=args.train_rows,
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     results["timings_seconds"] = {**timings, "total": time.time() - started}
     results["machine"] = {"loadavg_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
                           "note": "a 2-core machine shared with other jobs; timings are not benchmarks"}
-    results["code"] = code_version()
+    results["code"] = code
     return results
 
 

@@ -39,8 +39,11 @@ ARRAYS = ("session", "states", "actions", "rewards", "terminated", "truncated", 
 def require_d3rlpy():
     try:
         import d3rlpy
+        import structlog
     except ImportError:
         raise ValueError("batch RL fusion needs d3rlpy: pip install 'onerank[rl]'") from None
+    # d3rlpy reports every fit's set-up and epochs through structlog at INFO; onerank reports its own summary
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     return d3rlpy
 
 

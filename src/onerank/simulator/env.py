@@ -17,7 +17,7 @@ interface (gymnasium is in the ``rl`` extra).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -325,7 +325,3 @@ def make_env(world: World, users: np.ndarray, scorer: Scorer, config: SimulatorC
             return self.batch.observe(np.array([0]))[0].astype(np.float32)
 
     return FusionEnv()
-
-
-def config_dict(config: SimulatorConfig) -> dict:
-    return asdict(config)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from onerank.fusion.policy import PolicyFusion
-
-Policy = Callable[[np.ndarray], np.ndarray]
+from onerank.simulator.env import Policy
 
 
 def static_policy(action: np.ndarray) -> Policy:
