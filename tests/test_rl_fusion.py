@@ -405,3 +405,42 @@ def test_mlp_from_dict_refuses_mismatched_layers():
         MLP.from_dict([layer, {"weight": [[1.0, 2.0]], "bias": [0.0]}], "actor")
     with pytest.raises(ValueError, match="lists of numbers"):
         MLP.from_dict([{"weight": "__import__('os')", "bias": [0.0]}], "actor")
+
+
+def test_the_ranker_scorer_scores_a_pool_as_the_model_scores_logged_rows(tmp_path):
+    """A pool video scored in a user's context gets the model's prediction of the logged row that showed it."""
+    from onerank import api
+    from onerank.data.batching import BatchLoader, tensor_splits
+    from onerank.simulator.ranker import RankerScorer
+    from onerank.training.config import RunConfig, TrainConfig
+    from zoo_helpers import real_dataset
+
+    ds = real_dataset("kuairand")
+    config = RunConfig(dataset="kuairand", model="mmoe",
+                       train=TrainConfig(epochs=1, batch_size=256, progress=False, tensorboard=False))
+    api.train(config, out_dir=tmp_path, dataset=ds)
+    model, _ = api.load_checkpoint(tmp_path / "checkpoint.pt")
+    split = ds.valid
+    loader = BatchLoader(tensor_splits(ds)["valid"], len(split))
+    with torch.inference_mode():
+        logged = {t: v.numpy() for t, v in model.predict(next(iter(loader))).items()}
+    vocab = ds.encoders.vocabularies
+    users_raw = np.asarray(vocab["user_id"].to_list(), dtype=object)
+    videos_raw = np.asarray(vocab["video_id"].to_list(), dtype=object)
+    user_codes, video_codes = split.categorical["user_id"], split.categorical["video_id"]
+    _, first = np.unique(user_codes, return_index=True)
+    rows = np.array([r for r in first if user_codes[r] >= 2 and video_codes[r] >= 2])[:20]
+    scaler = ds.encoders.scalers["duration"]
+    seconds = {videos_raw[video_codes[r] - 2]: float(np.expm1(split.dense["duration"][r] * scaler.std + scaler.mean))
+               for r in rows}
+    tasks = ["click", "long_view", "like"]
+    scorer = RankerScorer(model, ds, "valid", tasks, lambda v: np.array([seconds.get(x, 10.0) for x in v]))
+    users = users_raw[user_codes[rows] - 2].astype(np.int64)
+    assert set(users) <= set(scorer.users().tolist())
+    other = videos_raw[video_codes[rows[::-1]] - 2].astype(np.int64)  # a second pool video: another row's
+    pools = np.stack([videos_raw[video_codes[rows] - 2].astype(np.int64), other], axis=1)
+    scores = scorer(users, pools)
+    assert scores.shape == (len(rows), 2, len(tasks))
+    for i, t in enumerate(tasks):
+        assert np.allclose(scores[:, 0, i], logged[t][rows], atol=1e-5), t
+    assert not np.allclose(scores[:, 0, 0], scores[:, 1, 0])
