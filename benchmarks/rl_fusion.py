@@ -73,7 +73,7 @@ def fit_report(sim, settings: SimulationSettings, seed: int) -> dict:
     return report
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, out: Path) -> dict:
     torch.set_num_threads(1)
     code = code_version()  # the code that runs (later commits to the checkout do not change this process)
     started = time.time()
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         log_starts = draw_starts(sim.world, sim.users["valid"], args.log_sessions, settings.pool_size,
                                  sim.scorers["valid"], seed)
         logged = log_sessions(sim.world, log_starts, sim.centre, settings, sim.tasks, seed, sim.meta)
+        logged.save(out / f"sessions_seed{seed}.npz")
         record["logs"] = {"sessions": int(logged.initial.sum()), "requests": int(len(logged.session)),
                           "mean_return": float(np.bincount(logged.session, logged.rewards).sum()
                                                / logged.initial.sum())}
@@ -121,11 +122,14 @@ def run(args: argparse.Namespace) -> dict:
             t = time.time()
             policy, _ = train_policy(logged, BatchRLSettings(algorithm=algorithm, steps=steps, seed=seed))
             record["training"][algorithm] = {"seconds": time.time() - t, "curve": policy.info["training_curve"]}
+            (out / f"policy_{algorithm}_seed{seed}.json").write_text(json.dumps(policy.to_dict()))
             policies[algorithm] = fusion_policy(policy)
         t = time.time()
         record["fqe"] = {name: conservative_fqe(logged, policies[name], FQESettings(steps=args.fqe_steps,
                                                                                     seed=seed))["estimate"]
                          for name in POLICIES}
+        record["fqe_plain"] = {name: conservative_fqe(logged, policies[name], FQESettings(
+            steps=args.fqe_steps, seed=seed, conservative_weight=0.0))["estimate"] for name in POLICIES}
         record["seconds_fqe"] = time.time() - t
         t = time.time()
         eval_starts = draw_starts(sim.world, sim.users["test"], args.eval_sessions, settings.pool_size,
@@ -150,10 +154,14 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"{metric}_vs_cma-es_percent"] = interval(100 * (values - base) / base)
             summary[world][name] = row
     fqe = np.array([[r["fqe"][n] for n in POLICIES] for r in per_seed])
+    plain = np.array([[r["fqe_plain"][n] for n in POLICIES] for r in per_seed])
     sim_value = np.array([[r["simulated"]["gbdt"][n]["discounted_return"] for n in POLICIES] for r in per_seed])
     logged_value = np.array([r["logs"]["mean_return"] for r in per_seed])
     results["ope"] = {
         "estimates": {n: interval(fqe[:, i]) for i, n in enumerate(POLICIES)},
+        "plain_estimates": {n: interval(plain[:, i]) for i, n in enumerate(POLICIES)},
+        "plain_pearson": float(stats.pearsonr(plain.ravel(), sim_value.ravel())[0]),
+        "plain_spearman": float(stats.spearmanr(plain.ravel(), sim_value.ravel())[0]),
         "pearson": float(stats.pearsonr(fqe.ravel(), sim_value.ravel())[0]),
         "spearman": float(stats.spearmanr(fqe.ravel(), sim_value.ravel())[0]),
         "within_seed_spearman": interval([stats.spearmanr(fqe[s], sim_value[s])[0] for s in range(len(per_seed))]),
@@ -219,13 +227,15 @@ def render(results: dict, figure: str | None) -> str:
     ope = results["ope"]
     lines += ["**Conservative FQE on the logs vs the simulated discounted return** (gamma "
               f"{results['settings']['gamma']})", "",
-              "| fusion | conservative FQE estimate | simulated discounted return |", "|---|---|---|"]
+              "| fusion | conservative FQE estimate | plain FQE estimate | simulated discounted return |",
+              "|---|---|---|---|"]
     for name in POLICIES:
-        lines.append(f"| {LABELS[name]} | {_ci(ope['estimates'][name])} | "
+        lines.append(f"| {LABELS[name]} | {_ci(ope['estimates'][name])} | {_ci(ope['plain_estimates'][name])} | "
                      f"{_ci(results['summary']['gbdt'][name]['discounted_return'])} |")
-    lines += ["", f"Correlation over the {ope['points']} (policy, seed) points: Pearson {ope['pearson']:.2f}, "
-              f"Spearman {ope['spearman']:.2f}; ranking of the four policies within a seed: Spearman "
-              f"{_ci(ope['within_seed_spearman'])}.", ""]
+    lines += ["", f"Correlation with the simulated discounted return over the {ope['points']} (policy, seed) points: "
+              f"conservative FQE Pearson {ope['pearson']:.2f}, Spearman {ope['spearman']:.2f} (ranking of the four "
+              f"policies within a seed: Spearman {_ci(ope['within_seed_spearman'])}); plain FQE Pearson "
+              f"{ope['plain_pearson']:.2f}, Spearman {ope['plain_spearman']:.2f}.", ""]
     fit = results["fit"]
     lines += ["**The simulator's fit to the held-out test days** (response models: the marginal probability of each "
               "behaviour given the real session so far)", "",
@@ -308,11 +318,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder of results.json and rl_fusion.png (new unless "
                         "--report-only)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--log-sessions", type=int, default=2000)
-    parser.add_argument("--eval-sessions", type=int, default=500)
-    parser.add_argument("--bcq-steps", type=int, default=1500)
-    parser.add_argument("--cql-steps", type=int, default=1500)
-    parser.add_argument("--fqe-steps", type=int, default=3000)
+    parser.add_argument("--log-sessions", type=int, default=1000)
+    parser.add_argument("--eval-sessions", type=int, default=300)
+    parser.add_argument("--bcq-steps", type=int, default=2000)
+    parser.add_argument("--cql-steps", type=int, default=2000)
+    parser.add_argument("--fqe-steps", type=int, default=1200)
     parser.add_argument("--target-depth", type=float, default=30.0)
     parser.add_argument("--train-rows", type=int, default=60_000,
                         help="train-day rows the response models are fitted on (a seeded sample; all: 0)")
@@ -333,7 +343,7 @@ def main() -> None:
             raise SystemExit("--checkpoint is required")
         args.train_rows = args.train_rows or None
         out.mkdir(parents=True, exist_ok=True)
-        results = run(args)
+        results = run(args, out)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "rl_fusion.png")
     text = render(results, args.figure_link)

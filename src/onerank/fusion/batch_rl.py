@@ -187,15 +187,20 @@ class BatchRLSettings:
     candidates: int = 10  # bcq: actions proposed per state (BCQ's n; the fixed latent draws when served)
     perturbation: float = 0.05  # bcq: the perturbation's bound (BCQ's Phi)
     conservative_weight: float = 5.0  # cql: alpha of the conservative penalty
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
+    # learning rates (None: BCQ 1e-3 for every network, as in its paper and d3rlpy; CQL 3e-4, SAC's)
+    actor_lr: float | None = None
+    critic_lr: float | None = None
+
+    def rates(self) -> tuple[float, float]:
+        default = 1e-3 if self.algorithm == "bcq" else 3e-4
+        return (self.actor_lr or default, self.critic_lr or default)
 
     def check(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"batch RL algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
         if min(self.steps, self.batch_size, self.candidates, *self.hidden) < 1:
             raise ValueError("steps, batch_size, candidates and hidden sizes must be >= 1")
-        if not (self.perturbation > 0 and self.conservative_weight >= 0 and self.actor_lr > 0 and self.critic_lr > 0):
+        if not (self.perturbation > 0 and self.conservative_weight >= 0 and min(self.rates()) > 0):
             raise ValueError("perturbation and learning rates must be > 0, conservative_weight >= 0")
 
 
@@ -252,17 +257,18 @@ def train_policy(sessions: LoggedSessions, settings: BatchRLSettings,
     dataset = mdp_dataset(sessions, spec, reward_scale)
     d3rlpy.seed(settings.seed)
     encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=list(settings.hidden))
+    actor_lr, critic_lr = settings.rates()
     if settings.algorithm == "bcq":
         config = d3rlpy.algos.BCQConfig(
             actor_encoder_factory=encoder, critic_encoder_factory=encoder, imitator_encoder_factory=encoder,
             batch_size=settings.batch_size, gamma=sessions.gamma, n_action_samples=settings.candidates,
-            action_flexibility=settings.perturbation, actor_learning_rate=settings.actor_lr,
-            critic_learning_rate=settings.critic_lr, imitator_learning_rate=settings.critic_lr)
+            action_flexibility=settings.perturbation, actor_learning_rate=actor_lr, critic_learning_rate=critic_lr,
+            imitator_learning_rate=critic_lr)
     else:
         config = d3rlpy.algos.CQLConfig(
             actor_encoder_factory=encoder, critic_encoder_factory=encoder, batch_size=settings.batch_size,
             gamma=sessions.gamma, conservative_weight=settings.conservative_weight, n_action_samples=10,
-            actor_learning_rate=settings.actor_lr, critic_learning_rate=settings.critic_lr)
+            actor_learning_rate=actor_lr, critic_learning_rate=critic_lr)
     algo = config.create(device="cpu")
     history = []
     for epoch, metrics in algo.fitter(dataset, n_steps=settings.steps, n_steps_per_epoch=max(settings.steps // 10, 1),
@@ -307,7 +313,7 @@ class FQESettings:
     hidden: tuple[int, ...] = (64, 64)
     lr: float = 1e-3
     tau: float = 0.05  # target network update rate: evaluation, not control, so the targets may follow quickly
-    conservative_weight: float = 1.0  # penalty on Q(s, pi(s)) - Q(s, a_logged), in reward-spread units
+    conservative_weight: float = 1.0  # weight of the penalty on unconfirmed improvements (0: plain FQE)
     seed: int = 0
 
 
@@ -316,10 +322,13 @@ def conservative_fqe(sessions: LoggedSessions, actions_of: Callable[[np.ndarray]
     """The value of the policy ``actions_of`` (raw states [B, D] -> actions [B, K]) at the logged sessions' first
     states, by fitted Q evaluation on the logs with a conservative penalty:
 
-    ``loss = E[(Q(s, a) - r - gamma (1 - left) Q'(s', pi(s')))^2] + w E[Q(s, pi(s)) - Q(s, a)]``
+    ``loss = E[(Q(s, a) - r - gamma (1 - left) Q'(s', pi(s')))^2] + w E[max(0, Q(s, pi(s)) - Q(s, a))^2]``
 
-    (``a``: the logged action; a cut session bootstraps from its last next state). The estimate is in reward units,
-    discounted by the logs' gamma."""
+    (``a``: the logged action; a cut session bootstraps from its last next state). The penalty pulls down any value
+    the critic gives the policy's action above the logged action's in the same state: an improvement the logs do not
+    show is not credited. It is bounded (its minimum is reached once the claimed improvement is gone), so the fit
+    converges; a linear penalty would push the value of every action the logs lack down without end. The estimate is
+    in reward units, discounted by the logs' gamma."""
     settings = settings or FQESettings()
     spec = state_spec(sessions)
     torch.manual_seed(settings.seed)
@@ -352,8 +361,11 @@ def conservative_fqe(sessions: LoggedSessions, actions_of: Callable[[np.ndarray]
             target = r[idx] + sessions.gamma * (1 - done[idx]) * q_target(
                 torch.cat([s_next[idx], pi_next[idx]], 1)).squeeze(1)
         q_logged = q(torch.cat([s[idx], a[idx]], 1)).squeeze(1)
-        q_policy = q(torch.cat([s[idx], pi_s[idx]], 1)).squeeze(1)
-        loss = ((q_logged - target) ** 2).mean() + settings.conservative_weight * (q_policy - q_logged).mean()
+        loss = ((q_logged - target) ** 2).mean()
+        if settings.conservative_weight > 0:
+            q_policy = q(torch.cat([s[idx], pi_s[idx]], 1)).squeeze(1)
+            gain = torch.relu(q_policy - q_logged.detach())
+            loss = loss + settings.conservative_weight * (gain ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
