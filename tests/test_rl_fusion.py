@@ -339,7 +339,7 @@ def test_fuse_batch_rl_writes_a_policy_the_ranker_serves(batch_rl_checkpoint):
     first = ranker.rank(request)  # no state: the session's first request
     assert first.fusion.weights == policy.for_request(request["user"], None).weights
     assert ranker.describe()["fusion"]["kind"] == "policy"
-    from onerank.serving.request import RequestError
+    from onerank.serving.wire import RequestError
 
     with pytest.raises(RequestError) as info:
         ranker.rank({**request, "state": {"requests": 1.0}})
