@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--cold-share", type=float, default=0.1)
     parser.add_argument("--id-dropout", type=float, default=0.1)
     parser.add_argument("--mode", default="add")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--resamples", type=int, default=500)
@@ -209,7 +210,7 @@ def main() -> None:
             for seed in seeds:
                 key = f"{model}|{variant}|{seed}"
                 train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=seed, progress=False,
-                                    tensorboard=False, threads=1, patience=2)
+                                    tensorboard=False, threads=1, patience=args.patience)
                 run = RunConfig(dataset=args.dataset, model=model, train=train)
                 if variant == "id":
                     trainer = api.build_trainer(run, with_id_dropout(ds, args.id_dropout))
