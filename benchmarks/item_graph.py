@@ -257,5 +257,74 @@ def main() -> None:
     save()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The table of docs/item_graph.md, generated from the results files
+# ---------------------------------------------------------------------------------------------------------------------
+BEGIN, END = "<!-- item-graph-table:begin -->", "<!-- item-graph-table:end -->"
+
+
+def _cell(results: dict, model: str, variant: str, part: str, task: str, metric: str) -> str:
+    values = [r[part][task][metric] for k, r in results["runs"].items() if k.startswith(f"{model}|{variant}|")]
+    if not values:
+        return "-"
+    text = f"{np.mean(values):.4f}"
+    if variant != "id":
+        c = results["comparisons"].get(f"{model}|{variant}-id|{part}|{task}", {}).get(metric)
+        if c:
+            text += f" ({c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}])"
+    return text
+
+
+def render(paths: list[str]) -> str:
+    lines = []
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        code = results["code"]
+        tasks = sorted({t for r in results["runs"].values() for t in r["cold"]},
+                       key=lambda t: ["click", "long_view", "cart"].index(t) if t in ("click", "long_view", "cart") else 9)
+        data = results["data"]
+        lines += [f"### {results['dataset']}", "",
+                  f"{data['items_trained']} items trained, {data['items_held_out']} held out; test: {data['test_rows']} "
+                  f"rows, {data['test_cold_rows']} of them held-out items; {data['new_items_with_test_edges']} held-out "
+                  f"items got validation-day edges ({data['new_item_edges_at_test']} edges). Seeds "
+                  f"{results['settings']['seeds']}; commit `{(code.get('git_commit') or '?')[:10]}`"
+                  f"{' (uncommitted changes)' if code.get('git_dirty') else ' (clean tree)'}; file "
+                  f"`{Path(path).name}`.", ""]
+        models = list(dict.fromkeys(k.split("|")[0] for k in results["runs"]))
+        for model in models:
+            for metric in ("auc", "gauc"):
+                header = [f"{model} test {metric.upper()}"] + [f"{part} {t}" for part in ("cold", "warm") for t in tasks]
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                for variant in VARIANTS:
+                    cells = [_cell(results, model, variant, part, t, metric) for part in ("cold", "warm") for t in tasks]
+                    if set(cells) != {"-"}:
+                        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+                lines.append("")
+            epochs = {k.split("|", 1)[1]: f"{r['best_epoch']}/{r['epochs']}" for k, r in results["runs"].items()
+                      if k.startswith(model + "|")}
+            lines += [f"{model} best epoch / epochs run: " + ", ".join(f"{k} {v}" for k, v in epochs.items()), ""]
+        recall = results["recall"]
+        k = results["settings"]["k"]
+        lines += [f"| recall@{k} of held-out test co-engagements | cold query | warm query |", "|---|---|---|"]
+        for variant in [*ENCODERS, "popularity"]:
+            values = [v for key, v in recall.items() if key.split("|")[0] == variant]
+            if values:
+                lines.append(f"| {variant} | {np.mean([v['cold'] for v in values]):.4f} | "
+                             f"{np.mean([v['warm'] for v in values]):.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def publish(paths: list[str], page: Path) -> None:
+    text = page.read_text()
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    page.write_text(text[:start] + "\n" + render(paths) + "\n" + text[stop:])
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--publish":
+        publish(sys.argv[3:], Path(sys.argv[2]))
+    else:
+        main()

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from onerank.data.dataset import EncodedDataset, RawDataset, RawSplit
-from onerank.data.encoding import OOV, Encoders, RaggedHistory, Vocabulary, _categorical_values, encode_history
+from onerank.data.encoding import OOV, RaggedHistory, Vocabulary, _categorical_values, encode_history
 
 
 def choose_cold_items(raw: RawDataset, share: float, seed: int) -> np.ndarray:
