@@ -55,7 +55,7 @@ ENCODERS = {
 }
 
 
-def dataset_setup(name: str, data_dir: str | None) -> dict:
+def dataset_setup(name: str, data_dir: str | None, train_dates: str) -> dict:
     """The raw data and what the protocol reads of it, per dataset."""
     if name == "synthetic":
         from onerank.data.synthetic import build_raw
@@ -65,7 +65,7 @@ def dataset_setup(name: str, data_dir: str | None) -> dict:
     if name == "kuairand":
         from onerank.data import kuairand
 
-        opts = kuairand._options({"tasks": "click,long_view", "history_len": 20})
+        opts = kuairand._options({"tasks": "click,long_view", "history_len": 20, "train_dates": train_dates})
         directory = kuairand.resolve_data_dir(data_dir)
         raw = kuairand.build(directory, kuairand.find_files(directory, opts), opts)
         return {"raw": raw, "tasks": ("click", "long_view"), "link_tasks": ("click", "long_view"),
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--models", default="mmoe,onerank")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--cold-share", type=float, default=0.1)
+    parser.add_argument("--train-dates", default="20220429-20220505", help="KuaiRand training days")
     parser.add_argument("--id-dropout", type=float, default=0.1)
     parser.add_argument("--mode", default="add")
     parser.add_argument("--epochs", type=int, default=6)
@@ -120,7 +121,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     started = time.time()
-    setup = dataset_setup(args.dataset, args.data_dir)
+    setup = dataset_setup(args.dataset, args.data_dir, args.train_dates)
     raw = setup["raw"]
     raw = dataclasses.replace(raw, schema=raw.schema.select_tasks(list(setup["tasks"])))
     cold = choose_cold_items(raw, args.cold_share, seed=2024)
