@@ -131,12 +131,14 @@ def vectors_for(ds, width: int = 4, mode: str = "add", seed: int = 0) -> ItemVec
     return ItemVectorSpec.of(table, mode=mode)
 
 
-@pytest.mark.parametrize("model_name", ["mmoe", "onerank"])
-def test_every_model_reads_the_item_vectors_of_new_items(cold, model_name):
+@pytest.mark.parametrize("model_name, options", [
+    ("mmoe", {}), ("onerank", {}), ("onerank", {"task_item_embedding": "id"}), ("dtrn", {}),
+])
+def test_every_model_reads_the_item_vectors_of_new_items(cold, model_name, options):
     _, _, ds = cold
     spec = vectors_for(ds)
     torch.manual_seed(0)
-    model = build_model(model_name, FeatureSpace.from_dataset(ds, spec)).eval()
+    model = build_model(model_name, FeatureSpace.from_dataset(ds, spec), options).eval()
     split = TensorSplit(ds.test, ds.item_table, "item_id")
     batch = split.gather(torch.arange(0, 40), request=torch.arange(40) // 5)
     new = batch.categorical["item_id"] >= ds.vocab_sizes["item_id"]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
+from onerank.data.encoding import OOV
 from onerank.data.schema import SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
@@ -476,7 +477,9 @@ class TaskChannel(nn.Module):
 
     def item_embedding(self, codes: dict[str, Tensor]) -> Tensor:
         """e_k(item): the sum of this task's embeddings of the candidate's item fields, [B, d]."""
-        return sum(table(codes[field]) for field, table in self.item_embeddings.items())
+        # an item added after training (a code beyond the vocabulary, features/item_vectors.py) reads the OOV row
+        return sum(table(torch.where(codes[field] < table.num_embeddings, codes[field], OOV))
+                   for field, table in self.item_embeddings.items())
 
     def contextualize(self, situation: Tensor, r: Tensor, present: Tensor) -> Tensor:
         """h_k = MHCA_k(query = f_k(s), keys = values = r[k, i] over the request's valid candidates): [R, d]; the mean
