@@ -74,6 +74,25 @@ def test_an_item_added_after_training_gets_the_vector_it_has_in_a_graph_built_wi
     assert not np.allclose(alone[newest], present[newest], atol=1e-4), "the edges must shape the new item's vector"
 
 
+def test_with_id_inputs_a_new_item_reads_its_neighbours_ids_but_has_none_of_its_own(tiny_dataset):
+    full = graph_of(tiny_dataset)
+    newest = full.num_nodes - 1
+    touching = (full.pairs == newest).any(1)
+    before = dataclasses.replace(full, features=full.features[:-1], pairs=full.pairs[~touching],
+                                 weights=full.weights[~touching])
+    config = ItemEncoderConfig(dim=8, hidden=16, field_dim=4, epochs=2, batch_pairs=256, id_dropout=0.3)
+    encoder = pretrain(before, [tiny_dataset.vocab_sizes[f] for f in INPUTS], ItemLabels(), config).encoder
+    assert encoder.id_rows == newest
+    grown = before.with_items(full.features[-1:], full.pairs[touching], full.weights[touching])
+    np.testing.assert_allclose(encoder.table(grown)[newest], encoder.table(full)[newest], atol=1e-6)
+    # an old item's vector depends on its own id vector
+    old = int(full.pairs[0, 0])
+    vector = encoder.table(full)[old]
+    with torch.no_grad():
+        encoder.ids.weight[old] += 1.0
+    assert not np.allclose(encoder.table(full)[old], vector, atol=1e-4)
+
+
 def test_the_feature_only_encoder_ignores_edges(tiny_dataset):
     graph = graph_of(tiny_dataset)
     fit = pretrain(graph, [tiny_dataset.vocab_sizes[f] for f in INPUTS], ItemLabels(),

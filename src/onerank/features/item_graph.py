@@ -177,6 +177,10 @@ class ItemEncoderConfig:
     field_dim: int = 16
     layers: int = 2
     use_edges: bool = True  # False: the feature-only MLP (GraphSAGE without edges)
+    # Training items also get a learned id vector in their input (None: features only, as MUSIG). A share id_dropout
+    # of them go without it at each step, as every item added later does; an added item's neighbours keep theirs,
+    # which is how its edges bring what the graph learned about those items.
+    id_dropout: float | None = None
     sample: int = 10  # neighbours sampled per node in training (inference: all of ``max_neighbours``)
     label_weight: float = 1.0  # weight of the label cross-entropies; 0: single-task (link prediction only)
     negatives: int = 5
@@ -189,14 +193,19 @@ class ItemEncoderConfig:
 
 
 class ItemGraphEncoder(nn.Module):
-    """Node features -> input MLP -> ``layers`` SAGEConv layers -> L2-normalised vectors [N, dim]."""
+    """Node features (+ a training item's id vector, ``id_dropout``) -> input layer -> ``layers`` SAGEConv layers ->
+    L2-normalised vectors [N, dim]. ``id_rows``: the nodes that have an id vector (the training graph's)."""
 
-    def __init__(self, field_sizes: list[int], config: ItemEncoderConfig) -> None:
+    def __init__(self, field_sizes: list[int], config: ItemEncoderConfig, id_rows: int = 0) -> None:
         super().__init__()
         SAGEConv = sage_conv()
         self.config = config
+        self.id_rows = id_rows if config.id_dropout is not None else 0
         self.fields = nn.ModuleList(nn.Embedding(size, config.field_dim, padding_idx=PAD) for size in field_sizes)
         self.input = nn.Linear(max(len(field_sizes), 1) * config.field_dim, config.hidden)
+        self.ids = nn.Embedding(self.id_rows, config.hidden) if self.id_rows else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.05)
         widths = [config.hidden] * config.layers + [config.dim]
         self.convs = nn.ModuleList(SAGEConv(a, b, aggr="mean") for a, b in zip(widths[:-1], widths[1:]))
 
@@ -205,7 +214,14 @@ class ItemGraphEncoder(nn.Module):
             x = torch.cat([table(features[:, j]) for j, table in enumerate(self.fields)], dim=1)
         else:
             x = features.new_zeros(features.shape[0], self.config.field_dim, dtype=torch.float32)
-        h = F.relu(self.input(x))
+        h = self.input(x)
+        if self.ids is not None:
+            nodes = torch.arange(features.shape[0])
+            has_id = (nodes < self.id_rows) & (nodes > OOV)
+            if self.training:
+                has_id &= torch.rand(features.shape[0]) >= self.config.id_dropout
+            h = h + self.ids(torch.where(has_id, nodes, 0)) * has_id.unsqueeze(-1)
+        h = F.relu(h)
         if not self.config.use_edges:
             edge_index = edge_index[:, :0]
         for k, conv in enumerate(self.convs):
@@ -274,7 +290,7 @@ def pretrain(graph: ItemGraph, field_sizes: list[int], labels: ItemLabels, confi
     engaged with after the graph's cutoff, e.g. the validation split's) is kept (no ``valid_pairs``: the last)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    encoder = ItemGraphEncoder(field_sizes, config)
+    encoder = ItemGraphEncoder(field_sizes, config, id_rows=graph.num_nodes)
     heads = nn.ModuleDict({name: nn.Linear(config.dim, size) for name, size in labels.sizes().items()})
     optimiser = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=config.lr)
     features = torch.from_numpy(graph.features)
@@ -343,6 +359,7 @@ def save_encoder(path, encoder: ItemGraphEncoder, graph: ItemGraph, field_sizes:
         "format": "onerank-item-graph",
         "config": {k: getattr(encoder.config, k) for k in ItemEncoderConfig.__dataclass_fields__},
         "field_sizes": list(field_sizes),
+        "id_rows": encoder.id_rows,
         "fields": list(graph.fields),
         "max_neighbours": graph.max_neighbours,
         "cutoff": graph.cutoff,
@@ -361,7 +378,7 @@ def load_encoder(path) -> tuple[ItemGraphEncoder, ItemGraph]:
         raise ValueError(f"{path} is not a readable item graph file ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "onerank-item-graph":
         raise ValueError(f"{path} is not an onerank item graph file")
-    encoder = ItemGraphEncoder(state["field_sizes"], ItemEncoderConfig(**state["config"]))
+    encoder = ItemGraphEncoder(state["field_sizes"], ItemEncoderConfig(**state["config"]), int(state["id_rows"]))
     encoder.load_state_dict(state["weights_of_encoder"])
     encoder.eval()
     graph = ItemGraph(state["features"].numpy(), tuple(state["fields"]), state["pairs"].numpy(),
