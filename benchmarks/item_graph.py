@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--batch-pairs", type=int, default=1024, help="edges per encoder pre-training step")
+    parser.add_argument("--encoder-epochs", type=int, default=30)
     parser.add_argument("--resamples", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -179,7 +181,8 @@ def main() -> None:
         for variant in variants:
             if variant == "id":
                 continue
-            config = ItemEncoderConfig(seed=seed, **ENCODERS[variant])
+            config = ItemEncoderConfig(seed=seed, batch_pairs=args.batch_pairs, epochs=args.encoder_epochs,
+                                       **ENCODERS[variant])
             t0 = time.time()
             fit = pretrain(graph, field_sizes, ItemLabels(labels), config, valid_pairs=warm_valid_pairs)
             tables[variant, seed] = (fit.encoder.table(graph_valid), fit.encoder.table(graph_test))
