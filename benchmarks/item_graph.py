@@ -174,6 +174,8 @@ def main() -> None:
         tmp.write_text(json.dumps(results, indent=1, default=float))
         tmp.replace(out_path)
 
+    prediction_dir = out_path.parent / f"{out_path.stem}_predictions"
+    prediction_dir.mkdir(parents=True, exist_ok=True)
     tables: dict = {}
     candidates = np.arange(OOV + 1, N)
     popularity = np.bincount(ds.train.categorical[item_id], minlength=N).astype(np.float64)
@@ -209,6 +211,9 @@ def main() -> None:
     labels_test = ds.label_values("test")
     cold_mask = cold_rows(ds, "test")
     predictions: dict = {}
+    np.savez(prediction_dir / "test.npz", cold=cold_mask, user=test.user,
+             **{f"label_{t}": labels_test[t] for t in setup["tasks"]},
+             **{f"mask_{t}": test.label_mask[t] for t in setup["tasks"]})
     for model in [m for m in args.models.split(",") if m]:
         for variant in variants:
             for seed in seeds:
@@ -230,6 +235,7 @@ def main() -> None:
                 preds = trainer.predict("test")
                 trainer.close()
                 predictions[key] = preds
+                np.savez(prediction_dir / f"{key.replace('|', '_')}.npz", **preds)  # --compare of unfinished runs
                 record = {"epochs": len(state.history), "best_epoch": state.best_epoch,
                           "seconds": round(time.time() - t0, 1), "valid": state.history[state.best_epoch - 1]["valid"]}
                 for part, rows in (("cold", cold_mask), ("warm", ~cold_mask), ("all", np.ones_like(cold_mask))):
@@ -242,23 +248,31 @@ def main() -> None:
                 print(key, record["best_epoch"], {p: {t: round(record[p][t]["auc"], 4) for t in setup["tasks"]}
                                                   for p in ("cold", "warm")}, flush=True)
                 save()
-        pairs = [(v, "id") for v in variants if v != "id"] + [("sage_multi", v) for v in ("features", "sage_single")]
-        for a, b in pairs:
-            if a not in variants or b not in variants:
-                continue
-            for part, rows in (("cold", cold_mask), ("warm", ~cold_mask)):
-                for t in setup["tasks"]:
-                    keep = rows & test.label_mask[t]
-                    pa = [predictions[f"{model}|{a}|{s}"][t][keep] for s in seeds]
-                    pb = [predictions[f"{model}|{b}|{s}"][t][keep] for s in seeds]
-                    results["comparisons"][f"{model}|{a}-{b}|{part}|{t}"] = {
-                        "auc": paired_bootstrap_auc(labels_test[t][keep], pa, pb, test.user[keep], args.resamples),
-                        "gauc": paired_bootstrap_gauc(labels_test[t][keep], pa, pb, test.user[keep], args.resamples),
-                    }
+        compare(results, predictions, model, variants, seeds, labels_test, test, cold_mask, setup["tasks"],
+                args.resamples)
         save()
     results["seconds"] = round(time.time() - started, 1)
     results["machine_load_end"] = os.getloadavg()
     save()
+
+
+def compare(results: dict, predictions: dict, model: str, variants: list[str], seeds: list[int], labels: dict,
+            test, cold_mask: np.ndarray, tasks: tuple[str, ...], resamples: int) -> None:
+    """Paired cluster bootstraps (users, all seeds) of each variant against ``id`` and of ``sage_multi`` against the
+    other encoders, on cold and warm test rows, for the pairs whose runs all finished."""
+    pairs = [(v, "id") for v in variants if v != "id"] + [("sage_multi", v) for v in ("features", "sage_single")]
+    for a, b in pairs:
+        if not all(f"{model}|{v}|{s}" in predictions for v in (a, b) for s in seeds):
+            continue
+        for part, rows in (("cold", cold_mask), ("warm", ~cold_mask)):
+            for t in tasks:
+                keep = rows & test.label_mask[t]
+                pa = [predictions[f"{model}|{a}|{s}"][t][keep] for s in seeds]
+                pb = [predictions[f"{model}|{b}|{s}"][t][keep] for s in seeds]
+                results["comparisons"][f"{model}|{a}-{b}|{part}|{t}"] = {
+                    "auc": paired_bootstrap_auc(labels[t][keep], pa, pb, test.user[keep], resamples),
+                    "gauc": paired_bootstrap_gauc(labels[t][keep], pa, pb, test.user[keep], resamples),
+                }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,10 +339,31 @@ def publish(paths: list[str], page: Path) -> None:
     page.write_text(text[:start] + "\n" + render(paths) + "\n" + text[stop:])
 
 
+def compare_saved(path: Path) -> None:
+    """The comparisons of a run that stopped before its last model finished, from its saved test predictions, written
+    into its own results file."""
+    results = json.loads(path.read_text())
+    folder = path.parent / f"{path.stem}_predictions"
+    saved = np.load(folder / "test.npz")
+    tasks = tuple(k[len("label_"):] for k in saved.files if k.startswith("label_"))
+    test = argparse.Namespace(user=saved["user"], label_mask={t: saved[f"mask_{t}"] for t in tasks})
+    labels = {t: saved[f"label_{t}"] for t in tasks}
+    predictions = {key: dict(np.load(folder / f"{key.replace('|', '_')}.npz")) for key in results["runs"]}
+    seeds = [int(s) for s in results["settings"]["seeds"].split(",")]
+    for model in dict.fromkeys(k.split("|")[0] for k in results["runs"]):
+        variants = list(dict.fromkeys(k.split("|")[1] for k in results["runs"] if k.startswith(model + "|")))
+        compare(results, predictions, model, variants, seeds, labels, test, saved["cold"], tasks,
+                results["settings"]["resamples"])
+    results["compared_after_stop"] = True
+    path.write_text(json.dumps(results, indent=1, default=float))
+
+
 if __name__ == "__main__":
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "--publish":
         publish(sys.argv[3:], Path(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--compare":
+        compare_saved(Path(sys.argv[2]))
     else:
         main()
