@@ -286,6 +286,8 @@ def _cell(results: dict, model: str, variant: str, part: str, task: str, metric:
     if not values:
         return "-"
     text = f"{np.mean(values):.4f}"
+    if len(values) < len(results["settings"]["seeds"].split(",")):
+        text += f" ({len(values)} seed{'s' if len(values) > 1 else ''} only)"
     if variant != "id":
         c = results["comparisons"].get(f"{model}|{variant}-id|{part}|{task}", {}).get(metric)
         if c:
