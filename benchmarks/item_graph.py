@@ -309,7 +309,9 @@ def render(paths: list[str]) -> str:
                   f"items got validation-day edges ({data['new_item_edges_at_test']} edges). Seeds "
                   f"{results['settings']['seeds']}; commit `{(code.get('git_commit') or '?')[:10]}`"
                   f"{' (uncommitted changes)' if code.get('git_dirty') else ' (clean tree)'}; file "
-                  f"`{Path(path).name}`.", ""]
+                  f"`{Path(path).name}`"
+                  f"{'' if 'seconds' in results else ' (stopped before its last runs: only what it finished is shown)'}"
+                  ".", ""]
         models = list(dict.fromkeys(k.split("|")[0] for k in results["runs"]))
         for model in models:
             for metric in ("auc", "gauc"):
