@@ -325,6 +325,11 @@ def render(paths: list[str]) -> str:
             epochs = {k.split("|", 1)[1]: f"{r['best_epoch']}/{r['epochs']}" for k, r in results["runs"].items()
                       if k.startswith(model + "|")}
             lines += [f"{model} best epoch / epochs run: " + ", ".join(f"{k} {v}" for k, v in epochs.items()), ""]
+            unconverged = [k.split("|", 1)[1] for k, r in results["runs"].items() if k.startswith(model + "|")
+                           and r["best_epoch"] == r["epochs"] == results["settings"]["epochs"]]
+            if unconverged:
+                lines += [f"Not converged (best epoch = the last of {results['settings']['epochs']}): "
+                          + ", ".join(unconverged), ""]
         lines += ["Differences whose 95 % interval excludes zero (all others include it):", ""]
         clear = [(key, metric, c) for key, entry in results["comparisons"].items() for metric, c in entry.items()
                  if c.get("resamples") and (c["ci_low"] > 0 or c["ci_high"] < 0)]
@@ -332,7 +337,9 @@ def render(paths: list[str]) -> str:
             model, pair, part, task = key.split("|")
             lines.append(f"* {model} {pair.replace('-', ' vs ')}, {part} rows, {task} {metric.upper()}: "
                          f"{c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
-        if not clear:
+        if not results["comparisons"]:
+            lines[-2:] = ["No comparison: the run stopped before a second variant finished.", ""]
+        elif not clear:
             lines.append("* none")
         lines.append("")
         recall = results["recall"]
