@@ -240,7 +240,7 @@ def main() -> None:
                           "seconds": round(time.time() - t0, 1), "valid": state.history[state.best_epoch - 1]["valid"]}
                 for part, rows in (("cold", cold_mask), ("warm", ~cold_mask), ("all", np.ones_like(cold_mask))):
                     record[part] = {
-                        t: {m: v for m, v in task_metrics(ds.schema.task(t), labels_test[t][rows], preds[t][rows],
+                        t: {m: v for m, v in task_metrics(ds.schema.task(t).kind, labels_test[t][rows], preds[t][rows],
                                                            test.user[rows]).items() if m in ("auc", "gauc", "logloss")}
                         for t in setup["tasks"]
                     }
