@@ -16,6 +16,7 @@ import numpy as np
 from onerank.data.dataset import EncodedDataset
 from onerank.data.loaders import TrainingData, training_data
 from onerank.data.registry import load_dataset
+from onerank.features.item_vectors import ItemVectorSpec
 from onerank.features.space import FeatureSpace
 from onerank.fusion.fit import FuseSettings
 from onerank.models.base import MultiTaskModel, build_config, build_model, model_class
@@ -65,8 +66,11 @@ def run_data(config: RunConfig, dataset: EncodedDataset, by_request: bool, out_d
     )
 
 
-def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Path | None = None) -> Trainer:
-    space = FeatureSpace.from_dataset(dataset)
+def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Path | None = None,
+                  item_vectors: ItemVectorSpec | None = None) -> Trainer:
+    """The trainer of a fresh run; ``item_vectors``: an item vector table (e.g. a graph encoder's,
+    ``features/item_graph.py``) the model reads beside or in place of the item id embedding."""
+    space = FeatureSpace.from_dataset(dataset, item_vectors)
     with ckpt.seeded(config.train.seed):  # parameter initialisation is part of what the seed fixes
         model = build_model(config.model, space, config.model_options)
         weighting = build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options)

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
+from onerank.data.encoding import OOV
+from onerank.features.item_vectors import ItemVectorEmbedding
 from onerank.features.space import FeatureSpace
 from onerank.features.tables import TorchRecTables
 
@@ -41,6 +43,9 @@ class FeatureEmbedding(nn.Module):
         self.dense_weight = nn.Parameter(torch.randn(num_dense, dim) * 0.05)
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, dim))
         self._offset_cache: dict[tuple[str, ...], Tensor] = {}
+        self._size_cache: dict[tuple[str, ...], Tensor] = {}
+        self.item_id = space.schema.item_id
+        self.item_vectors = ItemVectorEmbedding(space.item_vectors, dim) if space.item_vectors is not None else None
         self.torchrec: TorchRecTables | None = None
 
     # ---- where the rows live -----------------------------------------------------------------------------------------
@@ -91,18 +96,38 @@ class FeatureEmbedding(nn.Module):
             self._offset_cache[names] = cached
         return cached
 
+    def _sizes(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        cached = self._size_cache.get(names)
+        if cached is None or cached.device != device:
+            cached = torch.tensor([self.space.vocab_sizes[n] for n in names], dtype=torch.long, device=device)
+            self._size_cache[names] = cached
+        return cached
+
     def lookup(self, codes: Tensor, names: list[str] | tuple[str, ...]) -> Tensor:
         """codes [..., len(names)] of the named fields (last axis) -> [..., len(names), d]."""
+        names = tuple(names)
+        vectors = self.item_vectors is not None and len(names) > 0 and names[0] == self.item_id
+        item_codes = codes[..., 0] if vectors else None
+        known = torch.where(codes < self._sizes(names, codes.device), codes, OOV)
+        if vectors and self.training and self.item_vectors.spec.id_dropout > 0:
+            dropped = (torch.rand(known.shape[:-1], device=codes.device) < self.item_vectors.spec.id_dropout)
+            known = torch.cat([torch.where(dropped & (known[..., 0] > OOV), OOV, known[..., 0])[..., None],
+                               known[..., 1:]], dim=-1)
         if self.torchrec is not None:
-            return self.torchrec.lookup(codes, names)
-        offsets = self._offsets(tuple(names), codes.device)
-        rows = torch.where(codes > 0, codes + offsets, 0)
-        # The custom backward only pays off for CPU training steps; inference and exporters (which cannot
-        # serialise a Python autograd Function) take the plain embedding.
-        if self.table.weight.is_cuda or not torch.is_grad_enabled() or torch.jit.is_tracing():
-            return self.table(rows)
-        return _PaddedRowGather.apply(self.table.weight, rows)
-
+            out = self.torchrec.lookup(known, names)
+        else:
+            rows = torch.where(known > 0, known + self._offsets(names, codes.device), 0)
+            # The custom backward only pays off for CPU training steps; inference and exporters (which cannot
+            # serialise a Python autograd Function) take the plain embedding.
+            if self.table.weight.is_cuda or not torch.is_grad_enabled() or torch.jit.is_tracing():
+                out = self.table(rows)
+            else:
+                out = _PaddedRowGather.apply(self.table.weight, rows)
+        if not vectors:
+            return out
+        item = self.item_vectors(item_codes)
+        first = item if self.item_vectors.spec.mode == "replace" else out[..., 0, :] + item
+        return torch.cat([first.unsqueeze(-2), out[..., 1:, :]], dim=-2)
 
     # ---- fields -----------------------------------------------------------------------------------------------------
     def fields(self, batch: Batch, names: list[str]) -> Tensor:
