@@ -1,7 +1,8 @@
 """The trainer: optimisation, early stopping on validation, resumable atomic checkpoints, per-task metrics.
 
 It holds a model, an objective and a weighting strategy and never asks which model it holds: batches hold whole
-requests when the model or the objective says it needs them (``needs_requests``), and the weighting strategy gets
+requests when the model or the objective says it needs them (``needs_requests``), whole sessions when the model does
+(``needs_sessions``), and the weighting strategy gets
 the model's shared parameters through the common interface.
 """
 
@@ -93,12 +94,16 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
         self.by_request = bool(model.needs_requests or objective.needs_requests)
+        self.by_session = bool(model.needs_sessions)
         self.oov_dropout = {f.name: f.oov_dropout for f in dataset.schema.categorical if f.oov_dropout > 0}
         # rank 0 writes the Parquet copy of the train split, if streaming needs one, before the others read it
         stream_from = distributed.rank_zero_first(
             lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
         )
         self.streaming = stream_from is not None
+        if self.streaming and self.by_session:
+            raise ValueError(f"{type(model).__name__} reads whole sessions, which the streaming loader does not batch; "
+                             "set train.streaming: off")
         self._stream_from = stream_from
         # a copy written to a temporary folder (no output folder given) is removed by close()
         temporary = self.streaming and out_dir is None and not dataset.info.get("train_parquet")
@@ -118,7 +123,7 @@ class Trainer:
         else:
             self.train_loader = BatchLoader(
                 self.splits["train"], config.batch_size, shuffle=True, seed=config.seed, by_request=self.by_request,
-                **shard,
+                by_session=self.by_session, **shard,
             )
         self.optimizers = self._build_optimizers()
         # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
@@ -403,7 +408,8 @@ class Trainer:
             raise ValueError(f"split {split!r} is streamed from disk; only valid and test can be predicted")
         self.model.eval()
         distributed.sync_buffers(self.model)
-        loader = BatchLoader(self.splits[split], self.config.eval_batch_size, by_request=self.by_request)
+        loader = BatchLoader(self.splits[split], self.config.eval_batch_size, by_request=self.by_request,
+                             by_session=self.by_session)
         lo, hi = distributed.block(len(loader), self.dist)
         parts: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
         with self._autocast():
