@@ -37,6 +37,8 @@ MODEL_STYLES: dict[str, tuple[str, str]] = {
     "transformer_mmoe": ("#393b79", "p"),
     "transformer_ple": ("#637939", "*"),
     "onerank": ("#d62728", "o"),
+    "esmm_gru": ("#6a3d9a", "d"),
+    "heroes": ("#b15928", "8"),
 }
 ABLATION_STYLES: dict[str, tuple[str, str]] = {
     "cross_task=none": ("#ff9896", "s"),
@@ -48,6 +50,10 @@ ABLATION_STYLES: dict[str, tuple[str, str]] = {
     "task_token_input=template": ("#66a61e", "X"),
     "task_tokens=shared": ("#a6761d", ">"),
     "attention=full": ("#525252", "h"),
+    # HEROES' parts (docs/heroes.md)
+    "gate=false": ("#fdbf6f", "s"),
+    "top_down=false": ("#cab2d6", "^"),
+    "unit=hawkes": ("#b2df8a", "D"),
 }
 _FALLBACK = [("#000000", "o"), ("#5254a3", "s"), ("#8ca252", "^"), ("#bd9e39", "D"), ("#6b6ecf", "v")]
 ORACLE_STYLE = {"color": "black", "marker": "*", "linestyle": ":", "markersize": 9}
