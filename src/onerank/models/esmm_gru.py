@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import TaskTowers, register_model
+from onerank.models.base import register_model
 from onerank.models.esmm import ESMM, ESMMConfig
 
 
@@ -30,14 +31,20 @@ class ESMMGRU(ESMM):
 
     def __init__(self, space: FeatureSpace, config: ESMMGRUConfig) -> None:
         super().__init__(space, config)
-        width = self.encoder.output_dim
-        self.gru = nn.GRU(width, config.hidden, batch_first=True)
-        self.towers = TaskTowers(self.tasks, width + config.hidden, config.tower_hidden, config.dropout)
+        self.gru = nn.GRU(self.encoder.output_dim, config.hidden, batch_first=True)
+
+    def tower_input_dims(self) -> int:
+        return self.encoder.output_dim + self.config.hidden
 
     def step_logits(self, batch: Batch) -> dict[str, Tensor]:
         x = self.encoder(batch)
         slot, mask = batch.session_layout()  # [S, T] in time order; padding after each session's end
-        states, _ = self.gru(x[slot])  # causal: state t has read impressions 1..t of its session only
+        # causal: state t has read impressions 1..t of its session only
+        if slot.shape[1] == 1:  # sessions of one (a scored pool, an export): nothing to pack
+            states = self.gru(x[slot])[0]
+        else:  # packed, the GRU steps each session to its own length only (no work on padding)
+            packed = pack_padded_sequence(x[slot], mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
+            states = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=slot.shape[1])[0]
         values = states[mask]
         session_state = values.new_zeros(x.shape[0], values.shape[-1]).index_copy(0, slot[mask], values)
         return self.towers({t: torch.cat([x, session_state], dim=-1) for t in self.tasks})

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import TaskTowers, register_model
+from onerank.models.base import register_model
 from onerank.models.esmm import ESMM, ESMMConfig
 
 
@@ -131,36 +131,47 @@ class HEROES(ESMM):
     def __init__(self, space: FeatureSpace, config: HEROESConfig) -> None:
         super().__init__(space, config)
         self.engagement, self.satisfaction = self.funnel[0], self.funnel[1]
-        width, h = self.encoder.output_dim, config.hidden
-        self.cell = HierarchicalCell(width, config)
-        # a funnel step after engagement reads the satisfaction layer; a task outside the funnel reads both layers
-        dims = {t: width + h if t in self.funnel else width + 2 * h for t in self.tasks}
-        self.towers = TaskTowers(self.tasks, dims, config.tower_hidden, config.dropout)
+        self.cell = HierarchicalCell(self.encoder.output_dim, config)
+
+    def tower_input_dims(self) -> dict[str, int]:
+        # a funnel step reads its own layer (engagement the lower, later steps the upper); other tasks read both
+        width, h = self.encoder.output_dim, self.config.hidden
+        return {t: width + h if t in self.funnel else width + 2 * h for t in self.tasks}
 
     def step_logits(self, batch: Batch) -> dict[str, Tensor]:
         x = self.encoder(batch)
         slot, mask = batch.session_layout()  # [S, T]: row of each session's t-th impression, in time order
-        xs = x[slot]
-        lower_in, upper_in = self.cell.lower.project(xs), self.cell.upper.project(xs)
-        sessions, h = slot.shape[0], self.config.hidden
-        state = {k: xs.new_zeros(sessions, h) for k in ("s_c", "s_c_bar", "H_c", "s_v", "s_v_bar", "H_v")}
-        boundary = xs.new_zeros(sessions, 1)
-        engagement, lower_out, upper_out = [], [], []
+        active = [slot.shape[0]]  # sessions of one (a scored pool, an export): one step, free of data-dependent sizes
+        if slot.shape[1] > 1:
+            # longest sessions first: at step t the sessions still running are the first active[t], so no step works
+            # on padding (and each session's state stays its own)
+            lengths, order = mask.sum(1).sort(descending=True, stable=True)
+            slot = slot[order]
+            steps = torch.arange(slot.shape[1], device=x.device)
+            active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
+        h = self.config.hidden
+        state = {k: x.new_zeros(slot.shape[0], h) for k in ("s_c", "s_c_bar", "H_c", "s_v", "s_v_bar", "H_v")}
+        boundary = x.new_zeros(slot.shape[0], 1)
+        lower_in, upper_in = self.cell.lower.project(x), self.cell.upper.project(x)
         tower = self.towers.towers[self.engagement]
-        for t in range(slot.shape[1]):
-            lower = self.cell.lower_step(lower_in[:, t], state, boundary)
-            logit = tower(torch.cat([xs[:, t], lower["H_c"]], dim=-1)).squeeze(-1)
+        rows, engagement, lower_out, upper_out = [], [], [], []
+        for t, n in enumerate(active):
+            if n < slot.shape[0]:
+                slot, boundary, state = slot[:n], boundary[:n], {k: v[:n] for k, v in state.items()}
+            at = slot[:, t]
+            lower = self.cell.lower_step(lower_in[at], state, boundary)
+            logit = tower(torch.cat([x[at], lower["H_c"]], dim=-1)).squeeze(-1)
             update = torch.sigmoid(logit).unsqueeze(-1) if self.config.gate else torch.ones_like(boundary)
-            upper = self.cell.upper_step(upper_in[:, t], state, lower, update)
-            state = {**lower, **upper}
-            boundary = update
+            upper = self.cell.upper_step(upper_in[at], state, lower, update)
+            state, boundary = {**lower, **upper}, update
+            rows.append(at)
             engagement.append(logit)
             lower_out.append(lower["H_c"])
             upper_out.append(upper["H_v"])
-        rows = slot[mask]
+        rows = torch.cat(rows)
 
-        def flat(per_step: list[Tensor]) -> Tensor:  # [S, T, ...] -> [B, ...] in the batch's row order
-            values = torch.stack(per_step, dim=1)[mask]
+        def flat(per_step: list[Tensor]) -> Tensor:  # the steps' outputs -> [B, ...] in the batch's row order
+            values = torch.cat(per_step)
             return values.new_zeros((x.shape[0], *values.shape[1:])).index_copy(0, rows, values)
 
         H_c, H_v = flat(lower_out), flat(upper_out)
