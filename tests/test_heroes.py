@@ -305,3 +305,15 @@ def test_heroes_trains_on_a_kuairand_slice_with_sessions():
     small = sample_dataset(ds)
     small = apply_session_rule(small, SessionRule(max_gap=3_600_000, max_size=50))  # a sample's rows, re-grouped
     train_tiny("heroes", dataset=small)
+
+
+def test_a_bad_session_option_ends_the_cli_with_one_line_and_exit_code_2(tmp_path, capsys):
+    from onerank.cli import main
+
+    args = ["train", "--dataset", "synthetic", "--dataset-option", "num_users=60", "--dataset-option",
+            "num_items=40", "--model", "heroes", "--epochs", "1", "--cache-dir", str(tmp_path / "cache")]
+    for option, message in (("session_order=random", "session_order"), ("session_gap=soon", "session_gap"),
+                            ("session_max_size=0", "session_max_size")):
+        assert main(args + ["--dataset-option", option, "--out", str(tmp_path / option)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
