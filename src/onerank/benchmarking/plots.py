@@ -212,7 +212,10 @@ def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap
     if gap and not has_oracle:
         return None
     tasks = summary[variants[0]]["tasks"]
-    xs = [float(v) for v in variants]
+    try:
+        xs = [float(v) for v in variants]
+    except ValueError:  # a categorical option (e.g. session_order: time, shuffled): one position per value
+        xs = list(range(len(variants)))
     rows = _rows_of_labels(summary, proposed)
     fig, axes = _subplots(len(rows), len(tasks))
     for row, labels in zip(axes, rows):
@@ -229,7 +232,7 @@ def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap
                 ax.plot(xs, [summary[v]["oracle"][t]["auc"] for v in variants], label="oracle", **ORACLE_STYLE)
             ax.set_title(f"{t}: {'oracle AUC - test AUC' if gap else 'test AUC'}", fontsize=9)
             ax.set_xlabel(option)
-            ax.set_xticks(xs)
+            ax.set_xticks(xs, [str(v) for v in variants])
             ax.grid(alpha=0.3)
     return _save(fig, axes, out_dir / f"{'gap_to_oracle' if gap else 'auc'}_vs_{option}.png")
 

@@ -130,7 +130,7 @@ class HEROES(ESMM):
 
     def __init__(self, space: FeatureSpace, config: HEROESConfig) -> None:
         super().__init__(space, config)
-        self.engagement, self.satisfaction = self.funnel[0], self.funnel[1]
+        self.engagement = self.funnel[0]  # the funnel's first step drives the gate
         self.cell = HierarchicalCell(self.encoder.output_dim, config)
 
     def tower_input_dims(self) -> dict[str, int]:
