@@ -317,3 +317,15 @@ def test_a_bad_session_option_ends_the_cli_with_one_line_and_exit_code_2(tmp_pat
         assert main(args + ["--dataset-option", option, "--out", str(tmp_path / option)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_a_sweep_over_a_categorical_option_is_drawn_one_position_per_value(tmp_path):
+    from onerank.benchmarking.plots import auc_vs_variant
+
+    def block(auc: float) -> dict:
+        tasks = {"click": {"auc": {"mean": auc, "std": 0.01}}}
+        return {"tasks": ["click"], "models": {m: {"ablation": False, "tasks": tasks} for m in ("esmm", "heroes")}}
+
+    results = {"summary": {"time": block(0.70), "shuffled": block(0.68)}}
+    path = auc_vs_variant(results, "session_order", "heroes", tmp_path)
+    assert path and (tmp_path / "auc_vs_session_order.png").stat().st_size > 0
