@@ -3,8 +3,8 @@
 A batch is always a flat set of impressions. List-wise batches additionally carry ``request`` (0..R-1, each request's
 impressions contiguous) so a list-wise model or loss can view them as padded [R, N] lists with ``Batch.to_lists``.
 Session batches (``by_session``, data/sessions.py) hold whole sessions and carry ``session`` (0..S-1, each session's
-impressions contiguous and in time order) besides ``request``, viewed as padded [S, T] sequences with
-``Batch.to_sessions``. Point-wise models ignore both, so every model is fed exactly the same impressions, features and
+impressions contiguous and in time order) besides ``request``, viewed as padded [S, T] sequences through
+``Batch.session_layout``. Point-wise models ignore both, so every model is fed exactly the same impressions, features and
 labels.
 """
 
@@ -85,11 +85,6 @@ class Batch:
             rows = torch.arange(self.size, device=self.user.device).unsqueeze(1)
             return rows, torch.ones_like(rows, dtype=torch.bool)
         return group_layout(self.session)
-
-    def to_sessions(self, x: Tensor) -> Tensor:
-        """[B, ...] per-impression tensor -> [S, T, ...] in time order, padded entries are copies of row 0."""
-        slot, _ = self.session_layout()
-        return x[slot]
 
     def to_lists(self, x: Tensor) -> Tensor:
         """[B, ...] per-impression tensor -> [R, N, ...], padded entries are copies of row 0 (mask them)."""
