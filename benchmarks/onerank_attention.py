@@ -11,7 +11,7 @@ of configs/models/onerank.yaml, inference (``torch.inference_mode``, as a server
 * end to end from the batch, tokenisation included: the one-pass structured path (``model.encode(batch)``: what
   training and ``score_pool`` of one chunk run), the same in two passes (context first, then the groups against its
   cache: ``encode_candidates(encode_context(batch), batch)``), the groups alone against an already encoded context
-  ("cached ctx"), the reference (``reference_encode``), and the end-to-end ratio (``*_e2e_ms``, ``e2e_ratio``);
+  ("cached ctx"), the reference (``model.reference_encode``), and the end-to-end ratio (``*_e2e_ms``, ``e2e_ratio``);
 * the peak memory of the end-to-end structured path and of the reference.
 
 Time: best of k calls, the paths alternating call by call. On CPU the clock is the calling thread's CPU time
@@ -42,7 +42,8 @@ from onerank.data.batching import Batch
 from onerank.data.schema import CategoricalField, DenseField, Schema, SequenceField, TaskSpec
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
-from onerank.models.onerank import OneRank, reference_encode, reference_encoder
+from onerank.models.onerank import OneRank
+from onerank.nn.structured import reference_encoder
 from onerank.training.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +93,12 @@ def path(model: OneRank, name: str, batch: Batch):
     tokenisation, then context and candidate groups together; what training and ``score_pool`` of one chunk run);
     ``two_pass``: the context encoded first, then the groups against its cache; ``cached``: the groups only, the
     request's context already encoded (a server keeping the ContextCache of a user or session scores the next pool
-    at this cost); ``reference``: ``reference_encode`` from the batch."""
+    at this cost); ``reference``: ``model.reference_encode`` from the batch."""
     if name.endswith("_encoder"):
         context, groups, present = model.tokens(batch)
         if name == "structured_encoder":
             return lambda: model.encode_tokens(context, groups)
-        return lambda: reference_encoder(model, context, groups, present)
+        return lambda: reference_encoder(model.encoder, context, groups, present)
     if name == "structured":
         return lambda: model.encode(batch)
     if name == "two_pass":
@@ -105,7 +106,7 @@ def path(model: OneRank, name: str, batch: Batch):
     if name == "cached":
         cache = model.encode_context(batch)
         return lambda: model.encode_candidates(cache, batch)
-    return lambda: reference_encode(model, batch)[2]
+    return lambda: model.reference_encode(batch)[2]
 
 
 def _sync(device: str) -> None:

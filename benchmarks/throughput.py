@@ -146,7 +146,7 @@ def measure(trainer, steps: int, warmup: int, budget: float) -> dict:
     trainer.train_loader = timed.loader
     samples = trainer.state.train_samples - samples0
 
-    rows = trainer.splits["test"].n
+    rows = trainer.data.splits["test"].n
     start = time.perf_counter()
     trainer.predict("test")
     infer = time.perf_counter() - start

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from onerank.data.schema import TaskSpec
 from onerank.metrics import auc, calibration, evaluate_predictions, gauc, logloss, monitor_value
 
 
@@ -42,7 +41,7 @@ def test_logloss_and_calibration_match_definitions():
 
 
 def test_evaluation_uses_only_rows_in_the_task_space():
-    tasks = [TaskSpec("click"), TaskSpec("buy", space="click")]
+    tasks = {"click": "binary", "buy": "binary"}
     labels = {"click": np.array([1, 1, 0, 0.0]), "buy": np.array([1, 0, 0, 0.0])}
     masks = {"click": np.ones(4, bool), "buy": np.array([True, True, False, False])}
     # The out-of-space rows get absurd scores; they must not matter.
@@ -54,7 +53,7 @@ def test_evaluation_uses_only_rows_in_the_task_space():
 
 
 def test_regression_metrics_and_monitor():
-    tasks = [TaskSpec("t", kind="regression")]
+    tasks = {"t": "regression"}
     m = evaluate_predictions(tasks, {"t": np.array([1.0, 3.0])}, {"t": np.array([2.0, 2.0])},
                              {"t": np.ones(2, bool)}, None)
     assert m["t"]["mse"] == 1.0 and m["t"]["mae"] == 1.0

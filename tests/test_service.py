@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from onerank.serving import Ranker, RequestLimits
 from onerank.serving.app import DrainingServer, create_app, drain
-from onerank.serving.request import ModelDescription
+from onerank.serving.wire import ModelDescription
 
 
 class LiveServer:

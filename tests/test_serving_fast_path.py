@@ -16,7 +16,7 @@ import torch
 from onerank import api
 from onerank.models.encoders import shares_one_history
 from onerank.nn.attention import TargetAttention
-from onerank.nn.transformer import attention_bias, prefix_group_attention, prefix_self_attention
+from onerank.nn.transformer import attention_bias, prefix_group_attention
 from onerank.serving import Ranker
 
 
@@ -34,14 +34,9 @@ def _group_inputs(first_query: int) -> tuple:
     return query[:, :, :, first_query:], prefix_key, prefix_value, bias, group_key, group_value
 
 
-def _self_inputs() -> tuple:
-    return tuple(t[:, :, :, 0] if t.dim() == 5 else t for t in _inputs(1))  # groups of one token
-
-
 @pytest.mark.parametrize("attention, inputs", [
     (prefix_group_attention, lambda: _group_inputs(0)),
     (prefix_group_attention, lambda: _group_inputs(1)),  # the last layer: the anchor's query is skipped
-    (prefix_self_attention, _self_inputs),
 ])
 def test_fused_prefix_attention_equals_the_explicit_softmax(attention, inputs):
     args = inputs()

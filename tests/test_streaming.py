@@ -127,10 +127,10 @@ def test_auto_streams_only_above_the_size_threshold(tiny_dataset, tmp_path):
     config = _config(streaming="auto").train
     assert split_nbytes(tiny_dataset.train) < 2**20
     small = _trainer(tiny_dataset, config, tmp_path / "a")
-    assert not small.streaming and isinstance(small.train_loader, BatchLoader)
+    assert not small.data.streaming and isinstance(small.train_loader, BatchLoader)
     tiny_threshold = dataclasses.replace(config, streaming_threshold_mb=split_nbytes(tiny_dataset.train) / 2**21)
     big = _trainer(tiny_dataset, tiny_threshold, tmp_path / "b")
-    assert big.streaming and "train" not in big.splits and isinstance(big.train_loader, StreamingBatchLoader)
+    assert big.data.streaming and "train" not in big.data.splits and isinstance(big.train_loader, StreamingBatchLoader)
 
 
 def _trainer(ds, config: TrainConfig, out) -> Trainer:
@@ -163,8 +163,8 @@ def test_export_command_writes_a_streaming_dataset(tmp_path):
 
 def test_without_an_output_folder_the_stream_lives_in_a_temporary_folder(tiny_dataset):
     trainer = _trainer(tiny_dataset, _config(epochs=1).train, None)
-    scratch = trainer._stream_scratch
-    assert trainer.streaming and scratch is not None and scratch.is_dir()
+    scratch = trainer.data.scratch
+    assert trainer.data.streaming and scratch is not None and scratch.is_dir()
     trainer.fit()
     assert trainer.evaluate("test")["click"]["count"] == len(tiny_dataset.test)
     trainer.close()

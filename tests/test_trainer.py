@@ -73,10 +73,31 @@ def test_a_failed_checkpoint_write_leaves_the_old_file_intact(tmp_path, monkeypa
 
 
 def test_separate_embedding_optimiser_and_cosine_schedule(tiny_dataset):
-    result = api.train(config(epochs=2, embedding_lr=0.01, lr_schedule="cosine", checkpoint_every=0),
-                       dataset=tiny_dataset)
-    assert result["epochs"] == 2
-
+    """``embedding_lr``: the embedding tables get their own Adam at that rate (and only they: the dense weights keep
+    AdamW at ``lr``); ``cosine``: every optimiser step of the run uses lr * (1 + cos(pi t / T)) / 2, t = 0 .. T - 1
+    over the run's T steps."""
+    trainer = api.build_trainer(config(epochs=2, lr=3e-3, embedding_lr=0.01, lr_schedule="cosine", patience=2,
+                                       checkpoint_every=0), tiny_dataset)
+    dense, sparse = trainer.optimizers
+    assert type(dense) is torch.optim.AdamW and type(sparse) is torch.optim.Adam
+    tables = {id(p) for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    in_sparse = {id(p) for group in sparse.param_groups for p in group["params"]}
+    in_dense = {id(p) for group in dense.param_groups for p in group["params"]}
+    assert tables and in_sparse == tables and not in_dense & tables
+    assert in_dense | in_sparse >= {id(p) for p in trainer.model.parameters()}
+    used = []  # (dense lr, embedding lr) at each optimiser step of the run
+    dense.register_step_pre_hook(
+        lambda *_: used.append((dense.param_groups[0]["lr"], sparse.param_groups[0]["lr"])))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    steps = 2 * len(trainer.train_loader)
+    assert len(used) == steps
+    for t in (0, steps // 4, steps // 2, steps - 1):
+        share = 0.5 * (1 + math.cos(math.pi * t / steps))
+        assert used[t] == pytest.approx((3e-3 * share, 0.01 * share))
+    assert used[-1][0] < 1e-5 < used[steps // 2][0]
 
 def test_monitor_weights_must_name_known_tasks(tiny_dataset):
     with pytest.raises(ValueError, match="unknown tasks"):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from onerank.data.dataset import EncodedDataset
+from onerank.data.loaders import TrainingData, training_data
 from onerank.data.registry import load_dataset
 from onerank.features.space import FeatureSpace
 from onerank.fusion.fit import FuseSettings
@@ -40,8 +41,6 @@ RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", 
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
-    import onerank.data.streaming  # noqa: F401  (registers the "encoded" dataset: a train split kept on disk)
-
     if config.cache_dir is not None and Path(config.cache_dir).exists() and not Path(config.cache_dir).is_dir():
         raise SchemaError(f"--cache-dir {config.cache_dir} is a file; give a folder (it is created when missing)")
 
@@ -55,11 +54,24 @@ def count_parameters(model: MultiTaskModel) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def run_data(config: RunConfig, dataset: EncodedDataset, by_request: bool, out_dir: str | Path | None = None,
+             streaming: str | None = None, by_session: bool = False) -> TrainingData:
+    """The batches of a run (``data.loaders.training_data``), sharded over torchrun's ranks; whole requests or whole
+    sessions per batch when the model or the objective needs them."""
+    train, where = config.train, distributed.info()
+    return training_data(
+        dataset, train.batch_size, train.seed, by_request, streaming or train.streaming, train.streaming_threshold_mb,
+        train.stream_buffer_rows, out_dir, where.rank, where.world_size, distributed.all_ranks,
+        distributed.rank_zero_first, by_session,
+    )
+
+
 def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Path | None = None) -> Trainer:
     space = FeatureSpace.from_dataset(dataset)
-    ckpt.seed_everything(config.train.seed)  # parameter initialisation is part of what the seed fixes
-    model = build_model(config.model, space, config.model_options)
-    weighting = build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options)
+    with ckpt.seeded(config.train.seed):  # parameter initialisation is part of what the seed fixes
+        model = build_model(config.model, space, config.model_options)
+        weighting = build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options)
+        objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
     meta = {
         "run_config": config.to_dict(),
         "model": config.model,
@@ -69,9 +81,10 @@ def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Pat
         "item_table": {k: v.copy() for k, v in dataset.item_table.items()},
         "dataset": dataset.name,
     }
-    objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
     meta["objective"] = dataclasses.asdict(objective.config)
-    trainer = Trainer(model, dataset, config.train, objective, weighting, out_dir=out_dir, meta=meta)
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, out_dir,
+                    by_session=model.needs_sessions)
+    trainer = Trainer(model, data, config.train, objective, weighting, out_dir=out_dir, meta=meta)
     trainer.initialise_output_biases()  # a fresh model: the training split's base rates (a resume loads its own)
     return trainer
 
@@ -225,7 +238,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiTaskModel, dict]:
     meta = state["meta"]
     try:
         space = FeatureSpace.from_dict(meta["space"])
-        model = build_model(meta["model"], space, model_class(meta["model"]).saved_options(meta["model_config"]))
+        model = build_model(meta["model"], space, model_class(meta["model"]).saved_options(meta["model_config"], space))
     except (KeyError, SchemaError) as exc:
         raise ckpt.CheckpointError(f"{path}: cannot rebuild its model {meta['model']!r} ({exc}); it was written by "
                                    f"onerank {state.get('onerank_version', '< 0.1.0')}: retrain or use that version")
@@ -255,13 +268,13 @@ def checkpoint_trainer(
             f"vocabularies than the data found now ({dataset.name!r}, tasks {dataset.schema.task_names}); evaluate it "
             "on the data it was trained on (--data-dir)"
         )
-    if not dataset.info.get("train_parquet"):
-        config.train.streaming = "off"  # evaluation needs no Parquet copy of an in-memory train split
-    trainer = Trainer(
-        model, dataset, config.train,
-        MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults)),
-        build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options),
-    )
+    objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
+    # evaluation needs no Parquet copy of an in-memory train split
+    streaming = None if dataset.info.get("train_parquet") else "off"
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, streaming=streaming,
+                    by_session=model.needs_sessions)
+    trainer = Trainer(model, data, config.train, objective,
+                      build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options))
     return trainer, dataset, meta
 
 

@@ -63,6 +63,14 @@ def _existing_parent(path: str, flag: str) -> Path:
     return out
 
 
+def _list(module: str, registry: str) -> int:
+    """Print the names of a plug-in registry (its map only: no plug-in is imported)."""
+    import importlib
+
+    print("\n".join(getattr(importlib.import_module(module), registry).names()))
+    return 0
+
+
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
@@ -494,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_encoded)
 
     p = sub.add_parser("models", help="list model names")
-    p.set_defaults(func=lambda a: print("\n".join(__import__("onerank.models", fromlist=["x"]).model_names())) or 0)
+    p.set_defaults(func=lambda a: _list("onerank.models.base", "MODELS"))
+    p = sub.add_parser("weightings", help="list task-weighting strategies")
+    p.set_defaults(func=lambda a: _list("onerank.objectives.weighting", "WEIGHTINGS"))
+    p = sub.add_parser("datasets", help="list dataset loaders")
+    p.set_defaults(func=lambda a: _list("onerank.data.registry", "DATASETS"))
     return parser
 
 

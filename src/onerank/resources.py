@@ -1,12 +1,17 @@
-"""Files shipped with onerank: the run configs (``configs/``) and the benchmark suites (``benchmarks/suites/``).
+"""What ships with onerank: the run configs (``configs/``) and the benchmark suites (``benchmarks/suites/``), and the
+plug-ins it knows by name (``Registry``: datasets, models, weightings, objective terms).
 
-In a checkout (or an editable install) they are the repository's folders; an installed wheel carries copies inside the
+In a checkout (or an editable install) the folders are the repository's; an installed wheel carries copies inside the
 package (``onerank/configs``, ``onerank/suites``, see setup.py).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 PACKAGE = Path(__file__).resolve().parent
 CHECKOUT = {"configs": PACKAGE.parents[1] / "configs", "suites": PACKAGE.parents[1] / "benchmarks" / "suites"}
@@ -18,3 +23,32 @@ def shipped(name: str) -> Path:
         raise ValueError(f"unknown resource {name!r}; expected one of {sorted(CHECKOUT)}")
     packaged = PACKAGE / name
     return packaged if packaged.is_dir() else CHECKOUT[name]
+
+
+class Registry(Generic[T]):
+    """Names -> plug-ins, as a module map: each entry is ``"module:attribute"``, imported when the name is first asked
+    for. Listing the names imports nothing, and no module registers itself by being imported (the map is the one place
+    that says what exists). ``register`` adds a user's plug-in: the object itself or its ``"module:attribute"``."""
+
+    def __init__(self, kind: str, entries: dict[str, str], error: type[Exception] = KeyError) -> None:
+        self.kind = kind
+        self._entries: dict[str, T | str] = dict(entries)
+        self._error = error
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def register(self, name: str, target: T | str) -> None:
+        self._entries[name] = target
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            raise self._error(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+        target = self._entries[name]
+        if isinstance(target, str):
+            module, _, attribute = target.partition(":")
+            target = self._entries[name] = getattr(importlib.import_module(module), attribute)
+        return target

@@ -1,9 +1,12 @@
 """Aggregate a suite's runs and render them: mean +- std tables, gains over the best baseline, paired tests, the
-negative-transfer (seesaw) table, the ablation table and the task-correlation sweep."""
+negative-transfer (seesaw) table, the ablation table and the task-correlation sweep; and publish the rendered report
+into a docs page (``publish_report``)."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -489,3 +492,37 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
     for p in plots or []:
         out += [f"![{p}]({image_prefix}{p})", ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Publishing: the report written into a docs page (e.g. BENCHMARKS.md) between the suite's two marker lines
+# ---------------------------------------------------------------------------------------------------------------------
+def publish_report(page: Path, results: dict, suite, plots: list[str], out_dir: Path) -> None:
+    """The suite's report into ``page``, its image links relative to the page (the figures stay in ``out_dir``)."""
+    prefix = Path(os.path.relpath(Path(out_dir).resolve(), page.resolve().parent)).as_posix() + "/"
+    publish_section(page, suite.name, render_markdown(results, suite, plots, image_prefix=prefix))
+
+
+def section_markers(suite_name: str) -> tuple[str, str]:
+    return f"<!-- onerank benchmark {suite_name}: begin -->", f"<!-- onerank benchmark {suite_name}: end -->"
+
+
+def check_page(page: Path, suite_name: str) -> str:
+    """The page's text, once it is known to hold the suite's two markers in order."""
+    begin, end = section_markers(suite_name)
+    text = page.read_text() if page.is_file() else ""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"--publish {page}: the page needs one line {begin!r} and, after it, one line {end!r} "
+                         "around the place of the suite's tables")
+    return text
+
+
+def publish_section(page: str | Path, suite_name: str, markdown: str) -> None:
+    """Replace the text between the suite's two marker lines of ``page`` by ``markdown``; the rest of the page (the
+    analysis written around the tables) is kept as it is."""
+    page = Path(page)
+    text = check_page(page, suite_name)
+    begin, end = section_markers(suite_name)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")

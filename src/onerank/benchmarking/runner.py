@@ -128,9 +128,8 @@ def execute_run(config: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
             preds = trainer.predict("test")
             infer_seconds = time.perf_counter() - t1
             enc = dataset.split("test")
-            test = evaluate_predictions(
-                dataset.schema.tasks, preds, dataset.label_values("test"), enc.label_mask, enc.user
-            )
+            kinds = {t.name: t.kind for t in dataset.schema.tasks}
+            test = evaluate_predictions(kinds, preds, dataset.label_values("test"), enc.label_mask, enc.user)
             params = api.count_parameters(trainer.model)
         finally:
             trainer.close()
@@ -458,6 +457,7 @@ class SuiteRunner:
         self._save()
         return self.results
 
+
 def run_benchmark(
     name: str,
     out_dir: str | Path | None = None,
@@ -478,18 +478,18 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run suite ``name`` (or, with ``report_only``, re-render an existing results.json) and write
     ``OUT/results.json``, ``OUT/report.md`` and the PNG figures; returns the results with ``report`` (Markdown).
-    ``publish``: a Markdown page (e.g. BENCHMARKS.md) whose block for this suite (``publish_section``) is replaced by
-    the report, with image links relative to the page. ``ablations=False`` trains the tuned models only (the
+    ``publish``: a Markdown page (e.g. BENCHMARKS.md) whose block for this suite is replaced by the report
+    (``report.publish_report``). ``ablations=False`` trains the tuned models only (the
     ablations' runs already done are kept and reported)."""
     from onerank.benchmarking.plots import make_plots
-    from onerank.benchmarking.report import render_markdown
+    from onerank.benchmarking.report import check_page, publish_report, render_markdown
     from onerank.benchmarking.suite import DEFAULT_SUITES_DIR, load_suite
 
     suite = load_suite(name, suites_dir or DEFAULT_SUITES_DIR)
     if rerun:
         suite.entries(rerun)  # an unknown name fails here, with the suite's names
     if publish is not None:
-        _check_page(Path(publish), suite.name)  # before hours of training, not after
+        check_page(Path(publish), suite.name)  # before hours of training, not after
     out = Path(out_dir) if out_dir else Path("benchmarks/results") / suite.name
     if report_only and not (out / "results.json").exists():
         raise FileNotFoundError(f"--report-only: no results at {out / 'results.json'}")
@@ -514,32 +514,5 @@ def run_benchmark(
     report = render_markdown(results, suite, plots)
     (out / "report.md").write_text(report + "\n")
     if publish is not None:
-        page = Path(publish)
-        prefix = Path(os.path.relpath(out.resolve(), page.resolve().parent)).as_posix() + "/"
-        publish_section(page, suite.name, render_markdown(results, suite, plots, image_prefix=prefix))
+        publish_report(Path(publish), results, suite, plots, out)
     return {**results, "report": report, "plots": plots}
-
-
-def section_markers(suite_name: str) -> tuple[str, str]:
-    return f"<!-- onerank benchmark {suite_name}: begin -->", f"<!-- onerank benchmark {suite_name}: end -->"
-
-
-def _check_page(page: Path, suite_name: str) -> str:
-    """The page's text, once it is known to hold the suite's two markers in order."""
-    begin, end = section_markers(suite_name)
-    text = page.read_text() if page.is_file() else ""
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise ValueError(f"--publish {page}: the page needs one line {begin!r} and, after it, one line {end!r} "
-                         "around the place of the suite's tables")
-    return text
-
-
-def publish_section(page: str | Path, suite_name: str, markdown: str) -> None:
-    """Replace the text between the suite's two marker lines of ``page`` by ``markdown``; the rest of the page (the
-    analysis written around the tables) is kept as it is."""
-    page = Path(page)
-    text = _check_page(page, suite_name)
-    begin, end = section_markers(suite_name)
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    page.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")

@@ -96,6 +96,22 @@ class Batch:
         slot, _ = self.list_layout()
         return slot[:, 0]
 
+    def request_inputs(self) -> "Batch":
+        """The request-level inputs (categorical and dense fields, histories) of each request, read at its first row:
+        a batch of R rows, so that a model embeds a request's context once, not once per candidate."""
+        rows = self.request_rows()
+
+        def pick(columns: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v[rows] for k, v in columns.items()}
+
+        histories = {seq: pick(codes) for seq, codes in self.histories.items()}
+        return Batch(pick(self.categorical), pick(self.dense), histories, {}, {}, self.user[rows])
+
+    def as_one_request(self) -> "Batch":
+        """The batch's rows as the candidates of one request (a serving pool usually comes without request grouping)."""
+        request = torch.zeros(self.size, dtype=torch.long, device=self.user.device)
+        return Batch(self.categorical, self.dense, self.histories, self.labels, self.label_mask, self.user, request)
+
 
 def group_layout(group: Tensor) -> tuple[Tensor, Tensor]:
     """(slot [G, W], mask [G, W]) for ids 0..G-1 whose rows are contiguous: ``slot[g, j]`` is the j-th row of group g

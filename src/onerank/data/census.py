@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from onerank.data.dataset import EncodedDataset, RawDataset, RawSplit, file_fingerprint, load_or_build
-from onerank.data.registry import register_dataset
 from onerank.data.schema import CategoricalField, DenseField, Schema, SchemaError, TaskSpec
 
 LOADER_VERSION = "census-v1"
@@ -272,7 +271,6 @@ def build_raw(
     )
 
 
-@register_dataset("census")
 def load(
     data_dir: str | Path | None = None,
     cache_root: str | Path | None = None,

@@ -18,7 +18,6 @@ import pandas as pd
 
 from onerank.data.dataset import RawDataset, RawSplit, file_fingerprint, load_or_build
 from onerank.data.histories import PrePeriod, build_histories
-from onerank.data.registry import register_dataset
 from onerank.data.requests import group_requests, request_start_times, size_distribution
 from onerank.data.schema import CategoricalField, DenseField, Schema, SchemaError, SequenceField, TaskSpec
 
@@ -468,7 +467,6 @@ def build(directory: Path, files: dict[str, list[Path]], opts: dict) -> RawDatas
     )
 
 
-@register_dataset(NAME)
 def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, tasks=None, **options):
     """KuaiRand as an ``EncodedDataset`` (cached). Options: see ``docs/datasets.md``; defaults reproduce the project's
     standard setting (tasks click / long_view / like, histories watched / long_viewed / liked of 50 items,

@@ -1,43 +1,41 @@
-"""Dataset names -> loaders. Each loader module registers itself; this file only knows where they live."""
+"""Dataset names -> loaders: the one map of where they live (no loader module registers itself)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from onerank.data.dataset import EncodedDataset
 from onerank.data.schema import SchemaError
 from onerank.data.sessions import OPTIONS as SESSION_OPTIONS
 from onerank.data.sessions import apply_session_rule, session_rule
+from onerank.resources import Registry
 
 
 class DatasetLoader(Protocol):
     def __call__(self, data_dir: str | Path | None, cache_root: str | Path | None, **options) -> EncodedDataset: ...
 
 
-_LOADERS: dict[str, DatasetLoader] = {}
-# Modules are imported on first use so that `onerank --help` does not pay for pandas parsing code of every loader.
-_BUILTIN_MODULES = {
-    "synthetic": "onerank.data.synthetic",
-    "census": "onerank.data.census",
-    "kuairand": "onerank.data.kuairand",
-    "tabular": "onerank.data.tabular",
-}
+# Loader modules are imported on first use (``Registry``), so that `onerank --help` does not pay for the pandas
+# parsing code of every loader.
+DATASETS: Registry[DatasetLoader] = Registry("dataset", {
+    "synthetic": "onerank.data.synthetic:load",
+    "census": "onerank.data.census:load",
+    "kuairand": "onerank.data.kuairand:load",
+    "tabular": "onerank.data.tabular:load",
+    "encoded": "onerank.data.streaming:load_streaming_dataset",  # a dataset written for streaming (docs/scaling.md)
+}, SchemaError)
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    def decorate(fn: DatasetLoader) -> DatasetLoader:
-        _LOADERS[name] = fn
-        return fn
-
-    return decorate
+def register_dataset(name: str, loader: DatasetLoader | str) -> None:
+    """Make ``loader`` (a function, or its ``"module:function"``) the dataset ``name``."""
+    DATASETS.register(name, loader)
 
 
 def dataset_names() -> list[str]:
-    return sorted(set(_LOADERS) | set(_BUILTIN_MODULES))
+    return DATASETS.names()
 
 
 def load_dataset(
@@ -46,12 +44,9 @@ def load_dataset(
     """Load (from cache when possible) the encoded dataset ``name``; ``options`` are the loader's own keywords, plus
     the session rule every loader accepts (``session_gap``, ``session_max_size``, ``session_order``:
     data/sessions.py), applied to the loaded dataset."""
-    if name not in _LOADERS and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
-    if name not in _LOADERS:
-        raise SchemaError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
+    loader = DATASETS.get(name)
     sessions = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
-    ds = _load(_LOADERS[name], data_dir, cache_root, options)
+    ds = _load(loader, data_dir, cache_root, options)
     rule = session_rule(sessions, ds.info)
     return ds if rule is None else apply_session_rule(ds, rule)
 

@@ -37,7 +37,6 @@ import torch
 
 from onerank.data.batching import Batch, BatchLoader, TensorSplit
 from onerank.data.dataset import EncodedDataset, EncodedSplit
-from onerank.data.registry import register_dataset
 from onerank.data.schema import SchemaError
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,6 @@ def save_streaming_dataset(
     return directory
 
 
-@register_dataset("encoded")
 def load_streaming_dataset(
     data_dir: str | Path | None, cache_root: str | Path | None = None, **options
 ) -> EncodedDataset:
@@ -381,6 +379,19 @@ class StreamingBatchLoader:
         return self.epoch(0)
 
 
+def parquet_labels(source: str | Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(labels, label masks) per task of a whole encoded Parquet dataset, read column by column (no other column)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(source), format="parquet").to_table(
+        columns=[f"labels.{t}" for t in tasks] + [f"label_mask.{t}" for t in tasks]
+    )
+    return (
+        {t: table.column(f"labels.{t}").to_numpy() for t in tasks},
+        {t: table.column(f"label_mask.{t}").to_numpy() for t in tasks},
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # When to stream
 # ---------------------------------------------------------------------------------------------------------------------
@@ -446,6 +457,6 @@ def _manifest(path: Path) -> dict:
 
 
 __all__ = [
-    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "save_streaming_dataset",
-    "split_nbytes", "stream_source_for", "write_encoded_parquet",
+    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "parquet_labels",
+    "save_streaming_dataset", "split_nbytes", "stream_source_for", "write_encoded_parquet",
 ]

@@ -67,7 +67,6 @@ import pandas as pd
 
 from onerank.data.dataset import EncodedDataset, RawDataset, RawSplit, load_or_build
 from onerank.data.encoding import RaggedHistory
-from onerank.data.registry import register_dataset
 from onerank.data.schema import CategoricalField, DenseField, Schema, SchemaError, SequenceField, TaskSpec
 
 GENERATOR_VERSION = "synthetic-v2"  # v2: list effects and the oracle (default data identical to v1)
@@ -578,7 +577,7 @@ def oracle_metrics(sim: Simulation) -> dict[str, dict]:
         rows = (imp["split"] == name).to_numpy()
         users = pd.factorize(imp["user_id"][rows])[0]
         oracle[name] = {
-            t: {k: v for k, v in task_metrics(TaskSpec(t), imp[t].to_numpy()[rows], sim.probability[t][rows],
+            t: {k: v for k, v in task_metrics("binary", imp[t].to_numpy()[rows], sim.probability[t][rows],
                                               users).items() if k in ("auc", "gauc", "logloss")}
             for t in TASKS
         }
@@ -628,7 +627,6 @@ def build_raw(config: SyntheticConfig | None = None, **options) -> RawDataset:
     )
 
 
-@register_dataset("synthetic")
 def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, **options) -> EncodedDataset:
     """Load the synthetic dataset (``data_dir`` is ignored: nothing is read from disk). ``options``: the fields of
     ``SyntheticConfig``; every one of them and the generator version are in the cache key."""

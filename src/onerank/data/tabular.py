@@ -46,7 +46,6 @@ import yaml
 from onerank.data.dataset import RawDataset, RawSplit, file_fingerprint, load_or_build
 from onerank.data.encoding import RaggedHistory, check_constant_per_request
 from onerank.data.histories import build_histories
-from onerank.data.registry import register_dataset
 from onerank.data.requests import group_requests, request_start_times, size_distribution
 from onerank.data.schema import Schema, SchemaError, read_yaml_mapping
 
@@ -581,7 +580,6 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
     return RawDataset(name=name, schema=schema, item_table=item_table, info=info, **splits)
 
 
-@register_dataset(NAME)
 def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, tasks=None, **options):
     """Your files as an ``EncodedDataset`` (cached). ``schema=PATH`` (a YAML file, see module doc) is required; file
     paths in it are relative to ``data_dir`` (or to the YAML's folder when ``data_dir`` is None). ``tasks``: a subset

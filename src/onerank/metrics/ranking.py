@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from onerank.data.schema import TaskSpec
-
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve via the rank-sum statistic, ties counted half. NaN if only one class is present."""
@@ -53,12 +51,12 @@ def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(probs) / mean_label) if mean_label > 0 else float("nan")
 
 
-def task_metrics(task: TaskSpec, labels: np.ndarray, preds: np.ndarray, users: np.ndarray | None) -> dict[str, float]:
-    """Metrics of one task on its valid rows (callers pass only those)."""
+def task_metrics(kind: str, labels: np.ndarray, preds: np.ndarray, users: np.ndarray | None) -> dict[str, float]:
+    """Metrics of one task of ``kind`` ("binary" or "regression") on its valid rows (callers pass only those)."""
     out: dict[str, float] = {"count": int(len(labels))}
     if len(labels) == 0:
         return out
-    if task.kind == "regression":
+    if kind == "regression":
         err = np.asarray(preds, dtype=np.float64) - labels
         out.update(mse=float(np.mean(err**2)), mae=float(np.mean(np.abs(err))))
         return out
@@ -69,18 +67,17 @@ def task_metrics(task: TaskSpec, labels: np.ndarray, preds: np.ndarray, users: n
 
 
 def evaluate_predictions(
-    tasks: list[TaskSpec],
+    kinds: dict[str, str],
     preds: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
     masks: dict[str, np.ndarray],
     users: np.ndarray | None,
 ) -> dict[str, dict[str, float]]:
+    """Per task (``kinds``: task -> "binary" or "regression", in order), its metrics on the rows its mask keeps."""
     return {
-        t.name: task_metrics(
-            t, labels[t.name][masks[t.name]], preds[t.name][masks[t.name]],
-            None if users is None else users[masks[t.name]],
-        )
-        for t in tasks
+        task: task_metrics(kind, labels[task][masks[task]], preds[task][masks[task]],
+                           None if users is None else users[masks[task]])
+        for task, kind in kinds.items()
     }
 
 

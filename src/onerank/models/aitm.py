@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, register_model
+from onerank.models.base import MultiTaskModel
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.models.esmm import funnel_order
 from onerank.nn.mlp import MLP
@@ -54,7 +54,6 @@ class AttentionTransfer(nn.Module):
         return torch.einsum("bn,bnh->bh", torch.softmax(scores, dim=1), self.value(x))
 
 
-@register_model("aitm")
 class AITM(MultiTaskModel):
     Config = AITMConfig
 

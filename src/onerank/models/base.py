@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
-import pkgutil
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +18,7 @@ from onerank.data.batching import Batch
 from onerank.data.schema import SchemaError, typed
 from onerank.features.space import FeatureSpace
 from onerank.nn.mlp import MLP
+from onerank.resources import Registry
 
 
 class MultiTaskModel(nn.Module, abc.ABC):
@@ -39,9 +39,10 @@ class MultiTaskModel(nn.Module, abc.ABC):
     objective_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
-    def saved_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """The options of a model saved by an earlier release, as this release reads them: an option added since
-        then with a new default takes the value that release built (override where a default changed)."""
+    def saved_options(cls, options: dict[str, Any], space: FeatureSpace) -> dict[str, Any]:
+        """The options of a model saved by an earlier release (for the feature ``space`` it was trained on), as this
+        release reads them: an option added since then with a new default takes the value that release built,
+        renamed or moved options are mapped (override where a default changed or options moved)."""
         return dict(options)
 
     def __init__(self, space: FeatureSpace, config: Any) -> None:
@@ -136,54 +137,77 @@ class TaskTowers(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Registry
+# Registry: model names -> classes, imported on first use (adding a model is adding a file and a line here)
 # ---------------------------------------------------------------------------------------------------------------------
-_MODELS: dict[str, type[MultiTaskModel]] = {}
+MODELS: Registry[type[MultiTaskModel]] = Registry("model", {
+    "single_task": "onerank.models.single_task:SingleTask",
+    "shared_bottom": "onerank.models.shared_bottom:SharedBottom",
+    "omoe": "onerank.models.mmoe:OMoE",
+    "mmoe": "onerank.models.mmoe:MMoE",
+    "ple": "onerank.models.ple:PLE",
+    "esmm": "onerank.models.esmm:ESMM",
+    "aitm": "onerank.models.aitm:AITM",
+    "stem": "onerank.models.stem:STEM",
+    "dtrn": "onerank.models.dtrn:DTRN",
+    "dtrn_mmoe": "onerank.models.dtrn:DTRNMMoE",
+    "dtrn_ple": "onerank.models.dtrn:DTRNPLE",
+    "transformer_mmoe": "onerank.models.transformer_heads:TransformerMMoE",
+    "transformer_ple": "onerank.models.transformer_heads:TransformerPLE",
+    "onerank": "onerank.models.onerank:OneRank",
+}, SchemaError)
 
 
-def register_model(name: str):
-    def decorate(cls: type[MultiTaskModel]) -> type[MultiTaskModel]:
-        cls.model_name = name
-        _MODELS[name] = cls
-        return cls
-
-    return decorate
-
-
-def _discover() -> None:
-    # Every module of this package registers its models on import: adding a model is adding a file.
-    import onerank.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"onerank.models.{info.name}")
+def register_model(name: str, model: type[MultiTaskModel] | str) -> None:
+    """Make ``model`` (a ``MultiTaskModel`` class, or its ``"module:Class"``) the model ``name``."""
+    MODELS.register(name, model)
 
 
 def model_names() -> list[str]:
-    _discover()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_class(name: str) -> type[MultiTaskModel]:
-    _discover()
-    if name not in _MODELS:
-        raise SchemaError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def build_config(name: str, options: dict | None = None) -> Any:
+    """The model's ``Config`` from options (YAML, CLI): a dotted key reaches into a nested block of options
+    (``experimental.random_sd``); unknown and negative options are refused with their names."""
     cls = model_class(name)
-    options = dict(options or {})
-    valid = {f.name for f in dataclasses.fields(cls.Config)}
+    options = _check_options(name, cls.Config, _nested(options or {}), "")
+    # types checked and converted by pydantic: "64" -> 64, a YAML list -> the config's tuple; errors name the option
+    return typed(cls.Config, options, f"model {name!r} option")
+
+
+def _nested(options: dict[str, Any]) -> dict[str, Any]:
+    """{"block.key": v} -> {"block": {"key": v}}, merged with a {"block": {...}} given as well."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        head, dot, rest = str(key).partition(".")
+        if dot:
+            value, key = _nested({rest: value}), head
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = {**out[key], **value}
+        out[key] = value
+    return out
+
+
+def _check_options(name: str, config: type, options: dict[str, Any], prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(config)
+    valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise SchemaError(f"model {name!r} has no option(s) {unknown}; its options are {sorted(valid)}")
+        raise SchemaError(f"model {name!r} has no option(s) {[prefix + k for k in unknown]}; its options are "
+                          f"{sorted(prefix + k for k in valid)}")
     for key, value in options.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_options(name, hints[key], value, f"{prefix}{key}.")
+            continue
         # sizes, counts and rates are never negative; a negative one is a typo that would fail deep inside torch
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 for v in numbers):
-            raise SchemaError(f"model {name!r} option {key}={value!r}: must not be negative")
-    # types checked and converted by pydantic: "64" -> 64, a YAML list -> the config's tuple; errors name the option
-    return typed(cls.Config, options, f"model {name!r} option")
+            raise SchemaError(f"model {name!r} option {prefix}{key}={value!r}: must not be negative")
+    return options
 
 
 def build_model(name: str, space: FeatureSpace, options: dict | None = None) -> MultiTaskModel:

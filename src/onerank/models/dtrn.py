@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from onerank.data.batching import Batch
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.nn.attention import TargetAttention
 from onerank.nn.experts import PLE, MixtureOfExperts
 from onerank.nn.hypernetwork import HyperTargetAttention
@@ -129,7 +129,6 @@ class TaskSpecificBottom(nn.Module):
         return out
 
 
-@register_model("dtrn")
 class DTRN(MultiTaskModel):
     """Task-specific bottoms, then one tower per task."""
 
@@ -159,7 +158,6 @@ class DTRN(MultiTaskModel):
         return self.towers(self.head(reps) if self.head is not None else reps)
 
 
-@register_model("dtrn_mmoe")
 class DTRNMMoE(DTRN):
     """Task-specific bottoms under MMoE: task k's gate and the experts it mixes read x_k."""
 
@@ -174,7 +172,6 @@ class DTRNMMoE(DTRN):
         return [f"head.gates.{task}."]
 
 
-@register_model("dtrn_ple")
 class DTRNPLE(DTRN):
     """Task-specific bottoms under PLE: task k's experts and gate read x_k; the shared experts read the mean of the
     x_k (``nn.experts.PLE``'s default for per-task inputs)."""

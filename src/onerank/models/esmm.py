@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from onerank.data.batching import Batch
 from onerank.data.schema import SchemaError
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 
 
@@ -77,7 +77,6 @@ class ESMMConfig(DNNEncoderConfig):
     dropout: float = 0.0
 
 
-@register_model("esmm")
 class ESMM(MultiTaskModel):
     Config = ESMMConfig
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.nn.experts import MixtureOfExperts
 
@@ -22,7 +22,6 @@ class MMoEConfig(DNNEncoderConfig):
     batch_norm: bool = False  # BatchNorm after each hidden layer of the experts and towers (as torch-rechub's MLPs)
 
 
-@register_model("mmoe")
 class MMoE(MultiTaskModel):
     Config = MMoEConfig
     per_task_gates = True
@@ -49,7 +48,6 @@ class MMoE(MultiTaskModel):
         return self.towers(self.experts(self.encoder(batch)))
 
 
-@register_model("omoe")
 class OMoE(MMoE):
     """One gate shared by all tasks: isolates what MMoE's per-task gates add."""
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.nn.experts import PLE as PLELayers
 
@@ -24,7 +24,6 @@ class PLEConfig(DNNEncoderConfig):
     batch_norm: bool = False  # BatchNorm after each hidden layer of the experts and towers (as torch-rechub's MLPs)
 
 
-@register_model("ple")
 class PLE(MultiTaskModel):
     Config = PLEConfig
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.nn.mlp import MLP
 
@@ -20,7 +20,6 @@ class SharedBottomConfig(DNNEncoderConfig):
     dropout: float = 0.0
 
 
-@register_model("shared_bottom")
 class SharedBottom(MultiTaskModel):
     Config = SharedBottomConfig
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, register_model
+from onerank.models.base import MultiTaskModel
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.nn.mlp import MLP
 
@@ -30,7 +30,6 @@ class _OneTaskNetwork(nn.Module):
         return self.mlp(self.encoder(batch)).squeeze(-1)
 
 
-@register_model("single_task")
 class SingleTask(MultiTaskModel):
     Config = SingleTaskConfig
 

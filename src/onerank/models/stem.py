@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.models.encoders import DNNEncoder, DNNEncoderConfig
 from onerank.nn.mlp import MLP
 
@@ -32,7 +32,6 @@ class STEMConfig(DNNEncoderConfig):
     dropout: float = 0.0
 
 
-@register_model("stem")
 class STEM(MultiTaskModel):
     Config = STEMConfig
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from onerank.data.batching import Batch
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
-from onerank.models.base import MultiTaskModel, TaskTowers, register_model
+from onerank.models.base import MultiTaskModel, TaskTowers
 from onerank.nn.experts import PLE, MixtureOfExperts
 
 POOLINGS = ("mean", "cls", "candidate")
@@ -114,7 +114,6 @@ class TransformerPLEConfig(TransformerEncoderConfig):
     tower_hidden: tuple[int, ...] = (32,)
 
 
-@register_model("transformer_mmoe")
 class TransformerMMoE(MultiTaskModel):
     Config = TransformerMMoEConfig
 
@@ -136,7 +135,6 @@ class TransformerMMoE(MultiTaskModel):
         return self.towers(self.experts(self.encoder(batch)))
 
 
-@register_model("transformer_ple")
 class TransformerPLE(MultiTaskModel):
     Config = TransformerPLEConfig
 

@@ -1,4 +1,4 @@
-"""Small reusable blocks: MLP, attention, experts, gates."""
+"""Small reusable blocks: MLP, attention, experts, gates, the Transformer block and the structured encoder."""
 
 from onerank.nn.attention import TargetAttention
 from onerank.nn.experts import CGCLayer, MixtureOfExperts, PLE

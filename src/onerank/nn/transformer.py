@@ -1,6 +1,7 @@
 """Pre-LN Transformer pieces: multi-head attention with separate query and key/value sets, a feed-forward layer, a
 block, and the attention of small token groups over a shared, cached prefix plus their own tokens (the structured
-attention of OneRank; ``models/onerank.py`` keeps the plain masked reference it is tested against).
+attention of OneRank; ``nn/structured.py`` builds its encoder on them and keeps the plain masked reference it is
+tested against).
 
 Boolean masks follow ``scaled_dot_product_attention``: True means "may attend". A prefix's validity is passed to the
 group attentions as an additive bias (``attention_bias``). Every query keeps at least one allowed key (itself), so
@@ -120,23 +121,6 @@ def prefix_group_attention(
     return out + probs[..., P:P + 1] * anchor_value + probs[..., P + 1:] * own_value
 
 
-def prefix_self_attention(
-    query: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor, key: Tensor, value: Tensor,
-) -> Tensor:
-    """Tokens that attend to their request's prefix and to themselves only (a candidate token c_i): query / key /
-    value [R, H, N, dh] of the N tokens, prefix_key / prefix_value [R, H, P, dh], prefix_bias [R, P] -> [R, H, N, dh].
-    ``prefix_group_attention`` with groups of one token, without its in-group bookkeeping."""
-    dh, P = query.shape[-1], prefix_key.shape[-2]
-    query = query * dh**-0.5
-    to_self = (query * key).sum(-1, keepdim=True)
-    if fused_attention_applies(query):
-        out, log_total = prefix_attention(query, prefix_key, prefix_value, prefix_bias)
-        return merge_extra_keys(out, log_total, [to_self.squeeze(-1)], [value])
-    to_prefix = _prefix_scores(query, prefix_key, prefix_bias)  # [R, H, N, P]
-    probs = torch.softmax(torch.cat([to_prefix, to_self], dim=-1), dim=-1)
-    return torch.matmul(probs[..., :P], prefix_value) + probs[..., P:] * value
-
-
 def fused_attention_applies(x: Tensor) -> bool:
     """Whether ``prefix_attention`` may run: inference (no gradient) on the CPU, outside graph capture (export and
     tracing record the explicit softmax, which every exporter knows). Training keeps the explicit path."""
@@ -168,35 +152,6 @@ def merge_extra_keys(out: Tensor, log_total: Tensor, scores: list[Tensor], value
     for k, value in enumerate(values, start=1):
         merged = merged + weights[..., k, :] * value
     return merged
-
-
-def template_attention(
-    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor, prefix_bias: Tensor,
-    anchor_key: Tensor, anchor_value: Tensor,
-) -> Tensor:
-    """``prefix_group_attention`` for the followers of groups whose followers are one template shared by all groups
-    (e.g. task tokens before the first layer): follower j of group i attends to the prefix, to anchor i and to itself.
-
-    query / key / value: [H, F, dh] (or [R, H, F, dh]) of the F template tokens; prefix_key / prefix_value:
-    [R, H, P, dh]; prefix_bias: [R, P]; anchor_key / anchor_value: [R, H, N, dh]. Returns [R, H, N, F, dh].
-
-    Everything but the score to the anchor is the same for all groups of a request, so the softmax is split: the
-    attention over the prefix and self (its output o and log-sum-exp m) once per request, then per group the anchor
-    enters with the weight softmax gives it, sigmoid(a - m): out = o + sigmoid(a - m) (v_anchor - o). Exact;
-    O(R F P + R N F) instead of O(R N F P).
-    """
-    R, H, P, dh = prefix_key.shape
-    query = query * dh**-0.5
-    to_prefix = torch.matmul(query, prefix_key.transpose(-1, -2)) + prefix_bias[:, None, None, :]  # [R, H, F, P]
-    to_self = (query * key).sum(-1).expand(R, H, -1)  # [R, H, F]
-    shared = torch.cat([to_prefix, to_self.unsqueeze(-1)], dim=-1)
-    log_total = torch.logsumexp(shared, dim=-1)  # [R, H, F], finite: every follower sees itself
-    weights = torch.exp(shared - log_total.unsqueeze(-1))
-    shared_out = torch.matmul(weights[..., :P], prefix_value) + weights[..., P:] * value  # [R, H, F, dh]
-    to_anchor = torch.matmul(anchor_key, query.transpose(-1, -2))  # [R, H, N, F]
-    anchor_weight = torch.sigmoid(to_anchor - log_total.unsqueeze(2)).unsqueeze(-1)  # [R, H, N, F, 1]
-    shared_out = shared_out.unsqueeze(2)
-    return shared_out + anchor_weight * (anchor_value.unsqueeze(3) - shared_out)
 
 
 class TransformerBlock(nn.Module):
@@ -253,76 +208,24 @@ class TransformerBlock(nn.Module):
         return self._feed_forward(x)
 
     def attend_joint(
-        self, x: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor, prefix_bias: Tensor,
+        self, x: Tensor, num_prefix: int, group_size: int, prefix_layout: SegmentedPrefix, prefix_bias: Tensor,
         first_query: int = 0, first_prefix_query: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``self_attend`` of a prefix and ``attend_groups`` of its groups in one call: x [R, P + N S, d] is
         [prefix, G_1, ..., G_N] (groups of S tokens). The token-wise parts (norms, projections, feed-forward) run once
-        on all tokens; only the attention is split (the prefix under ``prefix_mask`` [R, 1, P, P], the groups over this
+        on all tokens; only the attention is split (the prefix under its ``prefix_layout``, the groups over this
         layer's prefix keys / values, ``prefix_bias`` [R, P], and inside their group). The same function as
         ``self_attend`` followed by ``attend_groups``, with fewer operator launches.
 
         Returns ([R, P - first_prefix_query + N (S - first_query), d]: the prefix tokens ``first_prefix_query:`` and
         the group tokens ``first_query:``, the prefix's (keys, values) [R, H, P, dh])."""
         attended, prefix_kv = _joint_attention(
-            self.attention, self.attention_norm(x), num_prefix, group_size, prefix_mask, prefix_bias, first_query,
+            self.attention, self.attention_norm(x), num_prefix, group_size, prefix_layout, prefix_bias, first_query,
             first_prefix_query,
         )
         x = _queried_tokens(x, num_prefix, group_size, first_query, first_prefix_query)
         x = x + self.dropout(self.attention.out(attended.flatten(2)))
         return self._feed_forward(x), prefix_kv
-
-    def attend_joint_template(
-        self, x: Tensor, candidates: Tensor, template: Tensor, prefix_mask: Tensor, prefix_bias: Tensor,
-        first_query: int = 0, first_prefix_query: int = 0,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``attend_joint`` when every group is [anchor_i, template_1, ..., template_F] (x [R, P + N (1 + F), d] the
-        explicit sequence, candidates [R, N, d] the anchors, template [F, d]): the normalisation, queries, keys and
-        values run once over [prefix, anchors, template] (P + N + F tokens, not P + N (1 + F)), the followers'
-        attention is ``template_attention``; the output projection and feed-forward run over all tokens."""
-        R, T, d = x.shape
-        N, F_ = candidates.shape[1], template.shape[0]
-        P = T - N * (1 + F_)
-        att, H, dh = self.attention, self.attention.num_heads, self.attention.head_dim
-        h = self.attention_norm(torch.cat([x[:, :P], candidates, template.expand(R, F_, d)], dim=1))
-        query, key, value = att.project(h).view(R, -1, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [R, H, ., dh]
-        prefix_key, prefix_value = key[:, :, :P], value[:, :, :P]
-        prefix_out = _prefix_attention(query[:, :, :P], prefix_key, prefix_value, prefix_mask, first_prefix_query)
-        anchor_key, anchor_value = key[:, :, P:P + N], value[:, :, P:P + N]  # [R, H, N, dh]
-        out = template_attention(
-            query[:, :, P + N:], key[:, :, P + N:], value[:, :, P + N:], prefix_key, prefix_value, prefix_bias,
-            anchor_key, anchor_value,
-        )  # [R, H, N, F, dh]
-        if first_query == 0:
-            anchor_out = prefix_self_attention(
-                query[:, :, P:P + N], prefix_key, prefix_value, prefix_bias, anchor_key, anchor_value
-            )
-            out = torch.cat([anchor_out.unsqueeze(3), out], dim=3)
-        x = _queried_tokens(x, P, 1 + F_, first_query, first_prefix_query)
-        attended = torch.cat([prefix_out.transpose(1, 2), out.permute(0, 2, 3, 1, 4).flatten(1, 2)], dim=1)
-        x = x + self.dropout(att.out(attended.flatten(2)))
-        return self._feed_forward(x), (prefix_key, prefix_value)
-
-    def attend_template_groups(
-        self, anchors: Tensor, template: Tensor, prefix: tuple[Tensor, Tensor], prefix_bias: Tensor,
-        first_query: int = 0,
-    ) -> Tensor:
-        """``attend_groups`` on the groups [anchor_i, template_1, ..., template_F] (anchors [R, N, d], template
-        [F, d] shared by every group), without materialising the F copies: the template's normalisation, queries,
-        keys, values and prefix scores are computed once (``template_attention``)."""
-        R, N, d = anchors.shape
-        att = self.attention
-        h_anchor, h_template = self.attention_norm(anchors), self.attention_norm(template)
-        anchor_key, anchor_value = att.keys_values(h_anchor)  # [R, H, N, dh]
-        key, value = att.keys_values(h_template)  # [H, F, dh]
-        out = template_attention(att.queries(h_template), key, value, *prefix, prefix_bias, anchor_key, anchor_value)
-        x = template.expand(R, N, -1, -1)
-        if first_query == 0:
-            anchor_out = prefix_self_attention(att.queries(h_anchor), *prefix, prefix_bias, anchor_key, anchor_value)
-            out = torch.cat([anchor_out.unsqueeze(3), out], dim=3)
-            x = torch.cat([anchors.unsqueeze(2), x], dim=2)
-        x = x + self.dropout(att.out(att.merge_heads(out.transpose(1, 2))))
-        return self._feed_forward(x)
 
 
 @dataclass
@@ -331,7 +234,7 @@ class SegmentedPrefix:
     segment and itself, a global token every real prefix token. Inside each segment the real tokens must come first
     (padding last): a real token then never has padding before it, so the segments run in the fused causal kernel
     with no mask at all, and only the global tokens read the padding bias. The same attention as the explicit
-    [R, P, P] mask (``OneRank``'s ``context_mask``; the tests compare them) at a fraction of the cost: no mask to
+    [R, P, P] mask (``nn.structured.context_mask``; the tests compare them) at a fraction of the cost: no mask to
     build, and S_1^2 + S_2^2 + ... scores instead of P^2 (KuaiRand: three histories of 50 and 34 SD tokens, 184
     tokens). Padded slots attend to the real tokens of their segment; nobody reads them (they are never keys)."""
 
@@ -361,16 +264,11 @@ class SegmentedPrefix:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=self.key_bias.to(query.dtype))
 
 
-def _prefix_attention(
-    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | SegmentedPrefix, first_query: int
-) -> Tensor:
-    """The prefix's self-attention for its queries ``first_query:`` (query [R, H, P, dh]; mask [R, 1, P, P] or the
-    prefix's ``SegmentedPrefix`` layout)."""
+def _prefix_attention(query: Tensor, key: Tensor, value: Tensor, layout: SegmentedPrefix, first_query: int) -> Tensor:
+    """The prefix's self-attention for its queries ``first_query:`` (query [R, H, P, dh])."""
     if first_query == query.shape[2]:
         return query[:, :, first_query:]
-    if isinstance(mask, SegmentedPrefix):
-        return mask.attend(query[:, :, first_query:], key, value, first_query)
-    return F.scaled_dot_product_attention(query[:, :, first_query:], key, value, attn_mask=mask[:, :, first_query:])
+    return layout.attend(query[:, :, first_query:], key, value, first_query)
 
 
 def _queried_tokens(x: Tensor, num_prefix: int, group_size: int, first_query: int, first_prefix_query: int) -> Tensor:
@@ -384,12 +282,12 @@ def _queried_tokens(x: Tensor, num_prefix: int, group_size: int, first_query: in
 
 
 def _joint_attention(
-    attention: MultiHeadAttention, h: Tensor, num_prefix: int, group_size: int, prefix_mask: Tensor,
+    attention: MultiHeadAttention, h: Tensor, num_prefix: int, group_size: int, prefix_layout: SegmentedPrefix,
     prefix_bias: Tensor, first_query: int, first_prefix_query: int = 0,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The attention of ``TransformerBlock.attend_joint`` (before the output projection): h [R, P + N S, d] normed
     tokens [prefix, G_1, ..., G_N]. The queries, keys and values of all tokens come from one projection each; the
-    prefix attends to itself under ``prefix_mask``, the groups as in ``prefix_group_attention`` to this layer's prefix
+    prefix attends to itself under ``prefix_layout``, the groups as in ``prefix_group_attention`` to this layer's prefix
     keys / values and inside their group. Returns ([R, P - first_prefix_query + N Sq, H, dh] token-major outputs of
     the prefix queries ``first_prefix_query:`` and the group queries ``first_query:``, prefix (keys, values)
     [R, H, P, dh])."""
@@ -398,7 +296,7 @@ def _joint_attention(
     Sq = S - first_query
     query, key, value = attention.project(h).view(R, T, 3, H, dh).unbind(2)  # [R, T, H, dh] each
     prefix_key, prefix_value = key[:, :P].transpose(1, 2), value[:, :P].transpose(1, 2)  # [R, H, P, dh]
-    prefix_out = _prefix_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value, prefix_mask,
+    prefix_out = _prefix_attention(query[:, :P].transpose(1, 2), prefix_key, prefix_value, prefix_layout,
                                    first_prefix_query)  # [R, H, P - first_prefix_query, dh]
     group_query = query[:, P:].unflatten(1, (-1, S))[:, :, first_query:]  # [R, N, Sq, H, dh]
     group_key, group_value = key[:, P:].unflatten(1, (-1, S)), value[:, P:].unflatten(1, (-1, S))

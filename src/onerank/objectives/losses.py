@@ -13,10 +13,16 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.schema import TaskSpec
-from onerank.objectives.distillation import CrossDistillation, DistillationConfig
+from onerank.objectives.distillation import DistillationConfig
+from onerank.resources import Registry
 
 
 REDUCTIONS = ("requests", "positives")
+# Terms an objective adds to the task losses, by the name of their ObjectiveConfig section -> the module computing
+# them from (tasks, options, then logits and the batch); imported only when a run configures them.
+OBJECTIVE_TERMS: Registry[type[nn.Module]] = Registry("objective term", {
+    "distillation": "onerank.objectives.distillation:CrossDistillation",
+})
 # (bound, bound allowed) of the numeric options
 LOWER_BOUNDS = {"pointwise": (0.0, True), "listwise": (0.0, True), "temperature": (0.0, False),
                 "min_temperature": (0.0, False)}
@@ -110,7 +116,8 @@ class MultiTaskObjective(nn.Module):
             self.log_temperature.update(
                 {t.name: nn.Parameter(torch.tensor(start)) for t in tasks if t.kind == "binary"}
             )
-        self.distillation = CrossDistillation(tasks, self.config.distillation) if self.config.distillation else None
+        distillation = self.config.distillation
+        self.distillation = OBJECTIVE_TERMS.get("distillation")(tasks, distillation) if distillation else None
 
     @property
     def needs_requests(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.schema import SchemaError, TaskSpec
-from onerank.objectives.weighting import WeightingStrategy, register_weighting
+from onerank.objectives.weighting import WeightingStrategy
 
 
 def _flat_gradient(loss: Tensor | float, params: list[nn.Parameter]) -> Tensor:
@@ -31,7 +31,6 @@ def _as_tensor(loss: Tensor | float, like: Tensor) -> Tensor:
     return loss if isinstance(loss, Tensor) else like.new_tensor(float(loss))
 
 
-@register_weighting
 class UncertaintyWeighting(WeightingStrategy):
     """Kendall, Gal & Cipolla (CVPR 2018): homoscedastic task uncertainty, with a learnable s_k = log sigma_k^2.
 
@@ -59,7 +58,6 @@ class UncertaintyWeighting(WeightingStrategy):
         return dict(zip(self.tasks, weights.detach().tolist()))
 
 
-@register_weighting
 class GradNorm(WeightingStrategy):
     """Chen et al. (ICML 2018): learnable weights w_k that equalise the tasks' gradient norms, scaled by their
     relative training rates.
@@ -114,7 +112,6 @@ class GradNorm(WeightingStrategy):
         return dict(zip(self.tasks, self.weights.detach().tolist()))
 
 
-@register_weighting
 class PCGrad(WeightingStrategy):
     """Yu et al. (NeurIPS 2020), "gradient surgery": on the shared parameters, each task's gradient is projected onto
     the normal plane of every other task's gradient it conflicts with (negative dot product), the others visited in
@@ -163,7 +160,6 @@ class PCGrad(WeightingStrategy):
         self.generator.set_state(state["generator"])
 
 
-@register_weighting
 class DynamicWeightAverage(WeightingStrategy):
     """Liu, Johns & Davison (CVPR 2019): w_k = K softmax_k(r_k / T), r_k = L_k(e-1) / L_k(e-2), from the mean
     training losses of the last two epochs; equal weights for the first two epochs. A task whose loss fell less

@@ -13,6 +13,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from onerank.data.schema import SchemaError, TaskSpec
+from onerank.resources import Registry
 
 
 class WeightingStrategy(nn.Module, abc.ABC):
@@ -33,15 +34,6 @@ class WeightingStrategy(nn.Module, abc.ABC):
         """Hook for strategies that adapt per epoch (e.g. DWA)."""
 
 
-_STRATEGIES: dict[str, type[WeightingStrategy]] = {}
-
-
-def register_weighting(cls: type[WeightingStrategy]) -> type[WeightingStrategy]:
-    _STRATEGIES[cls.name] = cls
-    return cls
-
-
-@register_weighting
 class FixedWeights(WeightingStrategy):
     """sum_k w_k L_k with w_k the task's configured ``weight`` (1.0 unless set)."""
 
@@ -53,7 +45,6 @@ class FixedWeights(WeightingStrategy):
         return dict(self.base_weights)
 
 
-@register_weighting
 class EqualWeights(FixedWeights):
     """sum_k L_k, ignoring configured weights."""
 
@@ -64,14 +55,25 @@ class EqualWeights(FixedWeights):
         self.base_weights = {t: 1.0 for t in self.tasks}
 
 
-def weighting_names() -> list[str]:
-    import onerank.objectives.strategies  # noqa: F401  (registers the gradient-based strategies)
+# Weighting names -> strategies, imported on first use
+WEIGHTINGS: Registry[type[WeightingStrategy]] = Registry("weighting", {
+    "fixed": "onerank.objectives.weighting:FixedWeights",
+    "equal": "onerank.objectives.weighting:EqualWeights",
+    "uncertainty": "onerank.objectives.strategies:UncertaintyWeighting",
+    "gradnorm": "onerank.objectives.strategies:GradNorm",
+    "pcgrad": "onerank.objectives.strategies:PCGrad",
+    "dwa": "onerank.objectives.strategies:DynamicWeightAverage",
+}, SchemaError)
 
-    return sorted(_STRATEGIES)
+
+def register_weighting(name: str, strategy: type[WeightingStrategy] | str) -> None:
+    """Make ``strategy`` (a ``WeightingStrategy`` class, or its ``"module:Class"``) the weighting ``name``."""
+    WEIGHTINGS.register(name, strategy)
+
+
+def weighting_names() -> list[str]:
+    return WEIGHTINGS.names()
 
 
 def build_weighting(name: str, tasks: list[TaskSpec], **options) -> WeightingStrategy:
-    names = weighting_names()
-    if name not in _STRATEGIES:
-        raise SchemaError(f"unknown weighting {name!r}; available: {', '.join(names)}")
-    return _STRATEGIES[name](tasks, **options)
+    return WEIGHTINGS.get(name)(tasks, **options)

@@ -32,7 +32,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import onerank
 from onerank.serving.operations import Admission, Operations, ServiceMetrics, ServiceState
 from onerank.serving.ranker import DEFAULT_CHUNK_SIZE, Fusion, Ranker
-from onerank.serving.request import ModelDescription, RankRequest, RankResponse, RequestError, RequestLimits
+from onerank.serving.request import RequestLimits
+from onerank.serving.wire import ModelDescription, RankRequest, RankResponse, RequestError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,8 @@ import onerank
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
 from onerank.fusion import AnyFusion, Fusion, file_sha256, load_for_checkpoint
-from onerank.serving.request import (
-    EncodedRequest, RankRequest, RequestEncoder, RequestError, RequestLimits, parse_request,
-)
+from onerank.serving.request import EncodedRequest, RequestEncoder, RequestLimits
+from onerank.serving.wire import RankRequest, RequestError, parse_request
 
 # Candidates per model call. On CPU, chunks of 256 were the fastest of 128 / 256 / 512 / 1024 for OneRank and MMoE
 # with 1000 and 4096 candidates (activations stay in cache); the scores do not depend on it.

@@ -14,8 +14,9 @@ import os
 import random
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -143,3 +144,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """A run's one seeding point: what is built inside (parameters, learnt parts of the objective and the weighting)
+    draws from the seeded random streams, and afterwards the streams are back at the seed, so training's own draws
+    (dropout, OOV dropout) start from the same point whatever was built before them."""
+    seed_everything(seed)
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -1,9 +1,10 @@
 """The trainer: optimisation, early stopping on validation, resumable atomic checkpoints, per-task metrics.
 
-It holds a model, an objective and a weighting strategy and never asks which model it holds: batches hold whole
-requests when the model or the objective says it needs them (``needs_requests``), whole sessions when the model does
-(``needs_sessions``), and the weighting strategy gets
-the model's shared parameters through the common interface.
+It holds a model, an objective and a weighting strategy and never asks which model it holds, nor where its batches
+come from: it is handed them (``data.loaders.TrainingData``: in memory or streamed, whole requests when the model or
+the objective needs them, whole sessions when the model does: ``needs_sessions``), and the weighting strategy gets
+the model's shared parameters through the common interface. It sets no seed: the run's set-up
+(``api.build_trainer``) does, once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from onerank.data.batching import Batch, BatchLoader, TensorSplit, drop_to_oov
-from onerank.data.dataset import SPLITS, EncodedDataset
+from onerank.data.batching import Batch, drop_to_oov
+from onerank.data.loaders import TrainingData
 from onerank.data.schema import TaskSpec
-from onerank.data.streaming import StreamingBatchLoader, stream_source_for
 from onerank.metrics.ranking import evaluate_predictions, monitor_value
 from onerank.models.base import MultiTaskModel
 from onerank.objectives.losses import MultiTaskObjective
@@ -71,7 +70,7 @@ class Trainer:
     def __init__(
         self,
         model: MultiTaskModel,
-        dataset: EncodedDataset,
+        data: TrainingData,
         config: TrainConfig,
         objective: MultiTaskObjective,
         weighting: WeightingStrategy,
@@ -85,46 +84,16 @@ class Trainer:
         self.device = distributed.resolve_device(config.device, self.dist)
         if config.threads:
             torch.set_num_threads(config.threads)
-        ckpt.seed_everything(config.seed)
         self.model = model.to(self.device)
-        self.dataset = dataset
-        self.tasks = dataset.schema.tasks
+        self.data = data
+        self.dataset = data.dataset
+        self.tasks = self.dataset.schema.tasks
         self.objective = objective.to(self.device)  # an objective may own parameters (learnt temperatures, teachers)
         self.weighting = weighting.to(self.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
-        self.by_request = bool(model.needs_requests or objective.needs_requests)
-        self.by_session = bool(model.needs_sessions)
-        self.oov_dropout = {f.name: f.oov_dropout for f in dataset.schema.categorical if f.oov_dropout > 0}
-        # rank 0 writes the Parquet copy of the train split, if streaming needs one, before the others read it
-        stream_from = distributed.rank_zero_first(
-            lambda: stream_source_for(dataset, config.streaming, config.streaming_threshold_mb, out_dir)
-        )
-        self.streaming = stream_from is not None
-        if self.streaming and self.by_session:
-            raise ValueError(f"{type(model).__name__} reads whole sessions, which the streaming loader does not batch; "
-                             "set train.streaming: off")
-        self._stream_from = stream_from
-        # a copy written to a temporary folder (no output folder given) is removed by close()
-        temporary = self.streaming and out_dir is None and not dataset.info.get("train_parquet")
-        self._stream_scratch = stream_from.parent if temporary else None
-        in_memory = [s for s in SPLITS if not (self.streaming and s == "train")]
-        self.splits: dict[str, TensorSplit] = {
-            s: TensorSplit(dataset.split(s), dataset.item_table, dataset.schema.item_id) for s in in_memory
-        }
-        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
-        self.train_loader: BatchLoader | StreamingBatchLoader
-        if self.streaming:
-            self.train_loader = StreamingBatchLoader(
-                stream_from, config.batch_size, dataset.item_table, dataset.schema.item_id, shuffle=True,
-                seed=config.seed, by_request=self.by_request, buffer_rows=config.stream_buffer_rows,
-                all_ranks=distributed.all_ranks, **shard,
-            )
-        else:
-            self.train_loader = BatchLoader(
-                self.splits["train"], config.batch_size, shuffle=True, seed=config.seed, by_request=self.by_request,
-                by_session=self.by_session, **shard,
-            )
+        self.oov_dropout = {f.name: f.oov_dropout for f in self.dataset.schema.categorical if f.oov_dropout > 0}
+        self.train_loader = data.train
         self.optimizers = self._build_optimizers()
         # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
         self.grad_sync = distributed.GradientSync(
@@ -147,7 +116,7 @@ class Trainer:
         """Set every task's output bias (``MultiTaskModel.output_biases``) as ``train.bias_init`` says, from the
         training split only; returns the values set. Called by the training set-up on a fresh model (never on a
         loaded checkpoint, whose biases are already trained)."""
-        values = resolve_bias_init(self.config.bias_init, self.tasks, lambda: self._train_labels())
+        values = resolve_bias_init(self.config.bias_init, self.tasks, self.data.train_labels)
         exposed = set(self.model.output_biases())
         missing = [t.name for t in self.tasks if t.name in values and t.name not in exposed]
         if missing:
@@ -155,22 +124,6 @@ class Trainer:
                         type(self.model).__name__, missing)
         self.model.init_output_biases(values)
         return values
-
-    def _train_labels(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(labels, label masks) of the whole training split, from memory or from its Parquet stream."""
-        if "train" in self.splits:
-            train = self.dataset.split("train")
-            return train.labels, train.label_mask
-        import pyarrow.dataset as pads
-
-        names = [t.name for t in self.tasks]
-        table = pads.dataset(str(self._stream_from), format="parquet").to_table(
-            columns=[f"labels.{t}" for t in names] + [f"label_mask.{t}" for t in names]
-        )
-        return (
-            {t: table.column(f"labels.{t}").to_numpy() for t in names},
-            {t: table.column(f"label_mask.{t}").to_numpy() for t in names},
-        )
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         embedding_params = {
@@ -404,12 +357,9 @@ class Trainer:
 
         Under DDP each rank predicts a contiguous block of the batches and every rank receives all predictions, so
         metrics are exact on the whole split (not averaged over ranks)."""
-        if split not in self.splits:
-            raise ValueError(f"split {split!r} is streamed from disk; only valid and test can be predicted")
+        loader = self.data.eval_batches(split, self.config.eval_batch_size)
         self.model.eval()
         distributed.sync_buffers(self.model)
-        loader = BatchLoader(self.splits[split], self.config.eval_batch_size, by_request=self.by_request,
-                             by_session=self.by_session)
         lo, hi = distributed.block(len(loader), self.dist)
         parts: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
         with self._autocast():
@@ -423,14 +373,13 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, dict[str, float]]:
         enc = self.dataset.split(split)
         preds = self.predict(split)
-        return evaluate_predictions(self.tasks, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
+        kinds = {t.name: t.kind for t in self.tasks}
+        return evaluate_predictions(kinds, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._stream_scratch is not None:
-            shutil.rmtree(self._stream_scratch, ignore_errors=True)
-            self._stream_scratch = None
+        self.data.close()
 
 
 def dwarfing_loss_warning(mean_losses: dict[str, float], tasks: list) -> str | None:
