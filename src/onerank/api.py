@@ -56,13 +56,14 @@ def count_parameters(model: MultiTaskModel) -> int:
 
 
 def run_data(config: RunConfig, dataset: EncodedDataset, by_request: bool, out_dir: str | Path | None = None,
-             streaming: str | None = None) -> TrainingData:
-    """The batches of a run (``data.loaders.training_data``), sharded over torchrun's ranks."""
+             streaming: str | None = None, by_session: bool = False) -> TrainingData:
+    """The batches of a run (``data.loaders.training_data``), sharded over torchrun's ranks; whole requests or whole
+    sessions per batch when the model or the objective needs them."""
     train, where = config.train, distributed.info()
     return training_data(
         dataset, train.batch_size, train.seed, by_request, streaming or train.streaming, train.streaming_threshold_mb,
         train.stream_buffer_rows, out_dir, where.rank, where.world_size, distributed.all_ranks,
-        distributed.rank_zero_first, train.stream_prefetch,
+        distributed.rank_zero_first, train.stream_prefetch, by_session,
     )
 
 
@@ -85,7 +86,8 @@ def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Pat
         "dataset": dataset.name,
     }
     meta["objective"] = dataclasses.asdict(objective.config)
-    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, out_dir)
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, out_dir,
+                    by_session=model.needs_sessions)
     trainer = Trainer(model, data, config.train, objective, weighting, out_dir=out_dir, meta=meta)
     trainer.initialise_output_biases()  # a fresh model: the training split's base rates (a resume loads its own)
     return trainer
@@ -275,7 +277,8 @@ def checkpoint_trainer(
     objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
     # evaluation needs no Parquet copy of an in-memory train split
     streaming = None if dataset.info.get("train_parquet") else "off"
-    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, streaming=streaming)
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, streaming=streaming,
+                    by_session=model.needs_sessions)
     trainer = Trainer(model, data, config.train, objective,
                       build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options))
     return trainer, dataset, meta

@@ -63,6 +63,7 @@ class EncodedSplit:
     user: np.ndarray | None = None  # [n] user index (for GAUC and request grouping)
     request: np.ndarray | None = None  # [n] request index, rows of a request contiguous
     time: np.ndarray | None = None  # [n] event time
+    session: np.ndarray | None = None  # [n] session index (data/sessions.py), sessions contiguous and time-ordered
     values: dict[str, np.ndarray] = field(default_factory=dict)  # schema value column -> [n] float64 (evaluation only)
 
     def __len__(self) -> int:
@@ -73,7 +74,7 @@ class EncodedSplit:
         for group in GROUPS:
             for name, arr in getattr(self, group).items():
                 out[f"{group}.{name}"] = arr
-        for name in ("user", "request", "time"):
+        for name in ("user", "request", "time", "session"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out

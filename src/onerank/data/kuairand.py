@@ -483,4 +483,6 @@ def load(data_dir: str | Path | None = None, cache_root: str | Path | None = Non
         "options": opts,
         "files": {role: [file_fingerprint(p) for p in paths] for role, paths in sorted(files.items())},
     }
-    return load_or_build(NAME, key_parts, lambda: build(directory, files, opts), cache_root, hash_buckets)
+    ds = load_or_build(NAME, key_parts, lambda: build(directory, files, opts), cache_root, hash_buckets)
+    ds.info["time_unit"] = "ms"  # time_ms: what a session_gap duration is converted to (data/sessions.py)
+    return ds

@@ -568,6 +568,7 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
         "base_dir": str(base),
         "split_rule": opts["split"] if need else "files",
         "requests_rule": opts["requests"],
+        "time_unit": "ms" if is_datetime else None,  # dates become ms; a number's unit is the file's (sessions.py)
     }
     if events is not None:
         info["event_rows"] = int(len(events))

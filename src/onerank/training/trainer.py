@@ -2,8 +2,9 @@
 
 It holds a model, an objective and a weighting strategy and never asks which model it holds, nor where its batches
 come from: it is handed them (``data.loaders.TrainingData``: in memory or streamed, whole requests when the model or
-the objective needs them), and the weighting strategy gets the model's shared parameters through the common
-interface. It sets no seed: the run's set-up (``api.build_trainer``) does, once.
+the objective needs them, whole sessions when the model does: ``needs_sessions``), and the weighting strategy gets
+the model's shared parameters through the common interface. It sets no seed: the run's set-up
+(``api.build_trainer``) does, once.
 """
 
 from __future__ import annotations
