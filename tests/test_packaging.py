@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
-                "mlflow": "mlflow-skinny"}
+                "mlflow": "mlflow-skinny", "torch_geometric": "torch-geometric", "fbgemm_gpu": "fbgemm-gpu"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
@@ -133,15 +133,19 @@ EXTRA_MODULES = {  # import names each extra brings
     "fusion": ["sklearn", "cmaes", "matplotlib"],
     "bench": ["matplotlib", "scipy"],
     "tracking": ["tensorboard", "mlflow"],
+    "rl": ["d3rlpy", "gymnasium", "structlog", "sklearn"],
+    "graph": ["torch_geometric"],
+    "torchrec": ["torchrec", "fbgemm_gpu"],
 }
 
 
 def test_dev_composes_the_extras_instead_of_repeating_them():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert extras["all"] == ["onerank[serve,fusion,bench,tracking]"]
-    assert "onerank[all]" in extras["dev"]
+    assert extras["all"] == ["onerank[serve,fusion,bench,tracking,rl,graph]"]
+    assert "onerank[all,torchrec-cpu]" in extras["dev"]
     repeated = _requirement_names(extras["dev"]) & set().union(
-        *(_requirement_names(extras[name]) for name in ("serve", "fusion", "bench", "tracking")))
+        *(_requirement_names(extras[name]) for name in ("serve", "fusion", "bench", "tracking", "rl", "graph",
+                                                         "torchrec-cpu")))
     assert not repeated, f"dev repeats what its extras bring: {repeated}"
     core = _requirement_names(PYPROJECT["project"]["dependencies"])
     heavy = {"scipy", "matplotlib", "scikit-learn", "cmaes", "tensorboard", "mlflow-skinny", "httpx"}
@@ -192,6 +196,8 @@ def test_the_default_install_trains_exports_and_ranks_and_names_each_missing_ext
         ("bench", ["benchmark", "--suite", "census", "--report-only"]),
         ("tracking", ["train", *small, "--model", "mmoe", "--mlflow", "--out", str(tmp_path / "tracked")]),
         ("tracking", ["train", *small, "--model", "mmoe", "--tensorboard", "--out", str(tmp_path / "tracked")]),
+        ("rl", ["simulate", "--checkpoint", checkpoint, "--out", str(tmp_path / "sessions.npz")]),
+        ("rl", ["fuse", "--method", "batch-rl", "--checkpoint", checkpoint, "--sessions", str(tmp_path / "s.npz")]),
     ]:
         proc = _without_extras(f"import sys\nfrom onerank.cli import main\nsys.exit(main({argv!r}))", tmp_path)
         lines = proc.stderr.strip().splitlines()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
+from onerank.data.encoding import OOV
 from onerank.data.schema import CANDIDATE_GROUPS, SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
@@ -311,12 +312,9 @@ class OneRank(MultiTaskModel):
     # loss outweighed the point-wise one and cost about 0.04 test AUC on KuaiRand (docs/onerank.md section 1.5).
     objective_defaults = {"pointwise": 1.0, "listwise": 0.1, "temperature": 1.0}
 
-    # old defaults: bare task tokens (the template), no task item embeddings; moved options: onerank_checkpoints.py
-    added_options = {"task_token_input": "template", "task_item_embedding": "off"}
-
     @classmethod
     def saved_options(cls, options: dict, space: FeatureSpace) -> dict:
-        return saved_options({**cls.added_options, **options}, space)
+        return saved_options(options, space)  # older checkpoints' options: added since, moved, removed
 
     def __init__(self, space: FeatureSpace, config: OneRankConfig) -> None:
         super().__init__(space, config)
@@ -359,8 +357,10 @@ class OneRank(MultiTaskModel):
         candidates = self.tokenizer.candidates(batch)
         if self.config.task_item_embedding == "off":
             return candidates
-        own = [candidates + sum(table(batch.categorical[f]) for f, table in self.channels[t].item_embeddings.items())
-               for t in self.tasks]  # e_k(item): task k's own embeddings of the candidate's item fields
+        # e_k(item), task k's own item embeddings; an item added after training (features/item_vectors.py) reads OOV
+        codes = {f: batch.categorical[f] for f in self.channels[self.tasks[0]].item_embeddings}
+        own = [candidates + sum(table(torch.where(codes[f] < table.num_embeddings, codes[f], OOV))
+                                for f, table in self.channels[t].item_embeddings.items()) for t in self.tasks]
         return torch.stack([candidates, *own], dim=1)
 
     def _groups(self, candidates: Tensor) -> Tensor:

@@ -1,10 +1,11 @@
 """OneRank options as older checkpoints saved them, read as this release's ``OneRankConfig``.
 
-Until issue 28 every option sat at the top level: the paper's ablations that no suite runs were values of
-``task_tokens`` (``projection``), ``contextualization`` (``random_sd``) and ``sd_representation`` (``mlp``), and the
-anchors and the cross-task block form had their own options; they now sit in the ``experimental`` block. Before
-``cross_task_block`` existed the cross-task layer was the post-norm one. Options removed since load where they hold
-the value that stayed; docs/onerank.md section 2 keeps their measured verdicts.
+Options added since the first release take the behaviour the model had before them (``ADDED``). Until issue 28 every
+option sat at the top level: the paper's ablations that no suite runs were values of ``task_tokens`` (``projection``),
+``contextualization`` (``random_sd``) and ``sd_representation`` (``mlp``), and the anchors and the cross-task block
+form had their own options; they now sit in the ``experimental`` block. Before ``cross_task_block`` existed the
+cross-task layer was the post-norm one. Options removed since load where they hold the value that stayed;
+docs/onerank.md section 2 keeps their measured verdicts.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from onerank.features.space import FeatureSpace
 
 # sd_tokens "auto" grouped the SD fields of a schema with more than this many (one token per field otherwise)
 MANY_SD_FIELDS = 8
+# options added since the first release -> the behaviour before them: task tokens entered the encoder bare (the
+# template) and no task owned item embeddings (tests/test_checkpoint_formats.py checks every added option has one)
+ADDED = {"task_token_input": "template", "task_item_embedding": "off"}
 # removed options -> the one value a checkpoint may hold for them
 REMOVED = {"scorer": "dot", "attention": "structured", "cross_task_matrix": None, "sd_group_size": None}
 
 
 def saved_options(options: dict[str, Any], space: FeatureSpace) -> dict[str, Any]:
-    options = dict(options)
+    options = {**ADDED, **options}
     if "experimental" in options:  # written by this release
         return options
     for name, kept in REMOVED.items():
