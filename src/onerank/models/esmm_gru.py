@@ -15,7 +15,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import register_model
 from onerank.models.esmm import ESMM, ESMMConfig
 
 
@@ -24,7 +23,6 @@ class ESMMGRUConfig(ESMMConfig):
     hidden: int = 32  # width of the GRU state
 
 
-@register_model("esmm_gru")
 class ESMMGRU(ESMM):
     Config = ESMMGRUConfig
     needs_sessions = True

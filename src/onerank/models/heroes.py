@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.features.space import FeatureSpace
-from onerank.models.base import register_model
 from onerank.models.esmm import ESMM, ESMMConfig
 
 
@@ -123,7 +122,6 @@ class HierarchicalCell(nn.Module):
         return {"s_v": memory, "s_v_bar": baseline, "H_v": output}
 
 
-@register_model("heroes")
 class HEROES(ESMM):
     Config = HEROESConfig
     needs_sessions = True
