@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
-                "torch_geometric": "torch-geometric"}
+                "torch_geometric": "torch-geometric", "fbgemm_gpu": "fbgemm-gpu"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
