@@ -67,6 +67,11 @@ class OneRankConfig:
     # order = funnel order), "full", "parallel", or "none" (no layer; ablation)
     cross_task: str = "auto"
     detach_cross_task: bool = True  # task k reads h_j (j != k) through h_j.detach()
+    # Page-aware scoring: each candidate's task representation r[k, i] also reads the other candidates of its request
+    # (one set attention per task, masked to the request, added through a gate that starts at 0), so what depends on
+    # *which* other items share the page (the strongest competitor, how many of its kind) reaches each score, not
+    # only through the one pool vector h_k.
+    page_attention: bool = False
     experimental: OneRankExperimental = field(default_factory=OneRankExperimental)
 
     def validate(self, space: FeatureSpace) -> None:
@@ -221,7 +226,7 @@ class TaskChannel(nn.Module):
     MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
 
     def __init__(self, d: int, num_heads: int, contextualization: str, with_token: bool, with_projection: bool,
-                 item_vocabs: dict[str, int]) -> None:
+                 item_vocabs: dict[str, int], page_attention: bool = False) -> None:
         super().__init__()
         self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
         # e_k(item) of task_item_embedding, one table per item field: zero at the start, so the model starts as it
@@ -230,6 +235,7 @@ class TaskChannel(nn.Module):
         for table in self.item_embeddings.values():
             nn.init.zeros_(table.weight)
         self.projection = nn.Linear(d, d) if with_projection else None
+        self.page = PageAttention(d, num_heads) if page_attention else None
         self.query = nn.Linear(d, d) if contextualization != "mean_pool" else None  # f_k
         pools = contextualization in ("sd", "random_sd")
         self.pool_attention = MultiHeadAttention(d, num_heads) if pools else None  # MHCA_k
@@ -249,6 +255,23 @@ class TaskChannel(nn.Module):
         if self.pool_attention is None:
             return query
         return self.pool_attention(query[:, None], r, present[:, None, None, :]).squeeze(1)
+
+
+class PageAttention(nn.Module):
+    """One task's set attention over the candidates of each request: r_i <- r_i + g * Attn(LN r_i, {LN r_j}), the keys
+    the request's real candidates (itself included, so a request of one stays defined), with a per-channel gate g
+    that starts at 0, so the model starts as it would without it. It reads task k's states only: private to task k."""
+
+    def __init__(self, d: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attention = MultiHeadAttention(d, num_heads)
+        self.gate = nn.Parameter(torch.zeros(d))  # a vector like a norm gain: no weight decay
+
+    def forward(self, r: Tensor, present: Tensor) -> Tensor:
+        """r [R, N, d] of one task, present [R, N] -> [R, N, d]"""
+        x = self.norm(r)
+        return r + self.gate * self.attention(x, x, present[:, None, None, :])
 
 
 class CrossTaskAttention(nn.Module):
@@ -328,7 +351,8 @@ class OneRank(MultiTaskModel):
         own_fields = {"off": [], "id": [space.schema.item_id], "all": space.item_fields}[config.task_item_embedding]
         self.channels = nn.ModuleDict({
             t: TaskChannel(d, config.num_heads, self.contextualization, self.task_tokens == "per_task",
-                           self.task_tokens == "projection", {f: space.vocab_sizes[f] for f in own_fields})
+                           self.task_tokens == "projection", {f: space.vocab_sizes[f] for f in own_fields},
+                           config.page_attention)
             for t in self.tasks
         })
         self.shared_task_token = nn.Parameter(torch.randn(d) * 0.05) if self.task_tokens == "shared" else None
@@ -485,6 +509,8 @@ class OneRank(MultiTaskModel):
     # ---- 1.3 contextualization -> 1.4 cross-task attention -> 1.5 scoring ------------------------------------------
     def _score(self, r: Tensor, situation: Tensor, batch: Batch) -> dict[str, Tensor]:
         slot, present = batch.list_layout()
+        if self.config.page_attention:
+            r = torch.stack([self.channels[t].page(r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=2)
         h = torch.stack(
             [self.channels[t].contextualize(situation, r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=1
         )
