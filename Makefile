@@ -20,6 +20,10 @@ $(BIN)/python:
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP := $(BIN)/python -m pip install --quiet
+# TorchRec for the sharded-table tests: it requires the distribution fbgemm-gpu (PyPI's is the 2.7 GB CUDA build), so it
+# is installed without dependencies after dev, which brings PyPI's CPU build (fbgemm-gpu-cpu) and its other
+# requirements (pyproject.toml, extra torchrec-cpu; about 50 MB; Linux only, elsewhere those tests skip)
+TORCHREC_VERSION ?= 1.8.0
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; \
@@ -28,6 +32,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	else $(PIP) torch==$(TORCH_VERSION)+cpu 2>/dev/null || \
 		$(PIP) torch==$(TORCH_VERSION)+cpu --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps torchrec==$(TORCHREC_VERSION)
 	touch $(STAMP)
 
 install: $(STAMP)

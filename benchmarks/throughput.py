@@ -25,6 +25,7 @@ import argparse
 import copy
 import itertools
 import json
+import os
 import platform
 import shutil
 import sys
@@ -240,6 +241,8 @@ def main() -> int:
                    help="train from a Parquet stream of the train split (written once to a temporary folder)")
     p.add_argument("--stream-buffer-rows", type=int, default=65_536,
                    help="shuffle buffer when streaming (smaller than the split, so that reading is timed too)")
+    p.add_argument("--stream-prefetch", type=int, default=2,
+                   help="batches decoded ahead by a background thread when streaming (0: in the training loop)")
     p.add_argument("--profile", action="store_true", help="also print a per-phase and per-operator profile")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args()
@@ -259,7 +262,11 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.precision}; measured matrix-multiply peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     stream_dir = Path(tempfile.mkdtemp(prefix="onerank-throughput-"))
-    report = {"streaming": args.streaming, "peak_flops_per_s": peak, "threads": args.threads,
+    from onerank.benchmarking.runner import code_version
+
+    report = {"code": code_version(), "streaming": args.streaming,
+              "stream_prefetch": args.stream_prefetch if args.streaming else None,
+              "load_average": os.getloadavg(), "peak_flops_per_s": peak, "threads": args.threads,
               "precision": args.precision,
               "batch_size": args.batch_size, "torch": torch.__version__, "results": []}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
@@ -284,7 +291,7 @@ def main() -> int:
                 train=TrainConfig(epochs=1, batch_size=args.batch_size, threads=args.threads, progress=False,
                                   tensorboard=False, precision=args.precision, compile=args.compile,
                                   streaming="on" if args.streaming else "off",
-                                  stream_buffer_rows=args.stream_buffer_rows),
+                                  stream_buffer_rows=args.stream_buffer_rows, stream_prefetch=args.stream_prefetch),
             )
             try:
                 trainer = api.build_trainer(config, ds, out_dir=stream_dir / name if args.streaming else None)

@@ -24,7 +24,8 @@ from onerank.metrics.ranking import auc, gauc
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 RESULTS = ROOT / "benchmarks" / "results"
-PUBLISHED = ("census", "kuairand", "lists", "synthetic", "distillation", "distillation_synthetic")
+PUBLISHED = ("census", "kuairand", "lists", "synthetic", "distillation", "distillation_synthetic", "heroes_synthetic",
+             "heroes_synthetic_shuffled", "heroes_funnel")
 
 
 def test_smoke_suite_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):

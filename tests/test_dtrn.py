@@ -13,7 +13,7 @@ from onerank.models import build_model
 from onerank.nn.hypernetwork import HyperTargetAttention
 from onerank.nn.senet import SENetGate
 import zoo_helpers
-from zoo_helpers import CONFIGS, real_dataset, train_on_tiny_dataset, train_tiny
+from zoo_helpers import REAL_DATA_EPOCHS, CONFIGS, real_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["dtrn", "dtrn_mmoe", "dtrn_ple"]
 SMALL = dict(embedding_dim=8, hyper_hidden=(16,), attention_rank=2, task_embedding_dim=4, behaviour_embedding_dim=4,
@@ -38,7 +38,7 @@ def test_learns_the_hand_made_dataset(model, tiny_dataset):
 @pytest.mark.parametrize("dataset", ["kuairand", "census"])
 def test_trains_on_real_data(model, dataset):
     # Census-Income has no behaviour sequences: the interests are absent and only the refinement runs.
-    train_tiny(model, dataset=real_dataset(dataset))
+    train_tiny(model, dataset=real_dataset(dataset), epochs=REAL_DATA_EPOCHS)
 
 
 def test_without_sequences_only_the_refinement_runs():

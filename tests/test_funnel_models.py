@@ -16,7 +16,7 @@ from onerank.models.aitm import AttentionTransfer
 from onerank.models.esmm import product_logit
 from onerank.objectives.losses import MultiTaskObjective
 import zoo_helpers
-from zoo_helpers import real_dataset, synthetic_dataset, train_on_tiny_dataset, train_tiny
+from zoo_helpers import REAL_DATA_EPOCHS, real_dataset, synthetic_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["esmm", "aitm"]
 SMALL = dict(embedding_dim=8, attention_hidden=(8,), tower_hidden=(16, 8))
@@ -38,7 +38,7 @@ def test_tiny_config_trains_on_synthetic(model):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("dataset", ["kuairand", "census"])
 def test_trains_on_real_data(model, dataset):
-    train_tiny(model, dataset=real_dataset(dataset))
+    train_tiny(model, dataset=real_dataset(dataset), epochs=REAL_DATA_EPOCHS)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -22,7 +22,8 @@ tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Py
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client"}
+DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
+                "torch_geometric": "torch-geometric"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:

@@ -8,7 +8,7 @@ import torch
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 import zoo_helpers
-from zoo_helpers import real_dataset, train_on_tiny_dataset, train_tiny
+from zoo_helpers import REAL_DATA_EPOCHS, real_dataset, train_on_tiny_dataset, train_tiny
 
 SMALL = dict(embedding_dim=8, attention_hidden=(8,), expert_hidden=(16,), tower_hidden=(8,))
 
@@ -27,7 +27,7 @@ def test_tiny_config_trains_on_synthetic():
 
 @pytest.mark.parametrize("dataset", ["kuairand", "census"])
 def test_trains_on_real_data(dataset):
-    train_tiny("stem", dataset=real_dataset(dataset))
+    train_tiny("stem", dataset=real_dataset(dataset), epochs=REAL_DATA_EPOCHS)
 
 
 def test_learns_the_hand_made_dataset(tiny_dataset):

@@ -8,7 +8,7 @@ import torch
 from onerank.features.space import FeatureSpace
 from onerank.models import build_model
 import zoo_helpers
-from zoo_helpers import real_dataset, train_on_tiny_dataset, train_tiny
+from zoo_helpers import REAL_DATA_EPOCHS, real_dataset, train_on_tiny_dataset, train_tiny
 
 MODELS = ["transformer_mmoe", "transformer_ple"]
 SMALL = dict(embedding_dim=8, d_model=16, num_layers=1, num_heads=2, ff_dim=16, expert_hidden=(8,), tower_hidden=(8,))
@@ -27,7 +27,7 @@ def test_tiny_config_trains_on_synthetic(model):
 @pytest.mark.parametrize("dataset", ["kuairand", "census"])
 def test_trains_on_real_data(model, dataset):
     # Census-Income has neither item fields nor histories: only field tokens
-    train_tiny(model, dataset=real_dataset(dataset))
+    train_tiny(model, dataset=real_dataset(dataset), epochs=REAL_DATA_EPOCHS)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -16,6 +16,7 @@ import numpy as np
 from onerank.data.dataset import EncodedDataset
 from onerank.data.loaders import TrainingData, training_data
 from onerank.data.registry import load_dataset
+from onerank.features.item_vectors import ItemVectorSpec
 from onerank.features.space import FeatureSpace
 from onerank.fusion.fit import FuseSettings
 from onerank.models.base import MultiTaskModel, build_config, build_model, model_class
@@ -37,7 +38,7 @@ RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.torchscript.pt", "tensorboard")
 # resumed run a different experiment than metrics.json says.
 RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", "train.progress", "train.tensorboard",
                      "train.threads", "train.device", "train.compile", "train.eval_batch_size",
-                     "train.checkpoint_every"}
+                     "train.checkpoint_every", "train.stream_prefetch"}
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
@@ -55,18 +56,22 @@ def count_parameters(model: MultiTaskModel) -> int:
 
 
 def run_data(config: RunConfig, dataset: EncodedDataset, by_request: bool, out_dir: str | Path | None = None,
-             streaming: str | None = None) -> TrainingData:
-    """The batches of a run (``data.loaders.training_data``), sharded over torchrun's ranks."""
+             streaming: str | None = None, by_session: bool = False) -> TrainingData:
+    """The batches of a run (``data.loaders.training_data``), sharded over torchrun's ranks; whole requests or whole
+    sessions per batch when the model or the objective needs them."""
     train, where = config.train, distributed.info()
     return training_data(
         dataset, train.batch_size, train.seed, by_request, streaming or train.streaming, train.streaming_threshold_mb,
         train.stream_buffer_rows, out_dir, where.rank, where.world_size, distributed.all_ranks,
-        distributed.rank_zero_first,
+        distributed.rank_zero_first, train.stream_prefetch, by_session,
     )
 
 
-def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Path | None = None) -> Trainer:
-    space = FeatureSpace.from_dataset(dataset)
+def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Path | None = None,
+                  item_vectors: ItemVectorSpec | None = None) -> Trainer:
+    """The trainer of a fresh run; ``item_vectors``: an item vector table (e.g. a graph encoder's,
+    ``features/item_graph.py``) the model reads beside or in place of the item id embedding."""
+    space = FeatureSpace.from_dataset(dataset, item_vectors)
     with ckpt.seeded(config.train.seed):  # parameter initialisation is part of what the seed fixes
         model = build_model(config.model, space, config.model_options)
         weighting = build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options)
@@ -81,7 +86,8 @@ def build_trainer(config: RunConfig, dataset: EncodedDataset, out_dir: str | Pat
         "dataset": dataset.name,
     }
     meta["objective"] = dataclasses.asdict(objective.config)
-    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, out_dir)
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, out_dir,
+                    by_session=model.needs_sessions)
     trainer = Trainer(model, data, config.train, objective, weighting, out_dir=out_dir, meta=meta)
     trainer.initialise_output_biases()  # a fresh model: the training split's base rates (a resume loads its own)
     return trainer
@@ -191,7 +197,8 @@ def claim_out_dir(out: Path, overwrite: bool) -> None:
 
 def check_same_run(saved_meta: dict, config: RunConfig, path: Path) -> None:
     """A resumed run trains with the settings it started with (see RESUMABLE_CHANGES)."""
-    before = _flat(saved_meta.get("run_config") or {})
+    defaults = _flat(RunConfig().to_dict())  # a setting added since the run started counts as its default
+    before = {**{k: v for k, v in defaults.items() if k.startswith("train.")}, **_flat(saved_meta.get("run_config") or {})}
     now = _flat(config.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
@@ -255,6 +262,7 @@ def checkpoint_trainer(
     """A trainer around a checkpoint's model and its dataset (re-loaded from cache), ready to predict a split."""
     model, meta = load_checkpoint(path)
     config = RunConfig.from_dict(meta["run_config"])
+    config.train.embedding_tables = "fused"  # checkpoint.pt holds the plain layout, whatever trained it
     if data_dir is not None:
         config.data_dir = data_dir
     if cache_dir is not None:
@@ -269,7 +277,8 @@ def checkpoint_trainer(
     objective = MultiTaskObjective(dataset.schema.tasks, objective_config(config, model.objective_defaults))
     # evaluation needs no Parquet copy of an in-memory train split
     streaming = None if dataset.info.get("train_parquet") else "off"
-    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, streaming=streaming)
+    data = run_data(config, dataset, model.needs_requests or objective.needs_requests, streaming=streaming,
+                    by_session=model.needs_sessions)
     trainer = Trainer(model, data, config.train, objective,
                       build_weighting(config.weighting, dataset.schema.tasks, **config.weighting_options))
     return trainer, dataset, meta
@@ -341,3 +350,119 @@ def fuse(
     (out_dir / "table.md").write_text(format_report(report) + "\n")
     report["fusion_file"] = str(fusion_path)
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch RL fusion in a simulator (docs/rl_fusion.md)
+# ---------------------------------------------------------------------------------------------------------------------
+def checkpoint_simulation(checkpoint: str | Path, settings=None, seed: int = 0, data_dir: str | None = None,
+                          cache_dir: str | None = None, fusion_file: str | Path | None = None):
+    """The KuaiRand simulator fitted for ``checkpoint`` (a ``SimulationSettings``; see
+    ``onerank.simulator.experiment``): the checkpoint's model scores the pools with its fusion file's calibration,
+    and the fusion file's weighted sum is the logging policy's centre. The leave model is calibrated to
+    ``settings.target_depth`` under that static fusion."""
+    from onerank.fusion import load_for_checkpoint
+    from onerank.fusion.forms import Fusion
+    from onerank.fusion.policy import weights_action
+    from onerank.simulator import draw_starts, fit_world, read_kuairand
+    from onerank.simulator.experiment import CheckpointSimulation, SimulationSettings, calibrate_leave
+    from onerank.simulator.policies import static_policy
+    from onerank.simulator.ranker import RankerScorer
+    from onerank.simulator.world import users_with_features
+
+    settings = settings or SimulationSettings()
+    settings.check()
+    trainer, dataset, meta = checkpoint_trainer(checkpoint, data_dir, cache_dir)
+    if dataset.name != "kuairand":
+        raise ValueError(f"the simulator is built from KuaiRand; {checkpoint} was trained on {dataset.name!r}")
+    fitted = load_for_checkpoint(checkpoint, fusion_file)
+    if fitted is None or not isinstance(fitted.fusion, Fusion) or fitted.fusion.kind != "weighted_sum":
+        raise ValueError(f"{checkpoint} needs a weighted-sum fusion file to log around: "
+                         f"onerank fuse --checkpoint {checkpoint} --value play_time_ms --forms weighted_sum")
+    tasks = [t for t, w in fitted.fusion.weights.items()]
+    config = RunConfig.from_dict(meta["run_config"])
+    log_ = read_kuairand(data_dir or config.data_dir)
+    world = fit_world(log_, settings.response_model, seed, settings.max_train_rows)
+
+    def duration(videos: np.ndarray) -> np.ndarray:
+        return world.builder.duration.reindex(videos).fillna(world.builder.duration.median()).to_numpy()
+
+    scorers, users = {}, {}
+    for split in ("valid", "test"):
+        scorers[split] = RankerScorer(trainer.model, dataset, split, tasks, duration, fitted.calibrate)
+        users[split] = users_with_features(log_, scorers[split].users())
+    sim_config = settings.config()
+    centre = weights_action(fitted.fusion.weights, tasks, sim_config.action_scale)
+    starts = draw_starts(world, users["valid"], settings.calibration_sessions, settings.pool_size, scorers["valid"],
+                         seed + 10_000)
+    calibrate_leave(world, starts, static_policy(centre), sim_config, settings.satisfaction, settings.target_depth)
+    sha = ckpt.file_sha256(checkpoint)
+    return CheckpointSimulation(world, log_, scorers, users, tasks, centre, {
+        "checkpoint_sha256": sha, "model": meta["model"],
+        "calibration": None if fitted.calibration is None else fitted.calibration.to_dict(),
+        "static_fusion": fitted.fusion.to_dict()})
+
+
+def simulate_sessions(checkpoint: str | Path, out: str | Path, sessions: int = 3000, settings=None, seed: int = 0,
+                      overwrite: bool = False, data_dir: str | None = None, cache_dir: str | None = None,
+                      fusion_file: str | Path | None = None) -> dict[str, Any]:
+    """Log ``sessions`` simulated sessions under the exploring policy around the checkpoint's fusion (on users of the
+    validation day) and write them to ``out`` (``onerank fuse --method batch-rl`` learns from them)."""
+    from onerank.simulator import draw_starts
+    from onerank.simulator.experiment import SimulationSettings, log_sessions
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if sessions < 1:
+        raise ValueError(f"sessions must be >= 1, got {sessions}")
+    settings = settings or SimulationSettings()
+    sim = checkpoint_simulation(checkpoint, settings, seed, data_dir, cache_dir, fusion_file)
+    starts = draw_starts(sim.world, sim.users["valid"], sessions, settings.pool_size, sim.scorers["valid"], seed)
+    logged = log_sessions(sim.world, starts, sim.centre, settings, sim.tasks, seed, sim.meta)
+    logged.save(out, overwrite=overwrite)
+    return {"file": str(out), "sessions": int(logged.initial.sum()), "requests": int(len(logged.session)),
+            "mean_return": float(np.bincount(logged.session, logged.rewards).sum() / logged.initial.sum()),
+            "tasks": sim.tasks, "leave": sim.world.leave.to_dict()}
+
+
+def fuse_batch_rl(checkpoint: str | Path, sessions: str | Path, settings=None, fusion_path: str | Path | None = None,
+                  overwrite: bool = False, evaluate: bool = True) -> dict[str, Any]:
+    """Train a fusion policy (``BatchRLSettings``: BCQ or CQL) on logged sessions of ``checkpoint`` and write it as the
+    checkpoint's fusion file (default beside it), with the calibration the sessions were logged with. ``evaluate``:
+    also the conservative FQE estimate, on the logs, of the new policy and of the logging policy's static centre
+    (each critic trained for ``settings.steps`` steps)."""
+    from onerank.fusion import Calibration, FittedFusion, default_path, file_sha256
+    from onerank.fusion.batch_rl import BatchRLSettings, FQESettings, LoggedSessions, conservative_fqe, train_policy
+    from onerank.simulator.policies import fusion_policy, static_policy
+
+    checkpoint = Path(checkpoint)
+    fusion_path = Path(fusion_path) if fusion_path else default_path(checkpoint)
+    if fusion_path.exists() and not overwrite:
+        raise ValueError(f"{fusion_path} exists; pass --overwrite to replace it (or --fusion-file elsewhere)")
+    settings = settings or BatchRLSettings()
+    settings.check()
+    logged = LoggedSessions.load(sessions)
+    model, _ = load_checkpoint(checkpoint)
+    sha = file_sha256(checkpoint)
+    logged_sha = logged.meta.get("checkpoint_sha256")
+    if logged_sha != sha:
+        raise ValueError(f"{sessions} was logged with checkpoint {str(logged_sha)[:12]}, not {checkpoint} "
+                         f"({sha[:12]}): the policy's weights act on that ranker's predictions")
+    unknown = [t for t in logged.tasks if t not in model.space.task_names]
+    if unknown:
+        raise ValueError(f"{sessions} fuses tasks {unknown} that {checkpoint} does not predict")
+    policy, _ = train_policy(logged, settings)
+    raw_calibration = logged.meta.get("calibration")
+    calibration = None if raw_calibration is None else Calibration.from_dict(raw_calibration)
+    report: dict[str, Any] = {"algorithm": settings.algorithm, "steps": settings.steps,
+                              "sessions": int(logged.initial.sum()), "requests": int(len(logged.session))}
+    if evaluate:
+        centre = np.asarray(logged.meta.get("logging_policy", {}).get("centre", np.zeros(len(logged.tasks))))
+        fqe = FQESettings(steps=settings.steps, seed=settings.seed)  # the critic gets the policy's budget
+        report["conservative_fqe"] = {"policy": conservative_fqe(logged, fusion_policy(policy), fqe)["estimate"],
+                                      "logging_centre": conservative_fqe(logged, static_policy(centre), fqe)["estimate"]}
+    policy.info["report"] = report
+    FittedFusion(sha, calibration, policy, info={"method": "batch-rl", "sessions": str(sessions), **report}).save(
+        fusion_path, overwrite=overwrite)
+    return {**report, "fusion_file": str(fusion_path)}

@@ -128,6 +128,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads per process")
+    p.add_argument("--embedding-tables", choices=["fused", "torchrec"],
+                   help="torchrec: embedding tables sharded over the processes (extra onerank[torchrec]; docs/scaling.md)")
+    p.add_argument("--sharding", choices=["auto", "table_wise", "column_wise", "row_wise"],
+                   help="how TorchRec shards the tables (default: its planner's choice)")
+    p.add_argument("--embedding-optimizer", choices=["adam", "adagrad"],
+                   help="the embedding tables' optimiser (torchrec on CPU: adagrad)")
 
 
 def _config_path(text: str) -> Path:
@@ -150,7 +156,9 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         config.dataset_options["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for flag, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                        ("patience", "patience"), ("device", "device"), ("precision", "precision"),
-                       ("streaming", "streaming"), ("threads", "threads")):
+                       ("streaming", "streaming"), ("threads", "threads"),
+                       ("embedding_tables", "embedding_tables"), ("sharding", "sharding"),
+                       ("embedding_optimizer", "embedding_optimizer")):
         if getattr(args, flag) is not None:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:
@@ -326,6 +334,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from onerank import api
     from onerank.fusion.fit import FuseSettings, format_report
 
+    if args.method == "batch-rl":
+        return _fuse_batch_rl(args)
+    if args.value is None:
+        raise ValueError("--value is required with --method cma-es (what the fused ranking is judged by)")
     settings = FuseSettings(
         value=args.value, forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
         calibration=None if args.calibration == "none" else args.calibration, k=args.k,
@@ -343,6 +355,39 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"wrote {report['fusion_file']} and {Path(report['figures']['pareto']).parent}/"
           "{report.json,table.md,pareto.png,reliability.png}")
+    return 0
+
+
+def _fuse_batch_rl(args: argparse.Namespace) -> int:
+    from onerank import api
+    from onerank.fusion.batch_rl import BatchRLSettings
+
+    if args.sessions is None:
+        raise ValueError("--method batch-rl needs --sessions FILE (logged sessions, e.g. from onerank simulate)")
+    settings = BatchRLSettings(algorithm=args.algorithm, steps=args.steps, seed=args.seed)
+    report = api.fuse_batch_rl(args.checkpoint, args.sessions, settings, fusion_path=args.fusion_file,
+                               overwrite=args.overwrite)
+    print(f"{report['algorithm']} on {report['sessions']} logged sessions ({report['requests']} requests), "
+          f"{report['steps']} steps")
+    if "conservative_fqe" in report:
+        fqe = report["conservative_fqe"]
+        print(f"conservative FQE on the logs: policy {fqe['policy']:.3f}, logging policy's static fusion "
+              f"{fqe['logging_centre']:.3f}")
+    print(f"wrote {report['fusion_file']}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from onerank import api
+    from onerank.simulator.experiment import SimulationSettings
+
+    settings = SimulationSettings(response_model=args.response_model, target_depth=args.target_depth,
+                                  random_share=args.random_share, noise=args.noise)
+    report = api.simulate_sessions(args.checkpoint, args.out, sessions=args.sessions, settings=settings,
+                                   seed=args.seed, overwrite=args.overwrite, data_dir=args.data_dir,
+                                   cache_dir=args.cache_dir, fusion_file=args.fusion_file)
+    print(f"logged {report['sessions']} sessions ({report['requests']} requests, mean return "
+          f"{report['mean_return']:.2f}) over tasks {report['tasks']}; wrote {report['file']}")
     return 0
 
 
@@ -443,8 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fuse", help="fit per-task calibration and a fusion of the tasks on validation against a value "
                        "column; evaluate once on test (docs/fusion.md)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--value", required=True, help="what the fused ranking is judged by: a value column of the dataset "
+    p.add_argument("--method", default="cma-es", choices=["cma-es", "batch-rl"],
+                   help="cma-es: one static fusion fitted on validation (default); batch-rl: a fusion policy "
+                   "(per-request weights from the session state) learned from logged sessions (docs/rl_fusion.md)")
+    p.add_argument("--value", help="cma-es: what the fused ranking is judged by: a value column of the dataset "
                    "(kuairand: play_time_ms, long_view, duration_ms) or a task (synthetic: order)")
+    p.add_argument("--sessions", help="batch-rl: logged sessions (.npz, from onerank simulate)")
+    p.add_argument("--algorithm", default="bcq", choices=["bcq", "cql"], help="batch-rl: BCQ (default) or CQL (SAC)")
+    p.add_argument("--steps", type=int, default=2000, help="batch-rl: gradient steps")
     p.add_argument("--forms", default="weighted_sum,product,monotone", help="fusion forms to fit; the one with the "
                    "best validation objective is written to the fusion file")
     p.add_argument("--calibration", default="platt", choices=["platt", "isotonic", "none"],
@@ -467,6 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("simulate", help="log sessions of simulated KuaiRand users ranked by the checkpoint with an "
+                       "exploring version of its fusion (for onerank fuse --method batch-rl; docs/rl_fusion.md)")
+    p.add_argument("--checkpoint", required=True, help="a KuaiRand checkpoint with a weighted-sum fusion file")
+    p.add_argument("--out", required=True, help="the logged sessions file (.npz)")
+    p.add_argument("--sessions", type=int, default=3000)
+    p.add_argument("--response-model", default="gbdt", choices=["gbdt", "logistic"])
+    p.add_argument("--target-depth", type=float, default=30.0,
+                   help="mean impressions per session under the static fusion (sets the leave model's intercept)")
+    p.add_argument("--random-share", type=float, default=0.3, help="share of requests with a uniform random action")
+    p.add_argument("--noise", type=float, default=0.3, help="spread of the Gaussian noise on the other requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fusion-file", help="the static fusion to log around (default: CHECKPOINT.fusion.json)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
     p.add_argument("--checkpoint", required=True)

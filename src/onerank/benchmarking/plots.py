@@ -37,6 +37,8 @@ MODEL_STYLES: dict[str, tuple[str, str]] = {
     "transformer_mmoe": ("#393b79", "p"),
     "transformer_ple": ("#637939", "*"),
     "onerank": ("#d62728", "o"),
+    "esmm_gru": ("#6a3d9a", "d"),
+    "heroes": ("#b15928", "8"),
 }
 ABLATION_STYLES: dict[str, tuple[str, str]] = {
     "cross_task=none": ("#ff9896", "s"),
@@ -48,6 +50,10 @@ ABLATION_STYLES: dict[str, tuple[str, str]] = {
     "task_token_input=template": ("#66a61e", "X"),
     "task_tokens=shared": ("#a6761d", ">"),
     "attention=full": ("#525252", "h"),
+    # HEROES' parts (docs/heroes.md)
+    "gate=false": ("#fdbf6f", "s"),
+    "top_down=false": ("#cab2d6", "^"),
+    "unit=hawkes": ("#b2df8a", "D"),
 }
 _FALLBACK = [("#000000", "o"), ("#5254a3", "s"), ("#8ca252", "^"), ("#bd9e39", "D"), ("#6b6ecf", "v")]
 ORACLE_STYLE = {"color": "black", "marker": "*", "linestyle": ":", "markersize": 9}
@@ -206,7 +212,10 @@ def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap
     if gap and not has_oracle:
         return None
     tasks = summary[variants[0]]["tasks"]
-    xs = [float(v) for v in variants]
+    try:
+        xs = [float(v) for v in variants]
+    except ValueError:  # a categorical option (e.g. session_order: time, shuffled): one position per value
+        xs = list(range(len(variants)))
     rows = _rows_of_labels(summary, proposed)
     fig, axes = _subplots(len(rows), len(tasks))
     for row, labels in zip(axes, rows):
@@ -223,7 +232,7 @@ def auc_vs_variant(results: dict, option: str, proposed: str, out_dir: Path, gap
                 ax.plot(xs, [summary[v]["oracle"][t]["auc"] for v in variants], label="oracle", **ORACLE_STYLE)
             ax.set_title(f"{t}: {'oracle AUC - test AUC' if gap else 'test AUC'}", fontsize=9)
             ax.set_xlabel(option)
-            ax.set_xticks(xs)
+            ax.set_xticks(xs, [str(v) for v in variants])
             ax.grid(alpha=0.3)
     return _save(fig, axes, out_dir / f"{'gap_to_oracle' if gap else 'auc'}_vs_{option}.png")
 

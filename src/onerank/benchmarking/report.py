@@ -318,19 +318,23 @@ def significance_table(block: dict, proposed: str) -> list[str]:
 
 
 def pairwise_table(block: dict, proposed: str) -> list[str]:
-    """One row per baseline: the proposed model's ΔAUC on each task with the paired bootstrap p-value."""
+    """One row per baseline: the proposed model's ΔAUC on each task with the paired bootstrap's 95 % interval and
+    p-value."""
     pairs = block.get("against_every_baseline") or {}
     if not pairs:
         return []
     tasks = block["tasks"]
-    header = ["baseline"] + [f"{t} ΔAUC (bootstrap p)" for t in tasks]
+    header = ["baseline"] + [f"{t} ΔAUC [95 % CI] (bootstrap p)" for t in tasks]
     rows = []
     for baseline, per_task in pairs.items():
         row = [baseline]
         for t in tasks:
             c = per_task[t]
-            bp = (c.get("bootstrap_auc") or {}).get("p")
-            row.append(f"{c['delta_auc']:+.4f}" + (f" ({_p(bp)}{significance_mark(bp)})" if bp is not None else ""))
+            boot = c.get("bootstrap_auc") or {}
+            bp = boot.get("p")
+            interval = f" [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]" if "ci_low" in boot else ""
+            row.append(f"{c['delta_auc']:+.4f}{interval}" + (f" ({_p(bp)}{significance_mark(bp)})" if bp is not None
+                                                             else ""))
         rows.append(row)
     return _table(header, rows)
 
@@ -471,7 +475,7 @@ def render_markdown(results: dict, suite, plots: list[str] | None = None, image_
             clusters = next((c["bootstrap_auc"]["clusters"] for per_task in block["against_every_baseline"].values()
                              for c in per_task.values() if c.get("bootstrap_auc")), "users")
             out += [f"{suite.proposed} against every baseline (ΔAUC = {suite.proposed} minus baseline, mean over "
-                    f"seeds; p of the paired bootstrap over test {clusters}):", "", *pairs, ""]
+                    f"seeds; 95 % interval and p of the paired bootstrap over test {clusters}):", "", *pairs, ""]
         nt = negative_transfer_table(block, suite.reference)
         if nt:
             out += [f"Negative transfer: mean test AUC minus `{suite.reference}`'s (same DNN encoder):", "", *nt, ""]

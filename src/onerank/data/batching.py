@@ -2,7 +2,10 @@
 
 A batch is always a flat set of impressions. List-wise batches additionally carry ``request`` (0..R-1, each request's
 impressions contiguous) so a list-wise model or loss can view them as padded [R, N] lists with ``Batch.to_lists``.
-Point-wise models ignore it, so every model is fed exactly the same impressions, features and labels.
+Session batches (``by_session``, data/sessions.py) hold whole sessions and carry ``session`` (0..S-1, each session's
+impressions contiguous and in time order) besides ``request``, viewed as padded [S, T] sequences through
+``Batch.session_layout``. Point-wise models ignore both, so every model is fed exactly the same impressions, features and
+labels.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class Batch:
     labels: dict[str, Tensor]  # task -> [B] float
     label_mask: dict[str, Tensor]  # task -> [B] bool: label exists (task space) for this row
     user: Tensor  # [B] user index, for GAUC
-    request: Tensor | None = None  # [B] request index within the batch (list-wise batches only)
+    request: Tensor | None = None  # [B] request index within the batch (list-wise and session batches only)
+    session: Tensor | None = None  # [B] session index within the batch (session batches only), rows in time order
     _lists: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -59,27 +63,28 @@ class Batch:
                 return {k: cut(v) for k, v in x.items()}
             return x
 
-        request = None if self.request is None else self.request[start:stop] - self.request[start]
-        return Batch(**{f.name: cut(getattr(self, f.name)) for f in fields(self) if f.name not in ("_lists", "request")},
-                     request=request)
+        def renumbered(ids: Tensor | None) -> Tensor | None:
+            return None if ids is None else ids[start:stop] - ids[start]
+
+        return Batch(**{f.name: cut(getattr(self, f.name)) for f in fields(self)
+                        if f.name not in ("_lists", "request", "session")},
+                     request=renumbered(self.request), session=renumbered(self.session))
 
     def list_layout(self) -> tuple[Tensor, Tensor]:
         """(slot, mask): ``slot[r, j]`` is the row of candidate j of request r (0 where padded), ``mask`` marks real
         candidates. Without request grouping every impression is a request of one."""
         if self._lists is None:
-            device = self.user.device
-            request = self.request if self.request is not None else torch.arange(self.size, device=device)
-            counts = torch.bincount(request)
-            starts = torch.cumsum(counts, 0) - counts
-            width = int(counts.max()) if len(counts) else 0
-            position = torch.arange(self.size, device=device) - starts[request]
-            slot = torch.zeros(len(counts), width, dtype=torch.long, device=device)
-            mask = torch.zeros(len(counts), width, dtype=torch.bool, device=device)
-            rows = torch.arange(self.size, device=device)
-            slot[request, position] = rows
-            mask[request, position] = True
-            self._lists = (slot, mask)
+            request = self.request if self.request is not None else torch.arange(self.size, device=self.user.device)
+            self._lists = group_layout(request)
         return self._lists
+
+    def session_layout(self) -> tuple[Tensor, Tensor]:
+        """(slot, mask) of the sessions, as ``list_layout`` of the requests: ``slot[s, t]`` is the row of the t-th
+        impression of session s in time order. Without sessions every impression is a session of one."""
+        if self.session is None:  # kept free of data-dependent shapes: exporters trace this path
+            rows = torch.arange(self.size, device=self.user.device).unsqueeze(1)
+            return rows, torch.ones_like(rows, dtype=torch.bool)
+        return group_layout(self.session)
 
     def to_lists(self, x: Tensor) -> Tensor:
         """[B, ...] per-impression tensor -> [R, N, ...], padded entries are copies of row 0 (mask them)."""
@@ -106,6 +111,21 @@ class Batch:
         """The batch's rows as the candidates of one request (a serving pool usually comes without request grouping)."""
         request = torch.zeros(self.size, dtype=torch.long, device=self.user.device)
         return Batch(self.categorical, self.dense, self.histories, self.labels, self.label_mask, self.user, request)
+
+
+def group_layout(group: Tensor) -> tuple[Tensor, Tensor]:
+    """(slot [G, W], mask [G, W]) for ids 0..G-1 whose rows are contiguous: ``slot[g, j]`` is the j-th row of group g
+    (0 where padded), ``mask`` marks real rows."""
+    device = group.device
+    counts = torch.bincount(group)
+    starts = torch.cumsum(counts, 0) - counts
+    width = int(counts.max()) if len(counts) else 0
+    position = torch.arange(len(group), device=device) - starts[group]
+    slot = torch.zeros(len(counts), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(counts), width, dtype=torch.bool, device=device)
+    slot[group, position] = torch.arange(len(group), device=device)
+    mask[group, position] = True
+    return slot, mask
 
 
 class TensorSplit:
@@ -135,12 +155,17 @@ class TensorSplit:
         counts = torch.bincount(self.request, minlength=1)
         self.request_starts = torch.cumsum(counts, 0) - counts
         self.request_sizes = counts
+        # Without a session rule (data/sessions.py) every request is a session.
+        self.session = torch.from_numpy(split.session.astype(np.int64)) if split.session is not None else self.request
+        counts = torch.bincount(self.session, minlength=1)
+        self.session_starts = torch.cumsum(counts, 0) - counts
+        self.session_sizes = counts
 
     @property
     def num_requests(self) -> int:
         return len(self.request_sizes) if self.n else 0
 
-    def gather(self, rows: Tensor, request: Tensor | None = None) -> Batch:
+    def gather(self, rows: Tensor, request: Tensor | None = None, session: Tensor | None = None) -> Batch:
         # index_select rather than x[rows]: several times faster for row gathers on CPU (docs/scaling.md)
         histories = {}
         for seq, codes in self.histories.items():
@@ -159,6 +184,7 @@ class TensorSplit:
             label_mask={k: v.index_select(0, rows) for k, v in self.label_mask.items()},
             user=self.user.index_select(0, rows),
             request=request,
+            session=session,
         )
 
 
@@ -166,8 +192,9 @@ class BatchLoader:
     """Iterates a split in batches of about ``batch_size`` impressions.
 
     ``by_request``: whole requests are kept together (list-wise training); batches then hold as many whole requests
-    as fit in ``batch_size`` impressions (at least one). Shuffling is a permutation drawn from (seed, epoch), so
-    ``epoch(e, start_step=s)`` resumes exactly where an interrupted run stopped.
+    as fit in ``batch_size`` impressions (at least one). ``by_session``: the same with whole sessions (session-level
+    models; a session is made of whole requests, so its batches also carry ``request``). Shuffling is a permutation
+    drawn from (seed, epoch), so ``epoch(e, start_step=s)`` resumes exactly where an interrupted run stopped.
 
     ``rank`` / ``world_size`` (data-parallel training): ``batch_size`` stays the global batch; every rank plans the
     same global batches and yields its contiguous share of each (whole requests, balanced by impressions), so the
@@ -183,6 +210,7 @@ class BatchLoader:
         by_request: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        by_session: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -193,20 +221,30 @@ class BatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.by_request = by_request
+        self.by_session = by_session
         self.rank = rank
         self.world_size = world_size
 
+    def _units(self) -> tuple[Tensor, Tensor] | None:
+        """(starts, sizes) of the units batches are made of (sessions or requests); None: single impressions."""
+        if self.by_session:
+            return self.split.session_starts, self.split.session_sizes
+        if self.by_request:
+            return self.split.request_starts, self.split.request_sizes
+        return None
+
     def _plan(self, epoch: int) -> list[Tensor]:
-        """Per batch, the units (impressions or requests) it holds."""
-        units = self.split.num_requests if self.by_request else self.split.n
+        """Per batch, the units (impressions, requests or sessions) it holds."""
+        grouped = self._units()
+        units = (len(grouped[1]) if self.split.n else 0) if grouped else self.split.n
         if self.shuffle:
             gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
             order = torch.randperm(units, generator=gen)
         else:
             order = torch.arange(units)
-        if not self.by_request:
+        if grouped is None:
             return list(torch.split(order, self.batch_size))
-        sizes = self.split.request_sizes[order]
+        sizes = grouped[1][order]
         ends = torch.cumsum(sizes, 0)
         batch_id = (ends - 1) // self.batch_size
         # a request larger than batch_size still forms one batch of its own
@@ -221,27 +259,38 @@ class BatchLoader:
         start_i being the number of impressions before it."""
         if self.world_size == 1:
             return units
-        sizes = self.split.request_sizes[units] if self.by_request else torch.ones(len(units), dtype=torch.long)
+        grouped = self._units()
+        sizes = grouped[1][units] if grouped else torch.ones(len(units), dtype=torch.long)
         starts = torch.cumsum(sizes, 0) - sizes
         owner = starts * self.world_size // max(int(sizes.sum()), 1)
         return units[owner == self.rank]
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         plan = self._plan(epoch)
+        grouped = self._units()
         for units in plan[start_step:]:
             units = self._shard(units)
-            if not self.by_request:
+            if grouped is None:
                 yield self.split.gather(units)
                 continue
-            sizes = self.split.request_sizes[units]
-            starts = self.split.request_starts[units]
-            request = torch.repeat_interleave(torch.arange(len(units)), sizes)
+            starts, sizes = grouped[0][units], grouped[1][units]
+            group = torch.repeat_interleave(torch.arange(len(units)), sizes)
             offsets = torch.cumsum(sizes, 0) - sizes
-            rows = starts[request] + torch.arange(int(sizes.sum())) - offsets[request]
-            yield self.split.gather(rows, request=request)
+            rows = starts[group] + torch.arange(int(sizes.sum())) - offsets[group]
+            if self.by_session:
+                yield self.split.gather(rows, request=_runs(self.split.request[rows]), session=group)
+            else:
+                yield self.split.gather(rows, request=group)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
+
+
+def _runs(ids: Tensor) -> Tensor:
+    """Contiguous runs of equal ids -> 0, 1, 2, ... (requests renumbered within a session batch)."""
+    new = torch.ones(len(ids), dtype=torch.long)
+    new[1:] = (ids[1:] != ids[:-1]).long()
+    return torch.cumsum(new, 0) - 1
 
 
 def drop_to_oov(batch: Batch, rates: dict[str, float]) -> Batch:

@@ -278,7 +278,8 @@ def load(
 ) -> EncodedDataset:
     """Load UCI Census-Income from ``data_dir`` (default ``../shared/data/census-income``, relative to the current
     directory). Options: ``tasks`` (subset of income, marital, education, in order; default income, marital),
-    ``seed`` (0) and ``valid_fraction`` (0.1) of the train-file hold-out."""
+    ``seed`` (0) and ``valid_fraction`` (0.1) of the train-file hold-out; ``hash_buckets`` (``load_or_build``)."""
+    hash_buckets = options.pop("hash_buckets", None)
     known = {"tasks", "seed", "valid_fraction"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -295,5 +296,6 @@ def load(
         "valid_fraction": float(valid_fraction),
     }
     return load_or_build(
-        "census", key, lambda: build_raw(data_dir, tasks=tasks, seed=seed, valid_fraction=valid_fraction), cache_root
+        "census", key, lambda: build_raw(data_dir, tasks=tasks, seed=seed, valid_fraction=valid_fraction), cache_root,
+        hash_buckets,
     )

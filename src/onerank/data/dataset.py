@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ class EncodedSplit:
     user: np.ndarray | None = None  # [n] user index (for GAUC and request grouping)
     request: np.ndarray | None = None  # [n] request index, rows of a request contiguous
     time: np.ndarray | None = None  # [n] event time
+    session: np.ndarray | None = None  # [n] session index (data/sessions.py), sessions contiguous and time-ordered
     values: dict[str, np.ndarray] = field(default_factory=dict)  # schema value column -> [n] float64 (evaluation only)
 
     def __len__(self) -> int:
@@ -72,7 +74,7 @@ class EncodedSplit:
         for group in GROUPS:
             for name, arr in getattr(self, group).items():
                 out[f"{group}.{name}"] = arr
-        for name in ("user", "request", "time"):
+        for name in ("user", "request", "time", "session"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -200,14 +202,36 @@ def encode_dataset(raw: RawDataset) -> EncodedDataset:
     )
     encoders.label_transforms = encoding.fit_label_transforms(raw.train.table, schema)
     encoded = {split: _encode_split(getattr(raw, split), schema, encoders) for split in SPLITS}
+    info = dict(raw.info)
+    hashing = hashing_report(raw, encoders)
+    if hashing:
+        info["hashing"] = hashing
     return EncodedDataset(
         name=raw.name,
         schema=schema,
         encoders=encoders,
         item_table=_encode_item_table(raw, schema, encoders),
-        info=dict(raw.info),
+        info=info,
         **encoded,
     )
+
+
+def hashing_report(raw: RawDataset, encoders: Encoders) -> dict[str, dict]:
+    """Per hashed field, how its distinct train ids (for the item id, with the train histories' items) share buckets
+    (``HashedVocabulary.collisions``); logged, and kept in the dataset's ``info["hashing"]``."""
+    report = {}
+    for f in raw.schema.categorical:
+        vocab = encoders.vocabularies[f.name]
+        if not isinstance(vocab, encoding.HashedVocabulary):
+            continue
+        values = [encoding._categorical_values(raw.train.table[f.source])]
+        if f.name == raw.schema.item_id:
+            values += [encoding._categorical_values(pd.Series(h.values)) for h in raw.train.histories.values()
+                       if len(h.values)]
+        report[f.name] = vocab.collisions(pd.concat(values, ignore_index=True).to_numpy())
+        log.info("%s: field %r hashed into %d buckets: %d distinct train ids, collision rate %.4f", raw.name, f.name,
+                 vocab.buckets, report[f.name]["distinct_ids"], report[f.name]["collision_rate"])
+    return report
 
 
 def _encode_split(rs: RawSplit, schema: Schema, encoders: Encoders) -> EncodedSplit:
@@ -297,12 +321,25 @@ def default_cache_root() -> Path:
 
 
 def load_or_build(
-    name: str, key_parts: dict, build: Callable[[], RawDataset], cache_root: str | Path | None = None
+    name: str, key_parts: dict, build: Callable[[], RawDataset], cache_root: str | Path | None = None,
+    hash_buckets: dict[str, int] | None = None,
 ) -> EncodedDataset:
     """Return the cached encoded dataset for ``key_parts`` or build, encode and cache it.
 
-    ``cache_root=False``-like values are not supported on purpose: ``ONERANK_CACHE`` picks the folder.
+    ``hash_buckets`` (the loaders' option of that name, ``{field: buckets}``) hashes those fields instead of fitting
+    vocabularies (``Schema.with_hashing``); it is part of the cache key. ``cache_root=False``-like values are not
+    supported on purpose: ``ONERANK_CACHE`` picks the folder.
     """
+    if hash_buckets:
+        if not isinstance(hash_buckets, dict):
+            raise SchemaError(f"hash_buckets must map field names to numbers of buckets, got {hash_buckets!r}")
+        key_parts = {**key_parts, "hash_buckets": dict(sorted(hash_buckets.items()))}
+        unhashed = build
+
+        def build() -> RawDataset:
+            raw = unhashed()
+            return dataclasses.replace(raw, schema=raw.schema.with_hashing(hash_buckets))
+
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     key = cache_key(key_parts)
     directory = root / f"{name}-{key}"

@@ -98,6 +98,67 @@ class Vocabulary:
     def to_list(self) -> list:
         return [v.item() if hasattr(v, "item") else v for v in self.index]
 
+    def state(self) -> list:
+        return self.to_list()
+
+    @property
+    def value_kind(self) -> str:
+        """How raw values are normalised before lookup ("int", "float" or "str"): like the column it was fitted on."""
+        return _value_kind(self.index.dtype)
+
+
+def _value_kind(dtype: np.dtype) -> str:
+    return "int" if dtype.kind in "iub" else "float" if dtype.kind == "f" else "str"
+
+
+# pandas' fixed default key: SipHash of strings, a fixed 64-bit mix of numbers; never Python's per-process salted hash
+HASH_KEY = "0123456789123456"
+
+
+class HashedVocabulary:
+    """Codes without a vocabulary: value -> 2 + (stable 64-bit hash of the value) mod ``buckets`` (``pandas.util.
+    hash_array``: the same code in every process, run and machine). Nothing is fitted but the kind of the values (int,
+    float or str: the same value as an int and as a string hash differently), so a field with 10^9 distinct ids costs
+    ``buckets + 2`` rows; distinct ids may share a bucket (``collisions``). Codes 0 (padding) and 1 (OOV, the target
+    of ``oov_dropout``) keep their meaning."""
+
+    def __init__(self, buckets: int, value_kind: str = "int") -> None:
+        self.buckets = int(buckets)
+        self.kind = value_kind
+
+    @classmethod
+    def fit(cls, column: pd.Series | np.ndarray, buckets: int) -> "HashedVocabulary":
+        return cls(buckets, _value_kind(pd.Series(column).dtype))
+
+    def __len__(self) -> int:
+        return self.buckets + 2
+
+    def encode(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if values.dtype.kind == "O" or values.dtype.kind in "US":
+            values = values.astype(object)
+        hashed = pd.util.hash_array(values, hash_key=HASH_KEY, categorize=False)
+        return (hashed % np.uint64(self.buckets)).astype(np.int64) + 2
+
+    def collisions(self, values: pd.Series | np.ndarray) -> dict[str, float]:
+        """How the distinct ``values`` share buckets: their number, the buckets they occupy, and the collision rate
+        (the share of distinct values whose bucket an earlier value already holds)."""
+        distinct = pd.unique(np.asarray(values))
+        occupied = len(np.unique(self.encode(distinct))) if len(distinct) else 0
+        rate = 1.0 - occupied / len(distinct) if len(distinct) else 0.0
+        return {"buckets": self.buckets, "distinct_ids": int(len(distinct)), "occupied_buckets": int(occupied),
+                "collision_rate": round(rate, 6)}
+
+    def to_list(self) -> list:
+        return []  # no known values
+
+    def state(self) -> dict:
+        return {"hash_buckets": self.buckets, "kind": self.kind}
+
+    @property
+    def value_kind(self) -> str:
+        return self.kind
+
 
 @dataclass
 class DenseScaler:
@@ -149,13 +210,13 @@ class LabelTransform:
 class Encoders:
     """Everything fitted on train that is needed to encode new data the same way (saved in checkpoints)."""
 
-    vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+    vocabularies: dict[str, Vocabulary | HashedVocabulary] = field(default_factory=dict)
     scalers: dict[str, DenseScaler] = field(default_factory=dict)
     label_transforms: dict[str, LabelTransform] = field(default_factory=dict)  # regression tasks only
 
     def state(self) -> dict:
         return {
-            "vocabularies": {k: v.to_list() for k, v in self.vocabularies.items()},
+            "vocabularies": {k: v.state() for k, v in self.vocabularies.items()},
             "scalers": {k: vars(v) for k, v in self.scalers.items()},
             "label_transforms": {k: vars(v) for k, v in self.label_transforms.items()},
         }
@@ -163,7 +224,10 @@ class Encoders:
     @classmethod
     def from_state(cls, state: dict) -> "Encoders":
         return cls(
-            vocabularies={k: Vocabulary(v) for k, v in state["vocabularies"].items()},
+            vocabularies={
+                k: HashedVocabulary(v["hash_buckets"], v["kind"]) if isinstance(v, dict) else Vocabulary(v)
+                for k, v in state["vocabularies"].items()
+            },
             scalers={k: DenseScaler(**v) for k, v in state["scalers"].items()},
             # checkpoints from before label transforms learned raw labels
             label_transforms={k: LabelTransform(**v) for k, v in state.get("label_transforms", {}).items()},
@@ -353,6 +417,9 @@ def fit_encoders(
         elif f.group == "item" and history_only is not None and f.source in item_table.columns:
             extra = _categorical_values(item_table[f.source])[history_only]
             values = pd.concat([values, extra], ignore_index=True)
+        if f.hash_buckets is not None:
+            encoders.vocabularies[f.name] = HashedVocabulary.fit(values, f.hash_buckets)
+            continue
         if f.group != "item" and request is not None and f.min_count > 1:
             values = values[~pd.DataFrame({"v": values.to_numpy(), "r": np.asarray(request)}).duplicated().to_numpy()]
         encoders.vocabularies[f.name] = Vocabulary.fit(values, f.min_count)

@@ -473,6 +473,7 @@ def load(data_dir: str | Path | None = None, cache_root: str | Path | None = Non
     train 20220425-20220505, valid 20220506, test 20220507-20220508, requests gap < 300 s, at most 20)."""
     if tasks is not None:
         options["tasks"] = tasks
+    hash_buckets = options.pop("hash_buckets", None)  # {field: buckets}, load_or_build
     opts = _options(options)
     directory = resolve_data_dir(data_dir)
     files = find_files(directory, opts)
@@ -482,4 +483,6 @@ def load(data_dir: str | Path | None = None, cache_root: str | Path | None = Non
         "options": opts,
         "files": {role: [file_fingerprint(p) for p in paths] for role, paths in sorted(files.items())},
     }
-    return load_or_build(NAME, key_parts, lambda: build(directory, files, opts), cache_root)
+    ds = load_or_build(NAME, key_parts, lambda: build(directory, files, opts), cache_root, hash_buckets)
+    ds.info["time_unit"] = "ms"  # time_ms: what a session_gap duration is converted to (data/sessions.py)
+    return ds

@@ -26,7 +26,8 @@ class TrainingData:
     train: BatchLoader | StreamingBatchLoader  # shuffled by (seed, epoch); this rank's share under DDP
     splits: dict[str, TensorSplit]  # the splits held in memory: valid and test, and train unless it streams
     by_request: bool  # batches hold whole requests (list-wise models and objectives)
-    stream_source: Path | None = None  # the Parquet train split, when streaming
+    by_session: bool = False  # batches hold whole sessions in time order (HEROES, data/sessions.py)
+    stream_source: str | Path | None = None  # the Parquet train split (a folder or a URI), when streaming
     scratch: Path | None = None  # a temporary Parquet copy, removed by ``close``
 
     @property
@@ -37,7 +38,7 @@ class TrainingData:
         """``split`` in row order (unshuffled), in batches of about ``batch_size`` impressions."""
         if split not in self.splits:
             raise ValueError(f"split {split!r} is streamed from disk; only valid and test can be predicted")
-        return BatchLoader(self.splits[split], batch_size, by_request=self.by_request)
+        return BatchLoader(self.splits[split], batch_size, by_request=self.by_request, by_session=self.by_session)
 
     def train_labels(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(labels, label masks) of the whole training split, from memory or from its Parquet stream."""
@@ -65,12 +66,19 @@ def training_data(
     world_size: int = 1,
     all_ranks: Callable[[bool], bool] | None = None,
     write_first: Callable[[Callable[[], T]], T] = lambda fn: fn(),
+    prefetch: int = 2,
+    by_session: bool = False,
 ) -> TrainingData:
     """The batches of a run. ``streaming`` (``auto``, ``on``, ``off``; see ``stream_source_for``) decides whether
     the train split streams from Parquet (written once to ``out_dir/train-parquet``, or to a temporary folder that
     ``close`` removes). ``rank`` / ``world_size`` / ``all_ranks`` shard the train batches under DDP, and
-    ``write_first`` runs the Parquet copy on one rank before the others read it (``distributed.rank_zero_first``)."""
+    ``write_first`` runs the Parquet copy on one rank before the others read it (``distributed.rank_zero_first``);
+    ``prefetch`` batches of a stream are decoded ahead by a background thread;
+    ``by_session``: whole sessions per batch (in memory only)."""
     source = write_first(lambda: stream_source_for(dataset, streaming, threshold_mb, out_dir))
+    if source is not None and by_session:
+        raise ValueError("the model reads whole sessions, which the streaming loader does not batch; "
+                         "set train.streaming: off")
     scratch = source.parent if source is not None and out_dir is None and not dataset.info.get("train_parquet") else None
     splits = {
         s: TensorSplit(dataset.split(s), dataset.item_table, dataset.schema.item_id)
@@ -81,7 +89,8 @@ def training_data(
     if source is not None:
         train = StreamingBatchLoader(source, batch_size, dataset.item_table, dataset.schema.item_id, shuffle=True,
                                      seed=seed, by_request=by_request, buffer_rows=buffer_rows, all_ranks=all_ranks,
-                                     **shard)
+                                     prefetch=prefetch, **shard)
     else:
-        train = BatchLoader(splits["train"], batch_size, shuffle=True, seed=seed, by_request=by_request, **shard)
-    return TrainingData(dataset, train, splits, by_request, source, scratch)
+        train = BatchLoader(splits["train"], batch_size, shuffle=True, seed=seed, by_request=by_request,
+                            by_session=by_session, **shard)
+    return TrainingData(dataset, train, splits, by_request, by_session, source, scratch)

@@ -9,6 +9,8 @@ from typing import Protocol
 
 from onerank.data.dataset import EncodedDataset
 from onerank.data.schema import SchemaError
+from onerank.data.sessions import OPTIONS as SESSION_OPTIONS
+from onerank.data.sessions import apply_session_rule, session_rule
 from onerank.resources import Registry
 
 
@@ -39,8 +41,17 @@ def dataset_names() -> list[str]:
 def load_dataset(
     name: str, data_dir: str | Path | None = None, cache_root: str | Path | None = None, **options
 ) -> EncodedDataset:
-    """Load (from cache when possible) the encoded dataset ``name``; ``options`` are the loader's own keywords."""
+    """Load (from cache when possible) the encoded dataset ``name``; ``options`` are the loader's own keywords, plus
+    the session rule every loader accepts (``session_gap``, ``session_max_size``, ``session_order``:
+    data/sessions.py), applied to the loaded dataset."""
     loader = DATASETS.get(name)
+    sessions = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
+    ds = _load(loader, data_dir, cache_root, options)
+    rule = session_rule(sessions, ds.info)
+    return ds if rule is None else apply_session_rule(ds, rule)
+
+
+def _load(loader: DatasetLoader, data_dir, cache_root, options: dict) -> EncodedDataset:
     tasks = options.get("tasks")
     if tasks is None or "tasks" in inspect.signature(loader).parameters:
         # a loader that takes `tasks` itself may also change features (e.g. drop a column a task is derived from)

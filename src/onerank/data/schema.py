@@ -32,7 +32,9 @@ class CategoricalField:
     OneRank read them once per request), ``item`` fields describe the candidate (one value per row).
     ``min_count``: values seen fewer times in train share the out-of-vocabulary code, so that code is trained on the
     rare values and serves unseen ones with a learned embedding. ``oov_dropout``: during training, this share of the
-    field's codes is replaced by the out-of-vocabulary code at random (0 = off).
+    field's codes is replaced by the out-of-vocabulary code at random (0 = off). ``hash_buckets``: no vocabulary; a
+    value's code is a stable hash of it into this many buckets (``data/encoding.py``, ``HashedVocabulary``), so a field
+    with any number of distinct ids costs a fixed table.
     """
 
     name: str
@@ -40,6 +42,7 @@ class CategoricalField:
     column: str | None = None  # raw column name when it differs from ``name``
     min_count: Annotated[int, Field(ge=1)] = 1  # values seen fewer times in train become OOV
     oov_dropout: float = 0.0  # training share of ids dropped to the OOV row (checked in Schema: [0, 1))
+    hash_buckets: Annotated[int, Field(ge=1)] | None = None  # hash values into this many buckets instead of a vocabulary
 
     @property
     def source(self) -> str:
@@ -188,6 +191,11 @@ class Schema:
                 raise SchemaError(f"field {f.name!r}: min_count must be an integer >= 1, got {f.min_count!r}")
             if not 0.0 <= f.oov_dropout < 1.0:
                 raise SchemaError(f"field {f.name!r}: oov_dropout must be in [0, 1), got {f.oov_dropout!r}")
+            if f.hash_buckets is not None and (not isinstance(f.hash_buckets, int) or f.hash_buckets < 1):
+                raise SchemaError(f"field {f.name!r}: hash_buckets must be an integer >= 1, got {f.hash_buckets!r}")
+            if f.hash_buckets is not None and f.min_count > 1:
+                raise SchemaError(f"field {f.name!r}: min_count needs a vocabulary; a hashed field (hash_buckets) has "
+                                  "none, drop one of the two")
         if self.sequences and not self.item_id:
             raise SchemaError("behaviour sequences need `item_id`: the categorical field that identifies items")
         if self.item_id and self.item_id not in [f.name for f in self.categorical]:
@@ -200,7 +208,22 @@ class Schema:
         out = dataclasses.asdict(self)
         if not out["values"]:
             del out["values"]  # schemas written before value columns existed (and the cache keys built from them)
+        for f in out["categorical"]:
+            if f["hash_buckets"] is None:
+                del f["hash_buckets"]  # the same for fields without hashing
         return out
+
+    def with_hashing(self, buckets: dict[str, int]) -> "Schema":
+        """This schema with the named categorical fields hashed into the given numbers of buckets."""
+        unknown = sorted(set(buckets) - {f.name for f in self.categorical})
+        if unknown:
+            raise SchemaError(f"hash_buckets names {unknown}, which are not categorical fields of the schema "
+                              f"{[f.name for f in self.categorical]}")
+        fields = [dataclasses.replace(f, hash_buckets=buckets[f.name]) if f.name in buckets else f
+                  for f in self.categorical]
+        schema = dataclasses.replace(self, categorical=fields)
+        schema.validate()
+        return schema
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Schema":

@@ -15,6 +15,14 @@ within a buffer of ``buffer_rows`` impressions; it is deterministic for a given 
 world size, which is what makes a mid-epoch resume exact (the interrupted epoch's first batches are re-read and
 skipped). Under DDP, row groups are dealt to ranks by size and ranks stop an epoch together when the first one runs
 out (the few rows left on the other ranks wait for the next epoch, which deals the row groups differently).
+
+**Where the files live**: a local folder, or a URI read through ``pyarrow.fs`` (``file://``, ``s3://``, ``gs://``,
+``hdfs://``; credentials from the usual environment: AWS_* variables or ``~/.aws``, Google's application default
+credentials) or, for any other scheme, through ``fsspec`` (``az://``, ``memory://``, ... with that scheme's package).
+``--dataset encoded --data-dir s3://bucket/prefix`` reads the train split from the bucket and copies ``encoded/`` (the
+vocabularies and the valid / test splits) to the local cache once. **Prefetch**: a background thread decodes the next
+``prefetch`` batches (Parquet decoding, the shuffle buffer) while the current one trains; the batches and their order are
+the same with or without it.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ import itertools
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -145,18 +156,71 @@ def save_streaming_dataset(
 def load_streaming_dataset(
     data_dir: str | Path | None, cache_root: str | Path | None = None, **options
 ) -> EncodedDataset:
-    """A dataset written by ``save_streaming_dataset``: valid / test in memory, the train split left on disk."""
+    """A dataset written by ``save_streaming_dataset``: valid / test in memory, the train split left on disk (or in
+    object storage: ``data_dir`` may be a URI, see the module doc)."""
     if options:
         raise SchemaError(f"encoded dataset: takes no options, got {sorted(options)}")
     if data_dir is None:
         raise FileNotFoundError("encoded dataset: pass --data-dir, the folder written by save_streaming_dataset")
-    directory = Path(data_dir)
-    if not (directory / "encoded" / "manifest.json").exists() or not (directory / "train").is_dir():
-        raise FileNotFoundError(f"encoded dataset: {directory} lacks encoded/manifest.json or train/")
-    ds = EncodedDataset.load(directory / "encoded")
-    ds.info["train_parquet"] = str(directory / "train")
-    ds.info["train_rows"] = ParquetSource(directory / "train").num_rows
+    if is_uri(data_dir):
+        encoded, train = _remote_encoded(str(data_dir), cache_root), str(data_dir).rstrip("/") + "/train"
+    else:
+        directory = Path(data_dir)
+        encoded, train = directory / "encoded", str(directory / "train")
+        if not (encoded / "manifest.json").exists() or not (directory / "train").is_dir():
+            raise FileNotFoundError(f"encoded dataset: {directory} lacks encoded/manifest.json or train/")
+    ds = EncodedDataset.load(encoded)
+    ds.info["train_parquet"] = train
+    ds.info["train_rows"] = ParquetSource(train).num_rows
     return ds
+
+
+def is_uri(location: str | Path) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The file system that holds ``location`` and the path in it: local paths and ``file://``, ``s3://``, ``gs://``,
+    ``hdfs://`` through ``pyarrow.fs``; any other scheme through ``fsspec``."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).absolute())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(str(location))
+        except (ImportError, ValueError) as exc:
+            raise FileNotFoundError(f"{location}: neither pyarrow ({arrow_error}) nor fsspec ({exc}) can open it") \
+                from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _remote_encoded(uri: str, cache_root: str | Path | None) -> Path:
+    """``encoded/`` of a dataset in object storage, copied once to the local cache (keyed by the URI and the bytes of
+    its manifest, so a rewritten dataset is copied again)."""
+    from onerank.data.dataset import default_cache_root
+
+    fs, root = filesystem(uri)
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/encoded/manifest.json") as stream:
+            manifest = stream.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise FileNotFoundError(f"encoded dataset: cannot read {uri}/encoded/manifest.json ({exc})") from None
+    key = hashlib.sha256(uri.encode() + b"\0" + manifest).hexdigest()[:16]
+    local = Path(cache_root if cache_root is not None else default_cache_root()) / f"remote-encoded-{key}"
+    if not (local / "manifest.json").exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+        try:
+            pafs.copy_files(f"{root.rstrip('/')}/encoded", str(tmp), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            _swap_in(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return local
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,7 +231,7 @@ class Fragment:
     """One row group of one file, or part ``part`` of ``parts`` of it (whole requests): the unit of shuffling and
     of sharding over ranks."""
 
-    path: Path
+    path: str  # within the source's file system
     row_group: int
     num_rows: int
     part: int = 0
@@ -175,31 +239,43 @@ class Fragment:
 
 
 class ParquetSource:
-    """The row groups of an encoded Parquet dataset (a folder of ``*.parquet`` files, or a list of files)."""
+    """The row groups of an encoded Parquet dataset: a folder of ``*.parquet`` files (a local path or a URI, see the
+    module doc), or a list of files."""
 
     def __init__(self, path: str | Path | list[str | Path]) -> None:
+        where = path[0] if isinstance(path, (list, tuple)) and path else path
+        self.fs, root = filesystem(where if isinstance(where, (str, Path)) else str(where))
         if isinstance(path, (list, tuple)):
-            files = sorted(Path(p) for p in path)
+            files = sorted(filesystem(p)[1] for p in path)
         else:
-            path = Path(path)
-            files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+            info = self.fs.get_file_info(root)
+            if info.type == pafs.FileType.Directory:
+                found = self.fs.get_file_info(pafs.FileSelector(root))
+                files = sorted(f.path for f in found if f.is_file and f.path.endswith(".parquet"))
+            else:
+                files = [root] if info.type == pafs.FileType.File else []
         if not files:
             raise FileNotFoundError(f"no Parquet files in {path}")
         self.fragments: list[Fragment] = []
+        self._metadata: dict[str, pq.FileMetaData] = {}
         for f in files:
-            meta = pq.ParquetFile(f).metadata
+            meta = self._metadata[f] = self._file(f).metadata
             self.fragments += [Fragment(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
-        self.schema = pq.read_schema(files[0])
+        self.schema = self._file(files[0]).schema_arrow
         missing = [c for c in ("user", "request") if c not in self.schema.names]
         if missing or not any(n.startswith("labels.") for n in self.schema.names):
             raise SchemaError(f"{files[0]}: not an encoded Parquet dataset (no labels.* or {missing} columns)")
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        # the footer read at start is reused: one request less per row group in object storage
+        return pq.ParquetFile(self.fs.open_input_file(path), metadata=self._metadata.get(path))
 
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.fragments)
 
     def read(self, fragment: Fragment) -> dict[str, np.ndarray]:
-        table = pq.ParquetFile(fragment.path).read_row_group(fragment.row_group)
+        table = self._file(fragment.path).read_row_group(fragment.row_group)
         out = {}
         for name in table.column_names:
             column = table.column(name).combine_chunks()
@@ -270,6 +346,7 @@ class StreamingBatchLoader:
         world_size: int = 1,
         buffer_rows: int = 262_144,
         all_ranks: Callable[[bool], bool] | None = None,
+        prefetch: int = 2,
     ) -> None:
         if batch_size < world_size:
             raise ValueError(f"batch_size {batch_size} is smaller than the number of ranks {world_size}")
@@ -286,6 +363,7 @@ class StreamingBatchLoader:
         self.world_size = world_size
         self.buffer_rows = max(int(buffer_rows), self.local_batch)
         self.all_ranks = all_ranks
+        self.prefetch = int(prefetch)
 
     # ---- plan --------------------------------------------------------------------------------------------------------
     def _generator(self, epoch: int) -> np.random.Generator:
@@ -364,6 +442,8 @@ class StreamingBatchLoader:
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``; ``start_step`` re-reads and skips the first batches (exact resume)."""
         local = self._local_batches(epoch)
+        if self.prefetch > 0:
+            local = ahead(local, self.prefetch)
         step = 0
         while True:
             batch = next(local, None)
@@ -379,11 +459,53 @@ class StreamingBatchLoader:
         return self.epoch(0)
 
 
+def ahead(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """``batches`` produced by a background thread, at most ``depth`` ahead of the consumer, in the same order. Parquet
+    decoding and the buffer's copies run in pyarrow's and numpy's C code with the GIL released most of the time, so
+    they overlap the training step. An error in the thread is raised here; a consumer that stops early stops it."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="onerank-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def parquet_labels(source: str | Path, tasks: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(labels, label masks) per task of a whole encoded Parquet dataset, read column by column (no other column)."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(str(source), format="parquet").to_table(
+    fs, path = filesystem(source)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
         columns=[f"labels.{t}" for t in tasks] + [f"label_mask.{t}" for t in tasks]
     )
     return (
@@ -406,7 +528,7 @@ def split_nbytes(split: EncodedSplit) -> int:
 
 def stream_source_for(
     ds: EncodedDataset, mode: str, threshold_mb: float, out_dir: str | Path | None
-) -> Path | None:
+) -> str | Path | None:
     """Where the train split streams from, or None to train in memory.
 
     ``mode``: ``on``, ``off`` or ``auto`` (stream when the split's tensors would exceed ``threshold_mb``). A dataset
@@ -420,7 +542,7 @@ def stream_source_for(
     if on_disk:
         if mode == "off":
             raise ValueError(f"dataset {ds.name!r} keeps its train split on disk ({on_disk}); it can only stream")
-        return Path(on_disk)
+        return on_disk if is_uri(on_disk) else Path(on_disk)
     if mode == "off" or (mode == "auto" and split_nbytes(ds.train) <= threshold_mb * 2**20):
         return None
     if out_dir is None:
@@ -457,6 +579,7 @@ def _manifest(path: Path) -> dict:
 
 
 __all__ = [
-    "Fragment", "ParquetSource", "StreamingBatchLoader", "load_streaming_dataset", "parquet_labels",
+    "Fragment", "ParquetSource", "StreamingBatchLoader", "ahead", "filesystem", "is_uri", "load_streaming_dataset",
+    "parquet_labels",
     "save_streaming_dataset", "split_nbytes", "stream_source_for", "write_encoded_parquet",
 ]

@@ -53,11 +53,18 @@ Two effects act on the add-to-cart step (the conversion after a click), with ``q
 * brand repeat (``brand_repeat = a``): ``cart logit_i -= a * (number of other candidates of i's brand)``: a brand
   (advertiser) shown twice on a page converts less on each.
 
-The click intercept is solved after the list terms (the cart intercept after the conversion terms), so the base
-rates hold at every strength. Cart and order are conditional on the click (the funnel), so the click effects reach
-them too. The preset ``lists`` sets the first three effects, ``pages`` all six. ``Simulation.probability`` holds
-the generator's own probability of each label (the per-impression noise integrated out, probit approximation): the
-**oracle** whose test AUC every table prints as the ceiling.
+Session excitation (``session_excitation = a``, off by default; the HEROES benchmarks, docs/heroes.md): a request is
+shown in its candidate order (the retrieval score's), and engagement on earlier candidates raises later clicks, a
+Hawkes-like self-excitation along the list: ``click logit_j += a * sum_{i < j} EXCITATION_DECAY^(j-1-i) click_i``
+(the clicks actually drawn, so clicks are drawn position by position). A model that reads a request's earlier
+impressions can learn it; one that scores each impression alone cannot.
+
+The click intercept is solved after the list terms (with the excitation, by bisection over the sequential draw; the
+cart intercept after the conversion terms), so the base rates hold at every strength. Cart and order are conditional
+on the click (the funnel), so the click effects reach them too. The preset ``lists`` sets the first three list
+effects, ``pages`` all six. ``Simulation.probability`` holds the generator's own probability of each label (the
+per-impression noise integrated out, probit approximation): the **oracle** whose test AUC every table prints as the
+ceiling.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ CONVERSION_EFFECTS = ("conversion_competition", "brand_repeat")
 LIST_EFFECTS = CLICK_EFFECTS + CONVERSION_EFFECTS
 # preset name -> the effects it sets to `strength`
 PRESETS = {"lists": ("request_intent", "satiation", "choice_competition"), "pages": LIST_EFFECTS}
+EXCITATION_DECAY = 0.7  # per position: a click's excitation of the next candidate, x0.7 for each one after
 
 
 @dataclass
@@ -135,6 +143,7 @@ class SyntheticConfig:
     strongest_competitor: float = 0.0
     conversion_competition: float = 0.0
     brand_repeat: float = 0.0
+    session_excitation: float = 0.0  # earlier clicks of a request raise later clicks (module docstring); 0 = off
     # "lists": the first three list effects at `strength`; "pages": all six (the effects it sets must then stay 0)
     preset: str | None = None
     strength: float = 1.0  # the preset's strength
@@ -194,7 +203,7 @@ class SyntheticConfig:
             )
         if not 0 <= self.popular_fraction <= 1:
             fail(f"popular_fraction must lie in [0, 1], got {self.popular_fraction}")
-        for name in LIST_EFFECTS + ("strength",):
+        for name in LIST_EFFECTS + ("strength", "session_excitation"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 fail(f"{name} must be a finite number >= 0, got {value!r}")
@@ -355,6 +364,37 @@ def conversion_effect_logits(
     return shift
 
 
+def excited_clicks(
+    logits: np.ndarray, uniform: np.ndarray, strength: float, target_rate: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Clicks drawn position by position under the session excitation (module docstring). ``logits`` and
+    ``uniform`` are [requests, N] in display order. Returns (clicks, excitation of each impression by the clicks
+    before it, intercept): the intercept is found by bisection so that the mean click probability is
+    ``target_rate`` (it rises with the intercept: more clicks, more excitation)."""
+
+    def draw(b: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        clicks = np.zeros(logits.shape, dtype=bool)
+        excitation = np.zeros(logits.shape)
+        level = np.zeros(logits.shape[0])
+        for j in range(logits.shape[1]):
+            excitation[:, j] = level
+            p = _sigmoid(b + logits[:, j] + strength * level)
+            clicks[:, j] = uniform[:, j] < p
+            level = EXCITATION_DECAY * level + clicks[:, j]
+        return clicks, excitation, _sigmoid(b + logits + strength * excitation)
+
+    lo, hi = -30.0, 30.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if draw(mid)[2].mean() < target_rate:
+            lo = mid
+        else:
+            hi = mid
+    b = 0.5 * (lo + hi)
+    clicks, excitation, _ = draw(b)
+    return clicks, excitation, b
+
+
 def _expected_sigmoid(logits: np.ndarray, noise_std: float) -> np.ndarray:
     """E[sigmoid(x + eps)], eps ~ N(0, noise_std^2), by the probit approximation (MacKay 1992)."""
     return _sigmoid(logits / math.sqrt(1.0 + math.pi * noise_std**2 / 8.0))
@@ -481,8 +521,15 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
     order_mean = AFFINITY_SCALE * affinity["order"] + 0.5 * quality[row_item]
     click_logit, cart_logit, order_logit = click_mean + noise[0], cart_mean + noise[1], order_mean + noise[2]
     uniform = rng_label.random((3, n_rows))
-    b_click = _solve_intercept(click_logit, config.click_rate)
-    click = uniform[0] < _sigmoid(b_click + click_logit)
+    if config.session_excitation > 0:
+        clicks, excitation, b_click = excited_clicks(
+            click_logit.reshape(n_req, N), uniform[0].reshape(n_req, N), config.session_excitation, config.click_rate
+        )
+        click, excitation = clicks.ravel(), config.session_excitation * excitation.ravel()
+        click_mean = click_mean + excitation  # the oracle below knows the clicks drawn before each impression
+    else:
+        b_click = _solve_intercept(click_logit, config.click_rate)
+        click = uniform[0] < _sigmoid(b_click + click_logit)
     b_cart = _solve_intercept(cart_logit[click], config.cart_rate / config.click_rate)
     cart = click & (uniform[1] < _sigmoid(b_cart + cart_logit))
     b_order = _solve_intercept(order_logit[cart], config.order_rate / config.cart_rate)
@@ -633,7 +680,11 @@ def build_raw(config: SyntheticConfig | None = None, **options) -> RawDataset:
 
 def load(data_dir: str | Path | None = None, cache_root: str | Path | None = None, **options) -> EncodedDataset:
     """Load the synthetic dataset (``data_dir`` is ignored: nothing is read from disk). ``options``: the fields of
-    ``SyntheticConfig``; every one of them and the generator version are in the cache key."""
+    ``SyntheticConfig`` and ``hash_buckets`` (``load_or_build``); every one of them and the generator version are in the
+    cache key."""
+    hash_buckets = options.pop("hash_buckets", None)  # {field: buckets}: hashed ids instead of vocabularies
     config = SyntheticConfig.from_options(options)
     key = {"dataset": "synthetic", "generator": GENERATOR_VERSION, "config": dataclasses.asdict(config)}
-    return load_or_build("synthetic", key, lambda: build_raw(config), cache_root)
+    ds = load_or_build("synthetic", key, lambda: build_raw(config), cache_root, hash_buckets)
+    ds.info["time_unit"] = "s"  # what a session_gap duration is converted to (data/sessions.py)
+    return ds

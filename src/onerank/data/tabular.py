@@ -568,6 +568,7 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
         "base_dir": str(base),
         "split_rule": opts["split"] if need else "files",
         "requests_rule": opts["requests"],
+        "time_unit": "ms" if is_datetime else None,  # dates become ms; a number's unit is the file's (sessions.py)
     }
     if events is not None:
         info["event_rows"] = int(len(events))
@@ -585,6 +586,7 @@ def load(data_dir: str | Path | None = None, cache_root: str | Path | None = Non
     of the schema's tasks (list or comma-separated string); only their label columns are read and validated."""
     if tasks is not None:
         options["tasks"] = tasks
+    hash_buckets = options.pop("hash_buckets", None)  # {field: buckets}, load_or_build (or per field in the schema)
     if not options.get("schema"):
         raise SchemaError("tabular: the option schema=PATH (a YAML schema file) is required")
     directory = Path(data_dir) if data_dir is not None else None
@@ -621,4 +623,4 @@ def load(data_dir: str | Path | None = None, cache_root: str | Path | None = Non
         "options": {k: v for k, v in opts.items()},
         "files": fingerprints,
     }
-    return load_or_build(name, key_parts, lambda: build(config, opts, schema, base, name), cache_root)
+    return load_or_build(name, key_parts, lambda: build(config, opts, schema, base, name), cache_root, hash_buckets)

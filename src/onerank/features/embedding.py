@@ -6,7 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
+from onerank.data.encoding import OOV
+from onerank.features.item_vectors import ItemVectorEmbedding
 from onerank.features.space import FeatureSpace
+from onerank.features.tables import TorchRecTables
 
 
 class FeatureEmbedding(nn.Module):
@@ -18,6 +21,9 @@ class FeatureEmbedding(nn.Module):
     padding code is the shared row 0 (``padding_idx``: zero, never updated). Looking up F fields is then one gather and
     one gradient scatter instead of F of each, which measurably speeds up training of the many-field models
     (``docs/scaling.md``); ``field_table(name)`` is field ``name``'s slice of it.
+
+    ``use_torchrec`` moves the rows to one TorchRec table per field (``features/tables.py``: sharded over ranks, fused
+    optimiser); ``lookup`` and everything built on it keep their meaning, so no model knows which tables it has.
     """
 
     def __init__(self, space: FeatureSpace, dim: int) -> None:
@@ -37,12 +43,51 @@ class FeatureEmbedding(nn.Module):
         self.dense_weight = nn.Parameter(torch.randn(num_dense, dim) * 0.05)
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, dim))
         self._offset_cache: dict[tuple[str, ...], Tensor] = {}
+        self._size_cache: dict[tuple[str, ...], Tensor] = {}
+        self.item_id = space.schema.item_id
+        self.item_vectors = ItemVectorEmbedding(space.item_vectors, dim) if space.item_vectors is not None else None
+        self.torchrec: TorchRecTables | None = None
+
+    # ---- where the rows live -----------------------------------------------------------------------------------------
+    def use_torchrec(self) -> None:
+        """Replace the fused table by TorchRec tables holding the same rows (``features.tables.shard`` then shards
+        them)."""
+        names = self.space.categorical_fields
+        if not names or self.torchrec is not None:
+            return
+        self.torchrec = TorchRecTables(self.split_fused(self.table.weight.detach()))
+        del self.table
+
+    def split_fused(self, weight: Tensor) -> dict[str, Tensor]:
+        """A fused table's rows ([1 + sum(V_f - 1), d]) as one table per field ([V_f, d], row 0 the padding row)."""
+        return {name: self._field_rows(weight, name) for name in self.space.categorical_fields}
+
+    def _field_rows(self, weight: Tensor, name: str) -> Tensor:
+        start = self.offsets[name] + 1
+        return torch.cat([weight[:1], weight[start: start + self.space.vocab_sizes[name] - 1]])
+
+    def fused_weight(self, tables: dict[str, Tensor]) -> Tensor:
+        """Per-field tables ([V_f, d]) as the fused table's rows (the shared padding row zero): ``split_fused``'s
+        inverse."""
+        names = self.space.categorical_fields
+        return torch.cat([torch.zeros(1, self.dim, dtype=tables[names[0]].dtype)] + [tables[n][1:] for n in names])
+
+    def codes_of(self, batch: Batch) -> dict[str, list[Tensor]]:
+        """Every code of ``batch`` per field (its rows' fields, and its histories' item fields): what a forward on it
+        may look up."""
+        codes: dict[str, list[Tensor]] = {name: [] for name in self.space.categorical_fields}
+        for name, column in batch.categorical.items():
+            if name in codes:
+                codes[name].append(column)
+        for sequence in batch.histories.values():
+            for name, column in sequence.items():
+                if name in codes:
+                    codes[name].append(column)
+        return codes
 
     def field_table(self, name: str) -> Tensor:
         """Field ``name``'s embedding rows, indexed by its codes ([V, d]; row 0 is the padding row)."""
-        start = self.offsets[name] + 1
-        rows = self.table.weight[start: start + self.space.vocab_sizes[name] - 1]
-        return torch.cat([self.table.weight[:1], rows])
+        return self._field_rows(self.table.weight, name)
 
     def _offsets(self, names: tuple[str, ...], device: torch.device) -> Tensor:
         cached = self._offset_cache.get(names)
@@ -51,16 +96,38 @@ class FeatureEmbedding(nn.Module):
             self._offset_cache[names] = cached
         return cached
 
+    def _sizes(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        cached = self._size_cache.get(names)
+        if cached is None or cached.device != device:
+            cached = torch.tensor([self.space.vocab_sizes[n] for n in names], dtype=torch.long, device=device)
+            self._size_cache[names] = cached
+        return cached
+
     def lookup(self, codes: Tensor, names: list[str] | tuple[str, ...]) -> Tensor:
         """codes [..., len(names)] of the named fields (last axis) -> [..., len(names), d]."""
-        offsets = self._offsets(tuple(names), codes.device)
-        rows = torch.where(codes > 0, codes + offsets, 0)
-        # The custom backward only pays off for CPU training steps; inference and exporters (which cannot
-        # serialise a Python autograd Function) take the plain embedding.
-        if self.table.weight.is_cuda or not torch.is_grad_enabled() or torch.jit.is_tracing():
-            return self.table(rows)
-        return _PaddedRowGather.apply(self.table.weight, rows)
-
+        names = tuple(names)
+        vectors = self.item_vectors is not None and len(names) > 0 and names[0] == self.item_id
+        item_codes = codes[..., 0] if vectors else None
+        known = torch.where(codes < self._sizes(names, codes.device), codes, OOV)
+        if vectors and self.training and self.item_vectors.spec.id_dropout > 0:
+            dropped = (torch.rand(known.shape[:-1], device=codes.device) < self.item_vectors.spec.id_dropout)
+            known = torch.cat([torch.where(dropped & (known[..., 0] > OOV), OOV, known[..., 0])[..., None],
+                               known[..., 1:]], dim=-1)
+        if self.torchrec is not None:
+            out = self.torchrec.lookup(known, names)
+        else:
+            rows = torch.where(known > 0, known + self._offsets(names, codes.device), 0)
+            # The custom backward only pays off for CPU training steps; inference and exporters (which cannot
+            # serialise a Python autograd Function) take the plain embedding.
+            if self.table.weight.is_cuda or not torch.is_grad_enabled() or torch.jit.is_tracing():
+                out = self.table(rows)
+            else:
+                out = _PaddedRowGather.apply(self.table.weight, rows)
+        if not vectors:
+            return out
+        item = self.item_vectors(item_codes)
+        first = item if self.item_vectors.spec.mode == "replace" else out[..., 0, :] + item
+        return torch.cat([first.unsqueeze(-2), out[..., 1:, :]], dim=-2)
 
     # ---- fields -----------------------------------------------------------------------------------------------------
     def fields(self, batch: Batch, names: list[str]) -> Tensor:

@@ -6,23 +6,30 @@ from dataclasses import dataclass
 
 from onerank.data.dataset import EncodedDataset
 from onerank.data.schema import Schema, TaskSpec
+from onerank.features.item_vectors import ItemVectorSpec
 
 
 @dataclass
 class FeatureSpace:
     schema: Schema
     vocab_sizes: dict[str, int]
+    # Item vectors read beside or in place of the item id embedding (features/item_vectors.py); None: ids only.
+    item_vectors: ItemVectorSpec | None = None
 
     @classmethod
-    def from_dataset(cls, ds: EncodedDataset) -> "FeatureSpace":
-        return cls(schema=ds.schema, vocab_sizes=ds.vocab_sizes)
+    def from_dataset(cls, ds: EncodedDataset, item_vectors: ItemVectorSpec | None = None) -> "FeatureSpace":
+        return cls(schema=ds.schema, vocab_sizes=ds.vocab_sizes, item_vectors=item_vectors)
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema.to_dict(), "vocab_sizes": dict(self.vocab_sizes)}
+        out = {"schema": self.schema.to_dict(), "vocab_sizes": dict(self.vocab_sizes)}
+        if self.item_vectors is not None:
+            out["item_vectors"] = self.item_vectors.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> "FeatureSpace":
-        return cls(schema=Schema.from_dict(raw["schema"]), vocab_sizes=dict(raw["vocab_sizes"]))
+        vectors = ItemVectorSpec(**raw["item_vectors"]) if raw.get("item_vectors") else None
+        return cls(schema=Schema.from_dict(raw["schema"]), vocab_sizes=dict(raw["vocab_sizes"]), item_vectors=vectors)
 
     @property
     def tasks(self) -> list[TaskSpec]:

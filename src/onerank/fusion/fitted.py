@@ -18,6 +18,7 @@ import numpy as np
 
 from onerank.fusion.calibration import Calibration
 from onerank.fusion.forms import AnyFusion, fusion_from_dict
+from onerank.fusion.policy import PolicyFusion
 from onerank.training.checkpoint import file_sha256
 
 FORMAT = 1
@@ -35,7 +36,7 @@ class FittedFusion:
 
     checkpoint_sha256: str
     calibration: Calibration | None = None
-    fusion: AnyFusion | None = None
+    fusion: AnyFusion | PolicyFusion | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what it was fitted for and how it did (value, k, figures)
     source: str | None = None  # the file it was read from
 
@@ -45,7 +46,7 @@ class FittedFusion:
             "file": self.source,
             "checkpoint_sha256": self.checkpoint_sha256,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
-            "fusion": None if self.fusion is None else self.fusion.to_dict(),
+            "fusion": None if self.fusion is None else getattr(self.fusion, "summary", self.fusion.to_dict)(),
             "info": self.info,
         }
 
@@ -68,7 +69,7 @@ class FittedFusion:
         return cls(
             checkpoint_sha256=raw["checkpoint_sha256"],
             calibration=None if raw.get("calibration") is None else Calibration.from_dict(raw["calibration"]),
-            fusion=None if raw.get("fusion") is None else fusion_from_dict(raw["fusion"]),
+            fusion=None if raw.get("fusion") is None else _fusion_from_dict(raw["fusion"]),
             info=raw.get("info", {}),
         )
 
@@ -89,6 +90,11 @@ class FittedFusion:
         return path
 
 
+def _fusion_from_dict(raw: dict[str, Any]) -> AnyFusion | PolicyFusion:
+    """A static fusion form, or a fusion policy (per-request weights from the session state, docs/rl_fusion.md)."""
+    return PolicyFusion.from_dict(raw) if raw.get("kind") == "policy" else fusion_from_dict(raw)
+
+
 def load_for_checkpoint(checkpoint: str | Path, path: str | Path | None = None,
                         checkpoint_sha256: str | None = None) -> FittedFusion | None:
     """The fusion file of ``checkpoint`` (``path``, default beside it), checked against the checkpoint's hash.
@@ -105,7 +111,7 @@ def load_for_checkpoint(checkpoint: str | Path, path: str | Path | None = None,
     try:
         fitted = FittedFusion.from_dict(json.loads(path.read_text()))
         fitted.source = str(path)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"fusion file {path} is unreadable ({exc}); fit it again with `onerank fuse`") from None
     sha = checkpoint_sha256 or file_sha256(checkpoint)
     if fitted.checkpoint_sha256 != sha:

@@ -27,11 +27,13 @@ class MultiTaskModel(nn.Module, abc.ABC):
     Class attributes a model may set:
     - ``Config``: its dataclass of options (built from YAML / CLI options by ``build_model``);
     - ``needs_requests``: batches must hold whole requests (list-wise models); the data layer honours it, the
-      trainer never looks at which model it holds.
+      trainer never looks at which model it holds;
+    - ``needs_sessions``: batches must hold whole sessions in time order (session-level models, data/sessions.py).
     """
 
     Config: ClassVar[type] = object
     needs_requests: ClassVar[bool] = False
+    needs_sessions: ClassVar[bool] = False
     # The objective this model is meant to be trained with (ObjectiveConfig fields); a run's explicit objective
     # settings override it. E.g. OneRank: point-wise plus list-wise loss.
     objective_defaults: ClassVar[dict[str, Any]] = {}

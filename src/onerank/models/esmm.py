@@ -90,7 +90,11 @@ class ESMM(MultiTaskModel):
             self._first_step[name] = self.funnel.index(task_space) + 1 if task_space is not None else 0
         self.encoder = DNNEncoder(space, config)
         # funnel tasks' towers give the conditional step logits; other tasks' towers their own logits
-        self.towers = TaskTowers(self.tasks, self.encoder.output_dim, config.tower_hidden, config.dropout)
+        self.towers = TaskTowers(self.tasks, self.tower_input_dims(), config.tower_hidden, config.dropout)
+
+    def tower_input_dims(self) -> int | dict[str, int]:
+        """Width of what each task's tower reads: the encoder's output (a session model adds its state)."""
+        return self.encoder.output_dim
 
     def task_parameter_prefixes(self) -> dict[str, list[str]]:
         return {t: [f"towers.towers.{t}."] for t in self.tasks}

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from onerank.data.batching import Batch
+from onerank.data.encoding import OOV
 from onerank.data.schema import SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
@@ -380,8 +381,10 @@ class OneRank(MultiTaskModel):
         candidates = self.tokenizer.candidates(batch)
         if self.config.task_item_embedding == "off":
             return candidates
-        own = [candidates + sum(table(batch.categorical[f]) for f, table in self.channels[t].item_embeddings.items())
-               for t in self.tasks]  # e_k(item): task k's own embeddings of the candidate's item fields
+        # e_k(item), task k's own item embeddings; an item added after training (features/item_vectors.py) reads OOV
+        codes = {f: batch.categorical[f] for f in self.channels[self.tasks[0]].item_embeddings}
+        own = [candidates + sum(table(torch.where(codes[f] < table.num_embeddings, codes[f], OOV))
+                                for f, table in self.channels[t].item_embeddings.items()) for t in self.tasks]
         return torch.stack([candidates, *own], dim=1)
 
     def _groups(self, candidates: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import onerank
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
 from onerank.fusion import AnyFusion, Fusion, file_sha256, load_for_checkpoint
+from onerank.fusion.policy import PolicyFusion
 from onerank.serving.request import EncodedRequest, RequestEncoder, RequestLimits
 from onerank.serving.wire import RankRequest, RequestError, parse_request
 
@@ -233,6 +234,11 @@ class Ranker:
             fusion = self.fusion if fusion is None else fusion.resolved(self.tasks, self.task_kinds)
         except ValueError as exc:
             raise RequestError(("fusion",), str(exc)) from None
+        if isinstance(fusion, PolicyFusion):  # this request's weights, from its session state
+            try:
+                fusion = fusion.for_request(req.user, req.state)
+            except ValueError as exc:
+                raise RequestError(("state",), str(exc)) from None
         encoded = self.encode(req)
         probabilities = self.predict(encoded)
         scores = fusion(probabilities)
@@ -277,7 +283,7 @@ class Ranker:
                 "vocab_sizes": dict(self.space.vocab_sizes),
             },
             "limits": {"max_candidates": self.limits.max_candidates, "max_history": self.limits.max_history},
-            "fusion": self.fusion.to_dict(),
+            "fusion": self.fusion.summary() if isinstance(self.fusion, PolicyFusion) else self.fusion.to_dict(),
             "fitted": None if self.fitted is None else self.fitted.summary(),
             "example_request": self.example_request(),
         }

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from onerank.data.batching import Batch
-from onerank.data.encoding import OOV, PAD, Encoders, Vocabulary
+from onerank.data.encoding import OOV, PAD, Encoders
 from onerank.features.space import FeatureSpace
 from onerank.serving.wire import RankRequest, RequestError, RequestTooLarge, parse_request
 
@@ -95,16 +95,6 @@ class EncodedRequest:
         )
 
 
-def _vocabulary_kind(vocab: Vocabulary) -> str:
-    """How request values are normalised before lookup: like the training column the vocabulary was fitted on."""
-    kind = vocab.index.dtype.kind
-    if kind in "iub":
-        return "int"
-    if kind == "f":
-        return "float"
-    return "str"
-
-
 class RequestEncoder:
     """Raw request -> :class:`EncodedRequest`, with the checkpoint's schema, vocabularies, scalers and item table."""
 
@@ -115,7 +105,7 @@ class RequestEncoder:
         self.encoders = encoders
         self.item_table = {k: np.asarray(v, dtype=np.int64) for k, v in item_table.items()}
         self.limits = limits or RequestLimits()
-        self.kinds = {name: _vocabulary_kind(v) for name, v in encoders.vocabularies.items()}
+        self.kinds = {name: v.value_kind for name, v in encoders.vocabularies.items()}
         schema = self.schema
         self.request_categorical = [f for f in schema.categorical if f.group != "item"]
         self.item_categorical = [f for f in schema.categorical if f.group == "item"]

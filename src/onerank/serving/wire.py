@@ -55,6 +55,9 @@ class RankRequest(BaseModel):
     )
     candidates: list[dict[str, Scalar]] = Field(min_length=1, description="candidates with their item fields")
     fusion: FusionSpec | None = Field(None, description="overrides the service's fusion for this request")
+    state: dict[str, float] | None = Field(
+        None, description="the session's state, read by a fusion policy (docs/rl_fusion.md): requests and "
+        "impressions so far and the recent interactions; absent: the session's first request")
     top_k: int | None = Field(None, ge=1, description="return only the best top_k candidates")
 
 

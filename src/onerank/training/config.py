@@ -58,6 +58,16 @@ class TrainConfig:
     streaming: Literal["auto", "on", "off"] = "auto"  # train from a Parquet stream of the train split
     streaming_threshold_mb: PositiveFloat = 4096.0  # auto: stream when the train split's tensors would exceed this
     stream_buffer_rows: Positive = 262_144  # shuffle buffer of the stream, in impressions
+    # batches a background thread decodes ahead of training while streaming (0: decode in the training loop)
+    stream_prefetch: Annotated[int, Field(ge=0)] = 2
+    # embedding tables (docs/scaling.md, "Sharded embedding tables"): "fused" = one table replicated on every rank;
+    # "torchrec" = one TorchRec table per field, sharded over the ranks by TorchRec's planner (the extra
+    # onerank[torchrec]), trained by FBGEMM's fused optimiser
+    embedding_tables: Literal["fused", "torchrec"] = "fused"
+    sharding: Literal["auto", "table_wise", "column_wise", "row_wise"] = "auto"  # torchrec: "auto" = the planner's pick
+    # the embedding tables' optimiser: "adam" (fused tables: part of the AdamW, or its own Adam with embedding_lr;
+    # torchrec: FBGEMM's Adam on the batch's rows only, CUDA only) or "adagrad" (exact Adagrad, the same in both)
+    embedding_optimizer: Literal["adam", "adagrad"] = "adam"
 
 
 @dataclass

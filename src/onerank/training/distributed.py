@@ -28,6 +28,7 @@ no-op, so the single-process path stays exactly what it was. Choices (details in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -186,14 +187,19 @@ def gather_predictions(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([g[k] for g in gathered]) for k in parts}
 
 
-def broadcast_module(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
+def broadcast_module(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Copy rank 0's parameters and buffers to every rank, except those under the module paths ``skip`` (sharded
+    embedding tables: each rank holds other rows)."""
     if not info().enabled:
         return
     with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if isinstance(tensor, Tensor):
+        for name, tensor in module.state_dict().items():
+            if isinstance(tensor, Tensor) and not _under(name, skip):
                 dist.broadcast(tensor, src=0)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 # ---- losses and gradients ----------------------------------------------------------------------------------------
@@ -262,16 +268,18 @@ class GradientSync:
     time every step), which handles models with inactive branches without asking which model this is.
     """
 
-    def __init__(self, model: nn.Module, extra_params: list[nn.Parameter], use_hooks: bool, device: torch.device):
+    def __init__(self, model: nn.Module, extra_params: list[nn.Parameter], use_hooks: bool, device: torch.device,
+                 skip: tuple[str, ...] = ()):
         self.model = model
         self.extra_params = [p for p in extra_params if p.requires_grad]
         self.where = info()
         self.use_hooks = use_hooks
         self.device = device
+        self.skip = skip  # module paths of sharded tables: neither broadcast, nor in DDP, nor averaged
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if not self.where.enabled:
             return
-        broadcast_module(model)
+        broadcast_module(model, skip)
         for p in self.extra_params:
             with torch.no_grad():
                 dist.broadcast(p.data, src=0)
@@ -284,6 +292,10 @@ class GradientSync:
 
     def _wrap(self, find_unused: bool) -> nn.parallel.DistributedDataParallel:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.skip:
+            ignored = [n for n, _ in itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+                       if _under(n, self.skip)]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
         return nn.parallel.DistributedDataParallel(
             self.model, device_ids=device_ids, find_unused_parameters=find_unused, init_sync=False
         )
@@ -303,7 +315,7 @@ class GradientSync:
     def finish(self) -> None:
         if not self.where.enabled:
             return
-        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        model_params = [p for n, p in self.model.named_parameters() if p.requires_grad and not _under(n, self.skip)]
         if self._manual():
             unused = any(p.grad is None for p in model_params)
             average_gradients(model_params + self.extra_params)
@@ -313,13 +325,14 @@ class GradientSync:
             average_gradients(self.extra_params)
 
 
-def sync_buffers(module: nn.Module) -> None:
-    """Give every rank rank 0's buffers (e.g. batch-norm statistics) before evaluating."""
+def sync_buffers(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Give every rank rank 0's buffers (e.g. batch-norm statistics) before evaluating, except under ``skip``."""
     if not info().enabled:
         return
     with torch.no_grad():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+        for name, buffer in module.named_buffers():
+            if not _under(name, skip):
+                dist.broadcast(buffer, src=0)
 
 
 __all__ = [

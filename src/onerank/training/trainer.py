@@ -2,8 +2,9 @@
 
 It holds a model, an objective and a weighting strategy and never asks which model it holds, nor where its batches
 come from: it is handed them (``data.loaders.TrainingData``: in memory or streamed, whole requests when the model or
-the objective needs them), and the weighting strategy gets the model's shared parameters through the common
-interface. It sets no seed: the run's set-up (``api.build_trainer``) does, once.
+the objective needs them, whole sessions when the model does: ``needs_sessions``), and the weighting strategy gets
+the model's shared parameters through the common interface. It sets no seed: the run's set-up
+(``api.build_trainer``) does, once.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from torch import nn
 from onerank.data.batching import Batch, drop_to_oov
 from onerank.data.loaders import TrainingData
 from onerank.data.schema import TaskSpec
+from onerank.features import sharding, tables
 from onerank.metrics.ranking import evaluate_predictions, monitor_value
 from onerank.models.base import MultiTaskModel
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import WeightingStrategy
 from onerank.training import checkpoint as ckpt
-from onerank.training import distributed
+from onerank.training import distributed, sharded_checkpoint
 from onerank.training.config import TrainConfig
 from onerank.training.diagnostics import gradient_cosines
 
@@ -93,15 +95,23 @@ class Trainer:
         self.meta = meta or {}
         self.oov_dropout = {f.name: f.oov_dropout for f in self.dataset.schema.categorical if f.oov_dropout > 0}
         self.train_loader = data.train
+        if config.embedding_tables == "torchrec" and config.compile:
+            raise ValueError("train.compile does not combine with embedding_tables: torchrec (its sharded lookups are "
+                             "collectives torch.compile cannot trace); drop one of the two")
+        # TorchRec tables (features/tables.py): sharded over the ranks, updated by their fused optimisers in backward
+        self.table_plan = sharding.shard(self.model, self.table_settings(), self.device) \
+            if config.embedding_tables == "torchrec" else {}
+        self.sharded = sharding.sharded_paths(self.model)
         self.optimizers = self._build_optimizers()
+        self.table_optimizers = sharding.fused_optimizers(self.model)
         # DDP when launched by torchrun (see training/distributed.py): sync.module is what the training step calls
         self.grad_sync = distributed.GradientSync(
-            self.model, self._extra_parameters(), distributed.plain_backward(self.weighting), self.device
+            self.model, self._extra_parameters(), distributed.plain_backward(self.weighting), self.device, self.sharded
         )
         if config.compile:
             self.model.compile()
         total_steps = max(1, config.epochs * len(self.train_loader))
-        self.schedulers = [self._schedule(opt, total_steps) for opt in self.optimizers]
+        self.schedulers = [self._schedule(opt, total_steps) for opt in self.optimizers + self.table_optimizers]
         self.state = TrainState()
         self.best_model_state: dict | None = None
         self.monitor_weights = config.monitor_weights or {t.name: 1.0 for t in self.tasks}
@@ -124,12 +134,19 @@ class Trainer:
         self.model.init_output_biases(values)
         return values
 
+    def table_settings(self) -> tables.TableSettings:
+        cfg = self.config
+        return tables.TableSettings(cfg.embedding_tables, cfg.sharding, cfg.embedding_optimizer,
+                                    cfg.embedding_lr or cfg.lr)
+
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         embedding_params = {
             id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
         }
-        dense = [p for p in self.model.parameters() if id(p) not in embedding_params]
-        sparse = [p for p in self.model.parameters() if id(p) in embedding_params]
+        owned = sharding.sharded_parameter_names(self.model)  # trained by TorchRec's fused optimisers
+        params = [p for n, p in self.model.named_parameters() if n not in owned]
+        dense = [p for p in params if id(p) not in embedding_params]
+        sparse = [p for p in params if id(p) in embedding_params]
         # Weight decay on weight matrices only. Biases, norm gains and per-task scalars (OneRank's a_k, b_k, the
         # output biases that bias_init sets) would be pulled towards 0 for no regularisation benefit; the weighting
         # strategy's parameters (e.g. uncertainty log-variances) are not model weights either.
@@ -137,6 +154,12 @@ class Trainer:
         undecayed = [p for p in dense if p.ndim < 2] + self._extra_parameters()
         cfg = self.config
         groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+        if cfg.embedding_optimizer == "adagrad":
+            # exact Adagrad: rows without gradient do not move, so it matches the sharded tables' sparse updates
+            optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **self._fused())]
+            if sparse:
+                optimizers.append(torch.optim.Adagrad(sparse, lr=cfg.embedding_lr or cfg.lr, eps=tables.TABLE_EPS))
+            return optimizers
         if cfg.embedding_lr is None:
             # No weight decay on embeddings: rare ids would be pulled to zero between their few updates.
             groups.append({"params": sparse, "weight_decay": 0.0})
@@ -180,7 +203,8 @@ class Trainer:
     def _resume_state(self) -> dict:
         return {
             **ckpt.header("resume"),
-            "model": self.model.state_dict(),
+            "model": self._dense_state(),
+            "table_steps": [int(t) for t in sharding.step_counters(self.model)] if self.sharded else None,
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "weighting": self.weighting.state_dict(),
@@ -192,9 +216,31 @@ class Trainer:
             "meta": self.meta,
         }
 
+    def _dense_state(self) -> dict:
+        """The model's state without the sharded tables (those go to ``last.dcp``)."""
+        keys = sharding.sharded_state_keys(self.model)
+        return {k: v for k, v in self.model.state_dict().items() if k not in keys}
+
+    def _table_state(self) -> dict:
+        """The sharded tables and their optimisers' state, as DCP saves and loads it."""
+        keys = sharding.sharded_state_keys(self.model)
+        return {
+            "tables": {k: v for k, v in self.model.state_dict().items() if k in keys},
+            "optimizers": {str(i): o.state_dict()["state"] for i, o in enumerate(self.table_optimizers)},
+        }
+
+    def _load_model_state(self, state: dict) -> None:
+        """A whole model state in the plain (fused-table) layout, e.g. the best epoch's, into this model."""
+        if self.sharded:
+            sharding.load_plain_state_dict(self.model, state)
+        else:
+            self.model.load_state_dict(state)
+
     def save_resume_state(self) -> None:
         if self.out_dir is None:
             return
+        if self.sharded:  # every rank writes its shards first; last.pt is only written once they are complete
+            sharded_checkpoint.save(self._table_state(), self.out_dir / "last.dcp")
         rng_per_rank = distributed.gather_objects(ckpt.rng_state())  # every rank's, so that a resume is exact
         if self.dist.is_main:  # one writer; every rank reads it on resume
             ckpt.save_atomic({**self._resume_state(), "rng_per_rank": rng_per_rank}, self.out_dir / "last.pt")
@@ -207,10 +253,14 @@ class Trainer:
                 raise ValueError("resume needs a checkpoint path or an output directory")
             state = ckpt.load(path, kind="resume")
         try:
-            self.model.load_state_dict(state["model"])
+            # the sharded tables are in last.dcp: here they keep their own values (TorchRec's load expects them)
+            live = self.model.state_dict()
+            self.model.load_state_dict({**state["model"], **{k: live[k] for k in sharding.sharded_state_keys(self.model)}})
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{path}: its weights do not fit this run's model "
                                        f"({str(exc).splitlines()[0]}); start a new run (--overwrite)") from None
+        if self.sharded:
+            self._resume_tables(path, state)
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):
@@ -227,8 +277,20 @@ class Trainer:
         ckpt.set_rng_state(per_rank[self.dist.rank] if same_world else state["rng"])
         log.info("resumed at epoch %d step %d", self.state.epoch, self.state.step)
 
+    def _resume_tables(self, path: Path | None, state: dict) -> None:
+        """The sharded tables and their optimiser state from ``last.dcp`` beside ``path`` (written by any number of
+        ranks: each rank reads the rows of its own shards)."""
+        target = self._table_state()
+        sharded_checkpoint.load(target, Path(path).parent / "last.dcp")
+        for optimizer, loaded in zip(self.table_optimizers, target["optimizers"].values()):
+            optimizer.load_state_dict({**optimizer.state_dict(), "state": loaded})
+        for counter, value in zip(sharding.step_counters(self.model), state.get("table_steps") or []):
+            counter.fill_(value)
+
     def _save_best(self) -> None:
-        self.best_model_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        # the plain layout (whole tables) under sharding: what checkpoint.pt, serving and export read
+        source = sharding.plain_state_dict(self.model) if self.sharded else self.model.state_dict()
+        self.best_model_state = {k: v.detach().clone().cpu() for k, v in source.items()}
         if self.out_dir is not None and self.dist.is_main:
             ckpt.save_atomic(
                 {**ckpt.header("model"), "model": self.best_model_state, "meta": self.meta, "epoch": self.state.epoch},
@@ -263,7 +325,7 @@ class Trainer:
                 self.grad_sync.finish()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                for opt in self.optimizers:
+                for opt in self.optimizers + self.table_optimizers:  # a fused optimiser's step sets its lr
                     opt.step()
                 for sch in self.schedulers:
                     sch.step()
@@ -291,7 +353,7 @@ class Trainer:
             self.state.train_seconds += time.perf_counter() - start
             self._end_epoch({t: v / max(self.state.step, 1) for t, v in loss_sums.items()}, on_epoch)
         if self.best_model_state is not None:
-            self.model.load_state_dict(self.best_model_state)
+            self._load_model_state(self.best_model_state)
         return self.state
 
     def _end_epoch(self, mean_losses: dict[str, float], on_epoch: Callable[[dict], None] | None) -> None:
@@ -358,7 +420,7 @@ class Trainer:
         metrics are exact on the whole split (not averaged over ranks)."""
         loader = self.data.eval_batches(split, self.config.eval_batch_size)
         self.model.eval()
-        distributed.sync_buffers(self.model)
+        distributed.sync_buffers(self.model, self.sharded)
         lo, hi = distributed.block(len(loader), self.dist)
         parts: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
         with self._autocast():
@@ -366,6 +428,11 @@ class Trainer:
                 preds = self.model.predict(batch.to(self.device))
                 for t in parts:
                     parts[t].append(preds[t].float().cpu().numpy())
+            if self.sharded:
+                # a sharded forward is a collective: a rank with a shorter block repeats a batch it drops, so that
+                # every rank calls the model as often
+                for _ in range(-(-len(loader) // self.dist.world_size) - (hi - lo)):
+                    self.model.predict(next(iter(loader.epoch(0))).to(self.device))
         local = {t: np.concatenate(v) if v else np.zeros(0, np.float32) for t, v in parts.items()}
         return self.dataset.encoders.to_label_units(distributed.gather_predictions(local))
 
