@@ -21,7 +21,7 @@ from onerank.models import build_model
 from onerank.models.heroes import HEROESConfig, HierarchicalCell
 from onerank.training.config import RunConfig, TrainConfig
 from test_tabular import ROOT, code_block
-from zoo_helpers import tiny_config, train_tiny
+from zoo_helpers import REAL_DATA_EPOCHS, tiny_config, train_tiny
 
 SESSION_MODELS = ["heroes", "esmm_gru"]
 HEROES_VARIANTS = [{}, {"gate": False}, {"top_down": False}, {"unit": "hawkes"}]
@@ -304,7 +304,7 @@ def test_heroes_trains_on_a_kuairand_slice_with_sessions():
 
     small = sample_dataset(ds)
     small = apply_session_rule(small, SessionRule(max_gap=3_600_000, max_size=50))  # a sample's rows, re-grouped
-    train_tiny("heroes", dataset=small)
+    train_tiny("heroes", dataset=small, epochs=REAL_DATA_EPOCHS)
 
 
 def test_a_bad_session_option_ends_the_cli_with_one_line_and_exit_code_2(tmp_path, capsys):

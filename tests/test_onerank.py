@@ -382,12 +382,23 @@ def randomize_task_item_embeddings(model: OneRank) -> None:
                 table.weight[1:].normal_(std=0.5)
 
 
+def open_page_gates(model: OneRank) -> None:
+    """The page attention's gates start at 0 (the model without it); tests of what it reads need them open."""
+    for k, channel in enumerate(model.channels.values()):
+        if channel.page is not None:
+            with torch.no_grad():
+                channel.page.gate.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(k))
+
+
+@pytest.mark.parametrize("page_attention", [False, True])
 @pytest.mark.parametrize("task_item_embedding", ["off", "all"])
 @pytest.mark.parametrize("detach", [True, False])
-def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach, task_item_embedding):
+def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, detach, task_item_embedding,
+                                                                     page_attention):
     model = model_for(space, cross_task="full", detach_cross_task=detach,
-                      task_item_embedding=task_item_embedding).train()
+                      task_item_embedding=task_item_embedding, page_attention=page_attention).train()
     randomize_task_item_embeddings(model)
+    open_page_gates(model)
     batch = make_batch(space, [5, 4, 6], seed=7)
     losses = losses_of(model, batch)
     for k in TASKS:
@@ -399,6 +410,8 @@ def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, deta
         groups = private_groups(k)
         if task_item_embedding != "off":
             groups["item embeddings e_k"] = f"channels.{k}.item_embeddings."
+        if page_attention:
+            groups["page attention"] = f"channels.{k}.page."
         for part, prefix in groups.items():
             assert norm(prefix) > 0, f"{k}'s loss gives no gradient to its own {part}"
         assert norm("encoder.") > 0 and norm("tokenizer.") > 0 and norm("cross_task.") > 0
@@ -408,11 +421,65 @@ def test_a_tasks_loss_never_reaches_another_tasks_private_parameters(space, deta
             others = private_groups(j)
             if task_item_embedding != "off":
                 others["item embeddings e_k"] = f"channels.{j}.item_embeddings."
+            if page_attention:
+                others["page attention"] = f"channels.{j}.page."
             leaked = {part: norm(prefix) for part, prefix in others.items() if "scale" not in part}
             if detach:
                 assert all(v == 0.0 for v in leaked.values()), f"{k}'s loss reached {j}'s {leaked}"
             else:
                 assert all(v > 0 for v in leaked.values()), f"without detachment {k}'s loss should reach {j}: {leaked}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Page-aware scoring
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page_attention", [False, True])
+def test_page_attention_lets_a_score_read_its_own_requests_competitors_and_no_others(space, page_attention):
+    # contextualization off: without the page attention nothing of the other candidates reaches a score
+    model = model_for(space, contextualization="off", page_attention=page_attention)
+    open_page_gates(model)
+    batch = make_batch(space, [6, 4], seed=4)
+    other = make_batch(space, [6, 4], seed=4)
+    other.categorical["item_id"][2] = 29  # candidate 2 of request 0 changes
+    other.dense["price"][2] += 3.0
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    for t in TASKS:
+        moved = (a[t] - b[t]).abs() > 1e-6
+        assert moved[2], "the changed candidate's own score must move"
+        assert not moved[6:].any(), "a candidate of another request moved"
+        competitors = torch.cat([moved[:2], moved[3:6]])
+        assert bool(competitors.all()) == page_attention and bool(competitors.any()) == page_attention
+
+
+def test_page_attention_on_ragged_requests_equals_each_request_scored_alone(space):
+    model = model_for(space, page_attention=True, task_item_embedding="id")
+    open_page_gates(model)
+    randomize_task_item_embeddings(model)
+    sizes = [3, 1, 7, 2, 1, 1]
+    batch = make_batch(space, sizes, seed=21)
+    starts = np.cumsum([0, *sizes])
+    with torch.no_grad():
+        together = model(batch)
+        packed = model._score(model.encode(batch, pack=True)[1], model.encode_context(batch).summary, batch)
+        alone = [model(batch.slice(int(lo), int(hi))) for lo, hi in zip(starts[:-1], starts[1:])]
+    for t in TASKS:
+        loop = torch.cat([scores[t] for scores in alone])
+        assert torch.allclose(together[t], loop, atol=1e-5)
+        assert torch.allclose(packed[t], loop, atol=1e-5)
+
+
+def test_page_attention_starts_as_the_model_without_it(space):
+    batch = make_batch(space, [5, 3], seed=2)
+    with torch.no_grad():
+        plain = model_for(space, seed=3)(batch)
+        paged = model_for(space, seed=3, page_attention=True)
+    # the page attention's parameters are drawn after the others, so the shared ones are equal; its gate is 0
+    missing = paged.load_state_dict(model_for(space, seed=3).state_dict(), strict=False).missing_keys
+    assert missing and all(".page." in name for name in missing)
+    with torch.no_grad():
+        for t, scores in paged(batch).items():
+            assert torch.allclose(scores, plain[t], atol=1e-6)
 
 
 @pytest.mark.parametrize("visibility", ["full", "cascade", "parallel"])
@@ -546,6 +613,7 @@ ABLATIONS = [  # the suites' and the experimental block's
     {"sd_mlp": True},
     {"anchor_sequences": ("carted",)},
     {"cross_task_block": "post_norm"},
+    {"page_attention": True},
 ]
 
 

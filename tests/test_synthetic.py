@@ -16,6 +16,7 @@ from onerank.data.synthetic import (
     LIST_EFFECTS,
     SyntheticConfig,
     build_raw,
+    conversion_effect_logits,
     list_effect_logits,
     load,
     simulate,
@@ -222,6 +223,7 @@ def _pool_statistics(s) -> dict[str, np.ndarray]:
         "utility": s.click_utility,
         "competitors": (np.log(shares.sum(axis=1, keepdims=True) - shares) + top).ravel(),
         "same_category": ((category[:, :, None] == category[:, None, :]).sum(axis=2) - 1).ravel(),
+        "best_other": np.where(np.eye(n, dtype=bool), -np.inf, utility[:, None, :]).max(axis=2).ravel(),
     }
 
 
@@ -234,7 +236,7 @@ def test_default_data_is_the_published_one():
     """The list effects are off by default and the default world is byte for byte the one of generator v1 (the
     digest was taken from v1), so the published synthetic results stay reproducible."""
     s = simulate()
-    assert s.config.list_effects == {"request_intent": 0.0, "satiation": 0.0, "choice_competition": 0.0}
+    assert s.config.list_effects == dict.fromkeys(LIST_EFFECTS, 0.0)
     digest = hashlib.sha256()
     for column in ("user_id", "item_id", "time", "click", "cart", "order"):
         digest.update(s.impressions[column].to_numpy().tobytes())
@@ -252,6 +254,37 @@ def test_choice_competition_lowers_clicks_next_to_better_alternatives(plain):
     category = np.arange(8).reshape(2, 4)
     logits = list_effect_logits(utility, category, np.zeros_like(utility, dtype=bool), {"choice_competition": 1.0})
     assert logits[1, 0] < logits[0, 0] - 1.0
+
+
+def test_strongest_competitor_lowers_clicks_next_to_one_outstanding_alternative():
+    utility = np.array([[0.0, -1.0, -1.0, -1.0], [0.0, 3.0, -1.0, -1.0], [0.0, 1.0, 1.0, 1.0]])
+    category = np.arange(12).reshape(3, 4)
+    logits = list_effect_logits(utility, category, np.zeros_like(utility, dtype=bool), {"strongest_competitor": 1.0})
+    # one outstanding alternative lowers item 0 by its utility; three good ones by no more than one of them
+    assert logits[1, 0] == pytest.approx(-3.0) and logits[2, 0] == pytest.approx(-1.0)
+    assert logits[1, 1] == pytest.approx(3.0)  # the outstanding item itself competes with the best of the rest (0)
+    s = simulate(**LISTS, strongest_competitor=1.0)
+    stats = _pool_statistics(s)
+    assert s.config.list_effects["strongest_competitor"] == 1.0
+    assert _stratified_gap(stats["click"], stats["utility"], stats["best_other"] > np.median(stats["best_other"])) < -0.05
+
+
+def test_conversion_effects_lower_add_to_cart_on_crowded_pages():
+    quality = np.array([[0.0, 1.0, -1.0, 0.5]])
+    category = np.array([[1, 1, 2, 3]])
+    brand = np.array([[7, 8, 7, 9]])
+    shift = conversion_effect_logits(quality, category, brand, {"conversion_competition": 1.0})
+    assert shift.tolist() == [[-1.0, 0.0, 0.0, 0.0]]  # only item 0 has a better item of its category on the page
+    shift = conversion_effect_logits(quality, category, brand, {"brand_repeat": 0.5})
+    assert shift.tolist() == [[-0.5, 0.0, -0.5, 0.0]]  # brand 7 shown twice
+    plain, paged = simulate(**LISTS), simulate(**LISTS, brand_repeat=1.0)
+    assert (plain.impressions["click"] == paged.impressions["click"]).all()  # the click is untouched
+    table = paged.impressions
+    repeated = table.groupby(["request_id", "brand"])["item_id"].transform("size").to_numpy() > 1
+    clicked = table["click"].to_numpy() == 1
+    rate = table["cart"].to_numpy()[clicked]
+    assert rate[repeated[clicked]].mean() < rate[~repeated[clicked]].mean() - 0.05
+    assert abs(table["cart"].mean() - plain.impressions["cart"].mean()) < 0.005  # the base rate holds
 
 
 def test_request_intent_shapes_the_pool_and_the_clicks(plain):
@@ -280,7 +313,8 @@ def test_oracle_probabilities_and_metrics():
     # without list effects the oracle's click ranking is the list-blind utility's; with them, the pool explains more
     assert plain_raw.info["oracle"]["test"]["click"]["auc"] == pytest.approx(plain_raw.info["list_blind_click_auc"]["test"])
     assert lists_raw.info["oracle"]["test"]["click"]["auc"] > lists_raw.info["list_blind_click_auc"]["test"] + 0.05
-    assert lists_raw.info["list_effects"] == {"request_intent": 1.0, "satiation": 1.0, "choice_competition": 1.0}
+    assert lists_raw.info["list_effects"] == {**dict.fromkeys(LIST_EFFECTS, 0.0), "request_intent": 1.0,
+                                              "satiation": 1.0, "choice_competition": 1.0}
     # the probabilities are calibrated: the mean probability in each decile matches the label rate
     s = simulate(**LISTS, preset="lists", strength=1.0)
     for task in ("click", "cart"):
@@ -292,7 +326,8 @@ def test_oracle_probabilities_and_metrics():
 
 
 def test_list_effect_options_are_validated():
-    assert SyntheticConfig(preset="lists", strength=0.5).list_effects == dict.fromkeys(LIST_EFFECTS, 0.5)
+    assert SyntheticConfig(preset="pages", strength=0.5).list_effects == dict.fromkeys(LIST_EFFECTS, 0.5)
+    assert SyntheticConfig(preset="lists", strength=0.5).list_effects["strongest_competitor"] == 0.0
     with pytest.raises(SchemaError, match="unknown preset 'list'"):
         SyntheticConfig(preset="list")
     with pytest.raises(SchemaError, match="give either the preset or those options"):

@@ -42,17 +42,29 @@ the setting where request-level models (candidate-aware contextualization, list-
   ``click logit_i = u_i - a * log(mean_{j != i} exp(u_j))`` (a multinomial-logit-like share against the average
   competitor; ``a = 1`` is the full share): the same item is clicked less next to better alternatives.
 
+* strongest competitor (``strongest_competitor = a``): ``click logit_i -= a * max_{j != i} u_j``: the same item is
+  clicked less next to one outstanding alternative, whatever the average of the others (a page's best item draws
+  the attention; ``choice_competition`` reads the average competitor).
+
+Two effects act on the add-to-cart step (the conversion after a click), with ``q_i`` the item's quality:
+
+* conversion competition (``conversion_competition = a``): ``cart logit_i -= a * max(0, max_{j != i, same
+  category} q_j - q_i)``: a clicked item converts less when a better item of its category is on the same page.
+* brand repeat (``brand_repeat = a``): ``cart logit_i -= a * (number of other candidates of i's brand)``: a brand
+  (advertiser) shown twice on a page converts less on each.
+
 Session excitation (``session_excitation = a``, off by default; the HEROES benchmarks, docs/heroes.md): a request is
 shown in its candidate order (the retrieval score's), and engagement on earlier candidates raises later clicks, a
 Hawkes-like self-excitation along the list: ``click logit_j += a * sum_{i < j} EXCITATION_DECAY^(j-1-i) click_i``
 (the clicks actually drawn, so clicks are drawn position by position). A model that reads a request's earlier
 impressions can learn it; one that scores each impression alone cannot.
 
-The click intercept is solved after the list terms (and with the excitation, by bisection over the sequential draw),
-so the base rates hold at every strength. Cart and order are conditional on the click (the funnel), so the effects
-reach them through the click. ``Simulation.probability`` holds
-the generator's own probability of each label (the per-impression noise integrated out, probit approximation): the
-**oracle** whose test AUC every table prints as the ceiling.
+The click intercept is solved after the list terms (with the excitation, by bisection over the sequential draw; the
+cart intercept after the conversion terms), so the base rates hold at every strength. Cart and order are conditional
+on the click (the funnel), so the click effects reach them too. The preset ``lists`` sets the first three list
+effects, ``pages`` all six. ``Simulation.probability`` holds the generator's own probability of each label (the
+per-impression noise integrated out, probit approximation): the **oracle** whose test AUC every table prints as the
+ceiling.
 """
 
 from __future__ import annotations
@@ -91,9 +103,12 @@ HOUR_WEIGHTS = np.array(
 INTENT_RETRIEVAL = 2.0  # candidate-sampling log-weight boost of the request's intent category
 INTENT_ENGAGEMENT = 1.5  # click-logit boost of the intent category's items
 SATIATION_PENALTY = 0.5  # click-logit penalty per other candidate of the same category
-LIST_EFFECTS = ("request_intent", "satiation", "choice_competition")
+CLICK_EFFECTS = ("request_intent", "satiation", "choice_competition", "strongest_competitor")
+CONVERSION_EFFECTS = ("conversion_competition", "brand_repeat")
+LIST_EFFECTS = CLICK_EFFECTS + CONVERSION_EFFECTS
+# preset name -> the effects it sets to `strength`
+PRESETS = {"lists": ("request_intent", "satiation", "choice_competition"), "pages": LIST_EFFECTS}
 EXCITATION_DECAY = 0.7  # per position: a click's excitation of the next candidate, x0.7 for each one after
-PRESETS = {"lists": LIST_EFFECTS}  # preset name -> the effects it sets to `strength`
 
 
 @dataclass
@@ -125,8 +140,12 @@ class SyntheticConfig:
     request_intent: float = 0.0
     satiation: float = 0.0
     choice_competition: float = 0.0
+    strongest_competitor: float = 0.0
+    conversion_competition: float = 0.0
+    brand_repeat: float = 0.0
     session_excitation: float = 0.0  # earlier clicks of a request raise later clicks (module docstring); 0 = off
-    preset: str | None = None  # "lists": every list effect at `strength` (the effect options must then stay 0)
+    # "lists": the first three list effects at `strength`; "pages": all six (the effects it sets must then stay 0)
+    preset: str | None = None
     strength: float = 1.0  # the preset's strength
 
     def __post_init__(self) -> None:
@@ -315,7 +334,34 @@ def list_effect_logits(
         others = np.maximum(shares.sum(axis=1, keepdims=True) - shares, np.finfo(np.float64).tiny)
         competitors = np.log(others) + top - math.log(n - 1)  # log of the mean exp-utility of the other candidates
         logits -= effects["choice_competition"] * competitors
+    if effects.get("strongest_competitor") and n > 1:
+        logits -= effects["strongest_competitor"] * _best_of_others(utility, np.ones_like(utility, dtype=bool))
     return logits
+
+
+def _best_of_others(values: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """[R, N]: for each candidate, the largest value among the *other* candidates of its request whose ``eligible``
+    [R, N, N] (or [R, N], broadcast over readers) entry is set; -inf where none is."""
+    n = values.shape[1]
+    others = np.broadcast_to(values[:, None, :], (values.shape[0], n, n)).copy()
+    mask = np.broadcast_to(eligible if eligible.ndim == 3 else eligible[:, None, :], others.shape) & ~np.eye(n, dtype=bool)
+    others[~mask] = -np.inf
+    return others.max(axis=2)
+
+
+def conversion_effect_logits(
+    quality: np.ndarray, category: np.ndarray, brand: np.ndarray, effects: dict[str, float]
+) -> np.ndarray:
+    """The shift of the add-to-cart logits of requests by the page's conversion effects (module docstring); all
+    arrays [requests, N]."""
+    shift = np.zeros(quality.shape, dtype=np.float64)
+    if effects.get("conversion_competition") and quality.shape[1] > 1:
+        same_category = category[:, :, None] == category[:, None, :]
+        better = _best_of_others(quality.astype(np.float64), same_category) - quality
+        shift -= effects["conversion_competition"] * np.maximum(np.nan_to_num(better, neginf=0.0), 0.0)
+    if effects.get("brand_repeat"):
+        shift -= effects["brand_repeat"] * ((brand[:, :, None] == brand[:, None, :]).sum(axis=2) - 1)
+    return shift
 
 
 def excited_clicks(
@@ -461,12 +507,17 @@ def simulate(config: SyntheticConfig | None = None, **options) -> Simulation:
         + hour_effect[row_req] + DEVICE_EFFECT[req_device][row_req]
     )
     click_mean = click_utility
-    if any(effects.values()):
+    if any(effects[name] for name in CLICK_EFFECTS):
         click_mean = list_effect_logits(
             click_utility.reshape(n_req, N), category[row_item].reshape(n_req, N),
             (category[row_item] == req_intent[row_req]).reshape(n_req, N), effects,
         ).ravel()
     cart_mean = AFFINITY_SCALE * affinity["cart"] + 0.5 * quality[row_item] - 0.4 * price_z[row_item]
+    if any(effects[name] for name in CONVERSION_EFFECTS):
+        cart_mean = cart_mean + conversion_effect_logits(
+            quality[row_item].reshape(n_req, N), category[row_item].reshape(n_req, N),
+            brand[row_item].reshape(n_req, N), effects,
+        ).ravel()
     order_mean = AFFINITY_SCALE * affinity["order"] + 0.5 * quality[row_item]
     click_logit, cart_logit, order_logit = click_mean + noise[0], cart_mean + noise[1], order_mean + noise[2]
     uniform = rng_label.random((3, n_rows))

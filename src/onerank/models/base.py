@@ -150,6 +150,8 @@ MODELS: Registry[type[MultiTaskModel]] = Registry("model", {
     "mmoe": "onerank.models.mmoe:MMoE",
     "ple": "onerank.models.ple:PLE",
     "esmm": "onerank.models.esmm:ESMM",
+    "esmm_gru": "onerank.models.esmm_gru:ESMMGRU",
+    "heroes": "onerank.models.heroes:HEROES",
     "aitm": "onerank.models.aitm:AITM",
     "stem": "onerank.models.stem:STEM",
     "dtrn": "onerank.models.dtrn:DTRN",

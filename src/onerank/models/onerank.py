@@ -28,7 +28,7 @@ from onerank.nn.mlp import MLP
 from onerank.nn.structured import (
     ContextCache, ContextTokens, StructuredEncoder, project_distinct, real_first, reference_encoder,
 )
-from onerank.nn.transformer import FeedForward, MultiHeadAttention
+from onerank.nn.transformer import FeedForward, GatedSetAttention, MultiHeadAttention
 
 
 @dataclass
@@ -68,6 +68,9 @@ class OneRankConfig:
     # order = funnel order), "full", "parallel", or "none" (no layer; ablation)
     cross_task: str = "auto"
     detach_cross_task: bool = True  # task k reads h_j (j != k) through h_j.detach()
+    # r[k, i] also reads the other candidates of its request (a gated set attention per task): what depends on *which*
+    # items share the page (the strongest competitor, how many of its kind), not only the one pool vector h_k
+    page_attention: bool = False
     experimental: OneRankExperimental = field(default_factory=OneRankExperimental)
 
     def validate(self, space: FeatureSpace) -> None:
@@ -84,11 +87,9 @@ class OneRankConfig:
             value = getattr(self.experimental if "." in name else self, name.rpartition(".")[2])
             if value not in allowed:
                 raise SchemaError(f"onerank: {name} must be one of {allowed}, got {value!r}")
-        if self.num_layers < 1 or self.dim < 1 or self.num_heads < 1:
-            raise SchemaError(f"onerank: dim, num_layers and num_heads must be >= 1, got dim={self.dim}, "
-                              f"num_layers={self.num_layers}, num_heads={self.num_heads}")
-        if self.dim % self.num_heads:
-            raise SchemaError(f"onerank: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if min(self.num_layers, self.dim, self.num_heads) < 1 or self.dim % self.num_heads:
+            raise SchemaError(f"onerank: dim, num_layers and num_heads must be >= 1 and dim divisible by num_heads, got "
+                              f"dim={self.dim}, num_layers={self.num_layers}, num_heads={self.num_heads}")
         x = self.experimental
         unknown = sorted(set(x.anchor_sequences) - set(space.sequences))
         if unknown:
@@ -222,18 +223,17 @@ class TaskChannel(nn.Module):
     MHCA_k and score calibration a_k, b_k. Other tasks' losses never reach it (section 1.4)."""
 
     def __init__(self, d: int, num_heads: int, contextualization: str, with_token: bool, with_projection: bool,
-                 item_vocabs: dict[str, int]) -> None:
+                 item_vocabs: dict[str, int], page_attention: bool = False) -> None:
         super().__init__()
         self.token = nn.Parameter(torch.randn(d) * 0.05) if with_token else None
-        # e_k(item) of task_item_embedding, one table per item field: zero at the start, so the model starts as it
-        # would without them
+        # e_k(item) of task_item_embedding, one table per item field, zero at the start (as if there were none)
         self.item_embeddings = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in item_vocabs.items()})
         for table in self.item_embeddings.values():
             nn.init.zeros_(table.weight)
         self.projection = nn.Linear(d, d) if with_projection else None
+        self.page = GatedSetAttention(d, num_heads) if page_attention else None  # page-aware r[k, i]
         self.query = nn.Linear(d, d) if contextualization != "mean_pool" else None  # f_k
-        pools = contextualization in ("sd", "random_sd")
-        self.pool_attention = MultiHeadAttention(d, num_heads) if pools else None  # MHCA_k
+        self.pool_attention = MultiHeadAttention(d, num_heads) if contextualization in ("sd", "random_sd") else None
         # Our addition: a learnable scale and bias per task. z and r leave LayerNorms with norms near sqrt(d), so
         # a_k = 1/sqrt(d) starts <z, r> a_k at logit scale (attention's usual scaling); b_k lets the point-wise
         # probabilities calibrate, while the list-wise softmax ignores it.
@@ -329,14 +329,14 @@ class OneRank(MultiTaskModel):
         own_fields = {"off": [], "id": [space.schema.item_id], "all": space.item_fields}[config.task_item_embedding]
         self.channels = nn.ModuleDict({
             t: TaskChannel(d, config.num_heads, self.contextualization, self.task_tokens == "per_task",
-                           self.task_tokens == "projection", {f: space.vocab_sizes[f] for f in own_fields})
+                           self.task_tokens == "projection", {f: space.vocab_sizes[f] for f in own_fields},
+                           config.page_attention)
             for t in self.tasks
         })
         self.shared_task_token = nn.Parameter(torch.randn(d) * 0.05) if self.task_tokens == "shared" else None
         num_sd = self.tokenizer.num_sd
         if x.random_sd:
-            # Untrained, frozen SD: a fixed random projection of the (detached) SD embeddings. It still varies with
-            # the request, but nothing learns what the situation should ask of the candidate pool.
+            # untrained, frozen SD: it varies with the request, but nothing learns what to ask of the pool
             self.register_buffer("random_sd", torch.randn(num_sd * d, d) / max(num_sd * d, 1) ** 0.5)
         elif x.sd_mlp and num_sd:
             self.sd_mlp = MLP(num_sd * d, [d], output_dim=d)
@@ -373,16 +373,14 @@ class OneRank(MultiTaskModel):
         template = self.shared_task_token[None] if shared else torch.stack([self.channels[t].token for t in self.tasks])
         if candidates.dim() == 4:
             return torch.cat([candidates[:, :, :1], candidates[:, :, 1:] + template], dim=2)
-        R, N, d = candidates.shape
-        followers = template.expand(R, N, -1, d)
+        followers = template.expand(*candidates.shape[:2], -1, candidates.shape[-1])
         if self.config.task_token_input == "candidate":
             followers = followers + candidates[:, :, None]
         return torch.cat([candidates[:, :, None], followers], dim=2)
 
     @property
     def _first_output(self) -> int:
-        """The first group token whose final state is read: the candidate's only when projections replace the task
-        tokens (otherwise the last layer need not update it)."""
+        """The first group token whose final state is read: the candidate's only with projections (``_task_states``)."""
         return 0 if self.task_tokens == "projection" else 1
 
     def _task_states(self, outputs: Tensor) -> Tensor:
@@ -488,6 +486,8 @@ class OneRank(MultiTaskModel):
     # ---- 1.3 contextualization -> 1.4 cross-task attention -> 1.5 scoring ------------------------------------------
     def _score(self, r: Tensor, situation: Tensor, batch: Batch) -> dict[str, Tensor]:
         slot, present = batch.list_layout()
+        if self.config.page_attention:  # each task's r[k, i] reads its page first
+            r = torch.stack([self.channels[t].page(r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=2)
         h = torch.stack(
             [self.channels[t].contextualize(situation, r[:, :, k], present) for k, t in enumerate(self.tasks)], dim=1
         )

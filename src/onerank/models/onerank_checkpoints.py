@@ -18,8 +18,8 @@ from onerank.features.space import FeatureSpace
 # sd_tokens "auto" grouped the SD fields of a schema with more than this many (one token per field otherwise)
 MANY_SD_FIELDS = 8
 # options added since the first release -> the behaviour before them: task tokens entered the encoder bare (the
-# template) and no task owned item embeddings (tests/test_checkpoint_formats.py checks every added option has one)
-ADDED = {"task_token_input": "template", "task_item_embedding": "off"}
+# template), no task owned item embeddings, no page attention (tests/test_checkpoint_formats.py checks each has one)
+ADDED = {"task_token_input": "template", "task_item_embedding": "off", "page_attention": False}
 # removed options -> the one value a checkpoint may hold for them
 REMOVED = {"scorer": "dot", "attention": "structured", "cross_task_matrix": None, "sd_group_size": None}
 

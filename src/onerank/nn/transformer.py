@@ -66,6 +66,24 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class GatedSetAttention(nn.Module):
+    """Attention within each set, added through a gate: x_i <- x_i + g * Attn(LN x_i, {LN x_j : j in i's set}), the
+    keys the set's real members (x_i itself included, so a set of one stays defined). The per-channel gate g starts
+    at 0, so a model starts as it would without the layer (OneRank's page attention: a set is a request's candidates
+    under one task)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = MultiHeadAttention(dim, num_heads)
+        self.gate = nn.Parameter(torch.zeros(dim))  # a vector like a norm gain: no weight decay
+
+    def forward(self, x: Tensor, present: Tensor) -> Tensor:
+        """x [R, N, d] (R sets padded to N), present [R, N] -> [R, N, d]"""
+        normed = self.norm(x)
+        return x + self.gate * self.attention(normed, normed, present[:, None, None, :])
+
+
 def attention_bias(valid: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Boolean key validity -> additive scores: 0 where a key may be read, -inf where not."""
     return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
