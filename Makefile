@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch is installed first, pinned to the tested release (the package itself accepts any 2.13.x build). PyPI's Linux
+# torch is installed first, pinned to the release CI tests (the package accepts 2.13 to 2.15, any build). PyPI's Linux
 # wheel is the CUDA build (about 0.5 GB plus ~19 nvidia / triton packages), so on a Linux machine without an NVIDIA
 # GPU the CPU build is taken: torch==X+cpu from the indexes or wheel folders pip is configured with when they hold
 # it (no download from elsewhere), else from PyTorch's CPU index (TORCH_CPU_INDEX). A torch X already in the venv

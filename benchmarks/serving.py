@@ -185,11 +185,11 @@ def ranker_rows(
             per_chunk = Ranker(checkpoint, chunk_size=chunk_size, threads=threads)
             per_chunk.backend = ContextPerChunk(per_chunk.backend)
             variants.append((name, "torch", "context per chunk", "fp32", per_chunk))
-        onnx_path, why = export_onnx(checkpoint)
-        if onnx_path is None:
+        export_path, why = export_onnx(checkpoint)
+        if export_path is None:
             notes.append(f"{name} onnx: not measured ({why})")
         else:
-            variants.append((name, "onnx", "one pass", "fp32", Ranker(checkpoint, backend="onnx", onnx_path=onnx_path,
+            variants.append((name, "onnx", "one pass", "fp32", Ranker(checkpoint, backend="onnx", export_path=export_path,
                                                                       threads=threads)))
     # The FLOPs of the ranker's path (fp32 PyTorch, context once), counted once per model and size: every row of the
     # model is measured against this useful work (the per-chunk baseline does more, ONNX and bf16 the same).

@@ -420,11 +420,65 @@ def test_bad_checkpoints_for_evaluate(kind, culprits, capsys, run, area, cache, 
                  watch=(area, tmp_path))
 
 
-@pytest.mark.parametrize("command", [["export", "--format", "torchscript"], ["serve", "--port", "0"]])
+@pytest.mark.parametrize("command", [["export", "--format", "pt2"], ["serve", "--port", "0"]])
 @pytest.mark.parametrize("kind", ["truncated", "random", "torchscript"])
 def test_bad_checkpoints_for_export_and_serve(command, kind, capsys, run, area, tmp_path):
     path = _bad_checkpoint(kind, run, tmp_path)
     expect_error(capsys, [command[0], "--checkpoint", str(path), *command[1:]], str(path), watch=(area, tmp_path))
+
+
+class _CreatesAFile:
+    """What a crafted pickle does: unpickling it calls a function of its choice (here: create a file)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return Path.touch, (self.target,)
+
+
+def _crafted(run: Path, folder: Path, name: str, marker: Path) -> Path:
+    """An onerank checkpoint (header, weights, metadata) whose metadata carries a payload that creates ``marker``."""
+    state = torch.load(run / name, weights_only=True)
+    state["meta"]["dataset"] = _CreatesAFile(marker)
+    path = folder / name
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate"], ["serve", "--port", "0"], ["export", "--format", "onnx"], ["export", "--format", "pt2"],
+    ["fuse", "--value", "order"],
+])
+def test_a_crafted_checkpoint_runs_nothing(command, capsys, run, area, cache, tmp_path):
+    """Every command that reads a checkpoint refuses a crafted pickle in one line, and nothing of it runs."""
+    marker = tmp_path / "pwned"
+    path = _crafted(run, tmp_path, "checkpoint.pt", marker)
+    line = expect_error(capsys, [command[0], "--checkpoint", str(path), *command[1:]], str(path), "refused",
+                        "it names", watch=(area,))
+    assert not marker.exists(), line
+
+
+def test_a_crafted_resumable_state_runs_nothing(capsys, run, cache, area, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "pwned"
+    _crafted(run, copy, "last.pt", marker)
+    expect_error(capsys, ["train", *SMALL, *cache, "--model", "mmoe", "--out", str(copy), "--resume"],
+                 "last.pt", "refused", watch=(area, copy))
+    assert not marker.exists()
+
+
+def test_a_crafted_checkpoint_runs_nothing_from_python(run, tmp_path):
+    from onerank import api
+    from onerank.training.checkpoint import CheckpointError
+
+    marker = tmp_path / "pwned"
+    path = _crafted(run, tmp_path, "checkpoint.pt", marker)
+    for load in (api.load_checkpoint, Ranker):
+        with pytest.raises(CheckpointError, match="refused"):
+            load(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind, culprits", [("truncated", ["truncated"]), ("random", ["not a readable"]),

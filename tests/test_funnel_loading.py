@@ -150,7 +150,7 @@ def test_histories_from_a_delayed_label_column_warn(log, tmp_path, caplog):
 
 # ---- 3. request-level fields -----------------------------------------------------------------------------------------
 def test_a_context_field_that_varies_within_a_request_is_refused(log, tmp_path):
-    with pytest.raises(SchemaError, match=r"context field 'slot' varies within \d+ requests.*declare it `group: item`"):
+    with pytest.raises(SchemaError, match=r"context field 'slot' varies within \d+ requests.*declare it `group: impression`"):
         load_log(log, tmp_path, slot_group="context")
     frame = log.impressions.copy()
     frame.loc[1, "dev"] = (frame.loc[0, "dev"] + 1) % 3  # rows 0 and 1 are one request

@@ -225,20 +225,12 @@ def test_monotone_fitted_fusion_is_served(fitted_checkpoint):
     assert ranker.respond(request)["fusion"]["kind"] == "monotone"
 
 
-def test_torchscript_export_carries_the_fusion_file(fitted_checkpoint):
-    import warnings
-
-    import torch
-
-    from onerank.serving.export import export_checkpoint
+def test_pt2_export_carries_the_fusion_file(fitted_checkpoint):
+    from onerank.serving.export import export_checkpoint, export_metadata
 
     path, fitted = fitted_checkpoint
-    report = export_checkpoint(path, "torchscript")
-    files = {"onerank.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in torch 2.13, still supported
-        torch.jit.load(str(report.path), _extra_files=files)
-    carried = json.loads(json.loads(files["onerank.json"])["onerank.fusion"])
+    report = export_checkpoint(path, "pt2")
+    carried = json.loads(export_metadata(report.path, "pt2")["onerank.fusion"])
     assert carried == json.loads(json.dumps(fitted.to_dict()))
 
 

@@ -102,19 +102,15 @@ def test_the_feature_only_encoder_ignores_edges(tiny_dataset):
 
 
 def test_a_missing_graph_extra_is_a_one_line_error_naming_it(monkeypatch):
-    import builtins
+    import importlib.util
 
     from onerank.features import item_graph
+    from onerank.resources import MissingExtra
 
-    real = builtins.__import__
-
-    def no_pyg(name, *args, **kwargs):
-        if name.startswith("torch_geometric"):
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pyg)
-    with pytest.raises(ImportError, match=r"onerank\[graph\]"):
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("torch_geometric") else find(name, *a))
+    with pytest.raises(MissingExtra, match=r"torch_geometric not installed\): pip install 'onerank\[graph\]'$"):
         item_graph.sage_conv()
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
-                "torch_geometric": "torch-geometric", "fbgemm_gpu": "fbgemm-gpu"}
+                "mlflow": "mlflow-skinny", "torch_geometric": "torch-geometric", "fbgemm_gpu": "fbgemm-gpu"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
@@ -126,3 +126,80 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs(wheel, tmp_path):
          "print(r.shipped('configs') / 'demo.yaml'); print(r.shipped('suites') / 'census.yaml')"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).is_relative_to(purelib) and Path(p).exists() for p in where), where
+
+
+EXTRA_MODULES = {  # import names each extra brings
+    "serve": ["fastapi", "uvicorn", "onnx", "onnxruntime", "onnxscript", "prometheus_client"],
+    "fusion": ["sklearn", "cmaes", "matplotlib"],
+    "bench": ["matplotlib", "scipy"],
+    "tracking": ["tensorboard", "mlflow"],
+    "rl": ["d3rlpy", "gymnasium", "structlog", "sklearn"],
+    "graph": ["torch_geometric"],
+    "torchrec": ["torchrec", "fbgemm_gpu"],
+}
+
+
+def test_dev_composes_the_extras_instead_of_repeating_them():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert extras["all"] == ["onerank[serve,fusion,bench,tracking,rl,graph]"]
+    assert "onerank[all,torchrec-cpu]" in extras["dev"]
+    repeated = _requirement_names(extras["dev"]) & set().union(
+        *(_requirement_names(extras[name]) for name in ("serve", "fusion", "bench", "tracking", "rl", "graph",
+                                                         "torchrec-cpu")))
+    assert not repeated, f"dev repeats what its extras bring: {repeated}"
+    core = _requirement_names(PYPROJECT["project"]["dependencies"])
+    heavy = {"scipy", "matplotlib", "scikit-learn", "cmaes", "tensorboard", "mlflow-skinny", "httpx"}
+    assert not core & heavy, f"the default install pulls in {core & heavy}"
+
+
+def _without_extras(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter where no extra is importable (as after a plain ``pip install onerank``)."""
+    blocked = sorted({m for modules in EXTRA_MODULES.values() for m in modules} | {"httpx"})
+    prelude = (
+        "import sys, importlib.abc, importlib.util\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED: raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "_find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n.split('.')[0] in BLOCKED else _find(n, *a)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_default_install_trains_exports_and_ranks_and_names_each_missing_extra(tmp_path):
+    cache = str(tmp_path / "cache")
+    small = ["--dataset", "synthetic", "--dataset-option", "num_users=60", "--dataset-option", "num_items=40",
+             "--epochs", "1", "--batch-size", "256", "--no-progress", "--cache-dir", cache]
+    run = tmp_path / "run"
+    code = (
+        "from onerank.cli import main\n"
+        f"assert main(['train', *{small!r}, '--model', 'mmoe', '--out', {str(run)!r}]) == 0\n"
+        f"assert main(['evaluate', '--checkpoint', {str(run / 'checkpoint.pt')!r}, '--cache-dir', {cache!r}]) == 0\n"
+        f"assert main(['export', '--checkpoint', {str(run / 'checkpoint.pt')!r}, '--format', 'pt2']) == 0\n"
+        "import onerank\n"
+        f"ranker = onerank.Ranker({str(run / 'checkpoint.pt')!r}, backend='pt2')\n"
+        "assert len(ranker.rank(ranker.example_request(3)).order) == 3\n"
+        "print('trained, evaluated, exported and ranked')\n"
+    )
+    proc = _without_extras(code, tmp_path)
+    assert proc.returncode == 0 and "ranked" in proc.stdout, proc.stderr[-3000:]
+    checkpoint = str(run / "checkpoint.pt")
+    for extra, argv in [
+        ("serve", ["serve", "--checkpoint", checkpoint]),
+        ("serve", ["export", "--checkpoint", checkpoint, "--format", "onnx"]),
+        ("fusion", ["fuse", "--checkpoint", checkpoint, "--value", "order", "--cache-dir", cache]),
+        ("bench", ["benchmark", "--suite", "census", "--report-only"]),
+        ("tracking", ["train", *small, "--model", "mmoe", "--mlflow", "--out", str(tmp_path / "tracked")]),
+        ("tracking", ["train", *small, "--model", "mmoe", "--tensorboard", "--out", str(tmp_path / "tracked")]),
+        ("rl", ["simulate", "--checkpoint", checkpoint, "--out", str(tmp_path / "sessions.npz")]),
+        ("rl", ["fuse", "--method", "batch-rl", "--checkpoint", checkpoint, "--sessions", str(tmp_path / "s.npz")]),
+    ]:
+        proc = _without_extras(f"import sys\nfrom onerank.cli import main\nsys.exit(main({argv!r}))", tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (argv, proc.stderr[-2000:])
+        assert f"onerank[{extra}]" in lines[0] and f"pip install 'onerank[{extra}]'" in lines[0], lines[0]

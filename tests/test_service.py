@@ -383,7 +383,7 @@ def test_a_worker_process_builds_its_app_from_the_serve_options(tiny_checkpoint,
     environment (app_from_environment), default fusion or not."""
     from onerank.serving.app import SERVE_OPTIONS_ENV, app_from_environment
 
-    options = {"checkpoint": str(tiny_checkpoint("mmoe")), "backend": "torch", "onnx_path": None,
+    options = {"checkpoint": str(tiny_checkpoint("mmoe")), "backend": "torch", "export_path": None,
                "fusion": {"kind": "product" if weights else "weighted_sum", "weights": weights}, "chunk_size": 64,
                "max_candidates": 100, "max_history": 50, "threads": 1, "device": "cpu", "precision": "fp32",
                "workers": 1, "max_body_bytes": 100_000, "max_queue": 3, "retry_after_s": 2}

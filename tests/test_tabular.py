@@ -294,7 +294,8 @@ def test_a_user_field_that_differs_within_a_search_is_an_error(tmp_path):
     raw.loc[rows[1], "categorical_3"] = raw.loc[rows[0], "categorical_3"] + 1
     raw.to_csv(tmp_path / "train.csv", index=False)
     (tmp_path / "test.csv").write_bytes((SAMPLES / "aliexpress" / "aliexpress_test_sample.csv").read_bytes())
-    with pytest.raises(SchemaError, match="user field 'categorical_3' varies within 1 requests.*declare it `group: item`"):
+    with pytest.raises(SchemaError, match="user field 'categorical_3' varies within 1 requests.*`group: impression`.*"
+                       "`group: item`"):
         load_dataset("tabular", tmp_path, tmp_path / "cache", schema=str(CONFIGS / "aliexpress.yaml"))
 
 

@@ -22,8 +22,9 @@ from onerank.fusion.fit import FuseSettings
 from onerank.models.base import MultiTaskModel, build_config, build_model, model_class
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import build_weighting
+from onerank.resources import require
 from onerank.training import checkpoint as ckpt
-from onerank.training import distributed
+from onerank.training import distributed, tracking
 from onerank.training.config import RunConfig, objective_config
 from onerank.data.schema import SchemaError
 from onerank.training.trainer import Trainer, TrainingDiverged, write_json
@@ -33,12 +34,13 @@ log = logging.getLogger(__name__)
 # What makes a folder a run's: with any of these in it, a new run needs --resume or --overwrite.
 RUN_FILES = ("checkpoint.pt", "last.pt", "metrics.json")
 # Removed by --overwrite with the run files: what the old run wrote next to them (exports, logs).
-RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.torchscript.pt", "tensorboard")
+RUN_ARTEFACTS = ("checkpoint.onnx", "checkpoint.pt2", "checkpoint.aoti.pt2", "checkpoint.torchscript.pt", "tensorboard",
+                 "mlruns")
 # Settings a resumed run may change: where and how fast it runs, and when it stops; anything else would make the
 # resumed run a different experiment than metrics.json says.
 RESUMABLE_CHANGES = {"data_dir", "cache_dir", "train.epochs", "train.patience", "train.progress", "train.tensorboard",
-                     "train.threads", "train.device", "train.compile", "train.eval_batch_size",
-                     "train.checkpoint_every", "train.stream_prefetch"}
+                     "train.mlflow", "train.mlflow_uri", "train.mlflow_experiment", "train.threads", "train.device",
+                     "train.compile", "train.eval_batch_size", "train.checkpoint_every", "train.stream_prefetch"}
 
 
 def load_run_dataset(config: RunConfig) -> EncodedDataset:
@@ -109,6 +111,7 @@ def train(
     """
     config = config.validated()
     build_config(config.model, config.model_options)  # a misspelled model or option fails before any data is read
+    tracking.check_installed(config.train)
     distributed.setup(config.train.device)  # joins torchrun's process group; a no-op in a plain process
     if resume and out_dir is None:
         raise ValueError("resume needs the output folder of the run to continue")
@@ -146,10 +149,11 @@ def train(
             "history": state.history,
             "config": config.to_dict(),
         }
+        if out_dir is not None and distributed.info().is_main:
+            write_json(result, Path(out_dir) / "metrics.json")
+            trainer.loggers.log_artifacts([Path(out_dir) / "metrics.json", Path(out_dir) / "checkpoint.pt"])
     finally:
         trainer.close()
-    if out_dir is not None and distributed.info().is_main:
-        write_json(result, Path(out_dir) / "metrics.json")
     return result
 
 
@@ -319,6 +323,7 @@ def fuse(
     and, in ``out_dir`` (default ``<checkpoint folder>/fusion``), ``report.json``, ``table.md``,
     ``reliability.png`` and ``pareto.png``. Neither is replaced unless ``overwrite``.
     """
+    require("fusion", "onerank fuse", "sklearn", "cmaes", "matplotlib")
     from onerank.fusion import default_path, file_sha256
     from onerank.fusion.fit import SplitData, format_report, fuse_predictions
 
@@ -408,6 +413,7 @@ def simulate_sessions(checkpoint: str | Path, out: str | Path, sessions: int = 3
                       fusion_file: str | Path | None = None) -> dict[str, Any]:
     """Log ``sessions`` simulated sessions under the exploring policy around the checkpoint's fusion (on users of the
     validation day) and write them to ``out`` (``onerank fuse --method batch-rl`` learns from them)."""
+    require("rl", "onerank simulate", "sklearn")  # the simulator's response and leave models
     from onerank.simulator import draw_starts
     from onerank.simulator.experiment import SimulationSettings, log_sessions
 
@@ -432,6 +438,7 @@ def fuse_batch_rl(checkpoint: str | Path, sessions: str | Path, settings=None, f
     checkpoint's fusion file (default beside it), with the calibration the sessions were logged with. ``evaluate``:
     also the conservative FQE estimate, on the logs, of the new policy and of the logging policy's static centre
     (each critic trained for ``settings.steps`` steps)."""
+    require("rl", "onerank fuse --method batch-rl", "d3rlpy", "structlog", "sklearn")
     from onerank.fusion import Calibration, FittedFusion, default_path, file_sha256
     from onerank.fusion.batch_rl import BatchRLSettings, FQESettings, LoggedSessions, conservative_fqe, train_policy
     from onerank.simulator.policies import fusion_policy, static_policy

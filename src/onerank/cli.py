@@ -14,11 +14,11 @@ from typing import Any, NoReturn
 import yaml
 
 import onerank
-from onerank.data.schema import SchemaError
-from onerank.resources import shipped
+from onerank.data.schema import SchemaError, load_yaml
+from onerank.resources import MissingExtra, require, shipped
 from onerank.training.config import RunConfig
 
-USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (SchemaError, FileNotFoundError, ValueError, KeyError, MissingExtra)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,8 +71,15 @@ def _list(module: str, registry: str) -> int:
     return 0
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(text: str, flag: str, key: str) -> Any:
+    """A flag's value as YAML 1.2 (``off`` and ``no`` stay strings, ``true`` / ``false`` are booleans, ``[1, 2]`` a
+    list); a value that is not YAML ends with one line naming the flag."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SchemaError(f"{flag} {key}={text!r} is not a valid value ({problem}); write a list as [a, b], a mapping "
+                          "as {a: 1}, and quote a string that holds such brackets") from None
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -81,8 +88,35 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise SchemaError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value)
+        out[key.strip()] = _parse_value(value, flag, key.strip())
     return out
+
+
+# RunConfig fields that hold free-form mappings: --set reaches any key inside them (checked where they are used)
+OPEN_MAPPINGS = ("dataset_options", "model_options", "objective", "weighting_options")
+
+
+def apply_settings(config: RunConfig, items: list[str] | None) -> RunConfig:
+    """``--set KEY.PATH=VALUE`` over a config (``train.weight_decay=0.01``, ``objective.listwise=0.1``,
+    ``model_options.dim=16``, ``dataset=census``), then checked like a config file: an unknown key, a wrong type or
+    an out-of-range value ends with one line naming it."""
+    raw = config.to_dict()
+    for key, value in _key_values(items, "--set").items():
+        path = key.split(".")
+        if path[0] not in raw:
+            raise SchemaError(f"--set {key}: no config key {path[0]!r}; expected one of {sorted(raw)}")
+        target = raw
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(target.get(part), dict):
+                if part not in target and path[0] in OPEN_MAPPINGS:
+                    target[part] = {}
+                else:
+                    raise SchemaError(f"--set {key}: {'.'.join(path[:i + 1])} holds no settings of its own")
+            target = target[part]
+        if path[0] == "train" and len(path) == 2 and path[1] not in target:
+            raise SchemaError(f"--set {key}: no train setting {path[1]!r}; expected one of {sorted(target)}")
+        target[path[-1]] = value
+    return RunConfig.from_dict(raw)
 
 
 def _bias_init(text: str) -> str | list[float]:
@@ -121,6 +155,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-option", action="append", metavar="KEY=VALUE",
                    help="another distillation option: ranking_weight, correction, hidden (repeatable)")
     p.add_argument("--gradient-diagnostics", action="store_true", help="log task-gradient cosines per epoch")
+    p.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under OUT/tensorboard "
+                   "(the tracking extra)")
+    p.add_argument("--mlflow", action="store_true", help="log an MLflow run: params, metrics, task weights, "
+                   "metrics.json and checkpoint.pt (the tracking extra)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else OUT/mlruns); "
+                   "implies --mlflow")
+    p.add_argument("--mlflow-experiment", help="MLflow experiment name (default onerank); implies --mlflow")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="where preprocessed datasets are cached (default ~/.cache/onerank)")
     p.add_argument("--no-progress", action="store_true")
@@ -128,6 +169,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--streaming", choices=["auto", "on", "off"], help="train from a Parquet stream of the train split")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads per process")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config key, dotted (train.weight_decay=0.01, train.lr_schedule=cosine, "
+                        "objective.listwise=0.1); applied after the other flags and checked like a config file "
+                        "(repeatable)")
     p.add_argument("--embedding-tables", choices=["fused", "torchrec"],
                    help="torchrec: embedding tables sharded over the processes (extra onerank[torchrec]; docs/scaling.md)")
     p.add_argument("--sharding", choices=["auto", "table_wise", "column_wise", "row_wise"],
@@ -163,6 +208,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             setattr(config.train, attr, getattr(args, flag))
     if args.gradient_diagnostics:
         config.train.gradient_diagnostics = True
+    if args.tensorboard:
+        config.train.tensorboard = True
+    if args.mlflow or args.mlflow_uri or args.mlflow_experiment:
+        config.train.mlflow = True
+    if args.mlflow_uri:
+        config.train.mlflow_uri = args.mlflow_uri
+    if args.mlflow_experiment:
+        config.train.mlflow_experiment = args.mlflow_experiment
     if args.compile:
         config.train.compile = True
     if args.no_progress:
@@ -182,7 +235,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     _distillation_flags(args, config)
     if args.cache_dir:
         config.cache_dir = args.cache_dir
-    return config.validated()
+    return apply_settings(config.validated(), args.set)
 
 
 def _distillation_flags(args: argparse.Namespace, config: RunConfig) -> None:
@@ -250,6 +303,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from onerank import api
     from onerank.training.trainer import write_json
 
+    model_settings = [s for s in args.set or [] if s.split("=", 1)[0].split(".")[0] in ("model", "model_options")]
+    if model_settings:
+        raise SchemaError(f"--set {model_settings[0]}: compare takes its models from --models and their options "
+                          "from --model-option MODEL.KEY=VALUE")
     config = _run_config(args)
     if args.output:
         _existing_parent(args.output, "--output")
@@ -306,10 +363,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "onerank serve", "fastapi", "uvicorn", "prometheus_client")
     from onerank.serving.app import serve
 
     serve(
-        args.checkpoint, host=args.host, port=args.port, backend=args.backend, onnx_path=args.onnx,
+        args.checkpoint, host=args.host, port=args.port, backend=args.backend, export_path=args.export_file,
         fusion=_fusion(args), chunk_size=args.chunk_size, max_candidates=args.max_candidates,
         max_history=args.max_history, max_body_bytes=args.max_body_mb * 2**20, workers=args.workers,
         threads=args.threads, fusion_file=False if args.no_fusion_file else args.fusion_file,
@@ -403,6 +461,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
+    require("bench", "onerank benchmark", "matplotlib", "scipy")
     from onerank.benchmarking import run_benchmark
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -456,8 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--onnx", help="ONNX file for --backend onnx (default: next to the checkpoint)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "pt2"],
+                   help="torch: the checkpoint's model; onnx, pt2: its export (onerank export)")
+    p.add_argument("--export-file", "--onnx", dest="export_file", help="the export file of --backend onnx or pt2 "
+                   "(default: next to the checkpoint, CHECKPOINT.onnx / .pt2)")
     p.add_argument("--fusion", choices=["weighted_sum", "product"],
                    help="how task predictions become one score (default: the checkpoint's fitted fusion from "
                    "`onerank fuse`, else weighted_sum)")
@@ -536,10 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("export", help="export a checkpoint's model to ONNX or TorchScript (checked against PyTorch)")
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX, a torch.export program or an AOTInductor "
+                       "package (checked against PyTorch)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "pt2", "aoti"],
+                   help="onnx (ONNX Runtime; the serve extra), pt2 (torch.export program: batches of requests, served "
+                   "by --backend pt2), aoti (pt2 compiled ahead of time by AOTInductor, for Python and C++; needs a "
+                   "C++ compiler)")
+    p.add_argument("--out", help="output file (default: next to the checkpoint, .onnx / .pt2 / .aoti.pt2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/NAME.yaml): tables, tests, plots")

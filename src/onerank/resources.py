@@ -1,5 +1,6 @@
 """What ships with onerank: the run configs (``configs/``) and the benchmark suites (``benchmarks/suites/``), and the
-plug-ins it knows by name (``Registry``: datasets, models, weightings, objective terms).
+plug-ins it knows by name (``Registry``: datasets, models, weightings, objective terms), and the check for an optional
+dependency (``require``: a missing extra is named in one line).
 
 In a checkout (or an editable install) the folders are the repository's; an installed wheel carries copies inside the
 package (``onerank/configs``, ``onerank/suites``, see setup.py).
@@ -8,6 +9,7 @@ package (``onerank/configs``, ``onerank/suites``, see setup.py).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -52,3 +54,19 @@ class Registry(Generic[T]):
             module, _, attribute = target.partition(":")
             target = self._entries[name] = getattr(importlib.import_module(module), attribute)
         return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optional dependencies: the extras of pyproject.toml
+# ---------------------------------------------------------------------------------------------------------------------
+class MissingExtra(RuntimeError):
+    """A command needs an optional dependency that is not installed; the message names the extra that brings it."""
+
+
+def require(extra: str, what: str, *modules: str) -> None:
+    """Raise ``MissingExtra`` naming ``onerank[extra]`` when any of ``modules`` (import names) is not installed.
+    Looks the modules up without importing them, so the check costs nothing where they are present."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs the optional dependencies of onerank[{extra}] ({', '.join(missing)} not "
+                           f"installed): pip install 'onerank[{extra}]'")

@@ -278,21 +278,26 @@ def _contiguous_requests(split: EncodedSplit) -> EncodedSplit:
 
 
 def _encode_item_table(raw: RawDataset, schema: Schema, encoders: Encoders) -> dict[str, np.ndarray]:
-    """For every item side field, the code of each item id code, so history items get the same side features
-    as candidates. Items without known side features get OOV."""
+    """For every candidate-side field, the code of each item id code, so history items get the same side features
+    as candidates. Items without known side features get OOV; impression fields (display position, slot) belong to
+    a showing, not to the item: every history item gets their padding code."""
     if not schema.item_id:
         return {}
     id_field = next(f for f in schema.categorical if f.name == schema.item_id)
     id_vocab = encoders.vocabularies[schema.item_id]
     side = [f for f in schema.categorical if f.group == "item" and f.name != schema.item_id]
+    table = {f.name: np.full(len(id_vocab), encoding.PAD, dtype=np.int64)
+             for f in schema.categorical if f.group == "impression"}
     source = raw.item_table if raw.item_table is not None else raw.train.table
-    missing = [f.source for f in side if f.source not in source.columns]
-    if id_field.source not in source.columns or missing:
-        raise SchemaError(f"{raw.name}: the item table lacks columns {[id_field.source, *missing]}")
+    missing = [c for c in [id_field.source, *(f.source for f in side)] if c not in source.columns]
+    if missing:
+        where = "the items file" if raw.item_table is not None else "the train split (there is no items file)"
+        raise SchemaError(f"{raw.name}: {where} lacks the column(s) {missing} of the item fields; an item table holds "
+                          "the item id and the attributes of items (`group: item`), while fields of the showing "
+                          "(position, slot) take `group: impression`")
     items = source.drop_duplicates(subset=[id_field.source], keep="last")
     item_codes = id_vocab.encode(encoding._categorical_values(items[id_field.source]))
     known = item_codes != OOV
-    table = {}
     for f in side:
         column = np.full(len(id_vocab), OOV, dtype=np.int64)
         column[0] = encoding.PAD

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from onerank.data.schema import Schema, SchemaError
+from onerank.data.schema import CANDIDATE_GROUPS, Schema, SchemaError, plain
 
 PAD = 0
 OOV = 1
@@ -40,7 +40,8 @@ class RaggedHistory:
 
     @classmethod
     def from_lists(cls, column: pd.Series, separator: str = "|") -> "RaggedHistory":
-        """From a column of lists / arrays, or of delimited strings (``"12|7|40"``); NaN or "" is an empty history."""
+        """From a column of lists / arrays, or of delimited strings (``"12|7|40"``); NaN or "" is an empty history,
+        a lone number a history of one item. A cell of another kind (a mapping, a set) is an error naming its row."""
         parts: list = []
         lengths = np.zeros(len(column), dtype=np.int64)
         for i, item in enumerate(column.tolist()):
@@ -48,8 +49,14 @@ class RaggedHistory:
                 seq: list = []
             elif isinstance(item, str):
                 seq = [s for s in item.split(separator) if s != ""]
-            else:
+            elif isinstance(item, (int, float, np.integer, np.floating)) and not isinstance(item, bool):
+                seq = [item]
+            elif isinstance(item, (list, tuple, np.ndarray)):
                 seq = list(item)
+            else:
+                raise SchemaError(f"history column {column.name!r}, row {i}: a {type(item).__name__} "
+                                  f"({str(item)[:40]}), not a list of item ids or a string of ids separated by "
+                                  f"{separator!r}")
             lengths[i] = len(seq)
             parts.extend(seq)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -420,7 +427,7 @@ def fit_encoders(
         if f.hash_buckets is not None:
             encoders.vocabularies[f.name] = HashedVocabulary.fit(values, f.hash_buckets)
             continue
-        if f.group != "item" and request is not None and f.min_count > 1:
+        if f.group not in CANDIDATE_GROUPS and request is not None and f.min_count > 1:
             values = values[~pd.DataFrame({"v": values.to_numpy(), "r": np.asarray(request)}).duplicated().to_numpy()]
         encoders.vocabularies[f.name] = Vocabulary.fit(values, f.min_count)
     for f in schema.dense:
@@ -486,7 +493,7 @@ def encode_labels(
 def check_constant_per_request(table: pd.DataFrame, request: np.ndarray, schema: Schema, where: str) -> None:
     """User and context fields describe a request: a value that changes between the candidates of one request would
     be read from the request's first row only by list-wise models. Raise naming the field and the fix."""
-    fields = [f for f in schema.categorical + schema.dense if f.group != "item"]
+    fields = [f for f in schema.categorical + schema.dense if f.group not in CANDIDATE_GROUPS]
     if not fields or len(table) == 0:
         return
     request = np.asarray(request)
@@ -499,9 +506,10 @@ def check_constant_per_request(table: pd.DataFrame, request: np.ndarray, schema:
             at = int(np.flatnonzero(changed)[0])
             n_requests = len(np.unique(request[order][1:][changed]))
             raise SchemaError(
-                f"{where}: {f.group} field {f.name!r} varies within {n_requests} requests (e.g. {values[at]!r} and "
-                f"{values[at + 1]!r} in one request), but {f.group} fields are read once per request; declare it "
-                f"`group: item` if it describes the candidate (e.g. a display position), or make it constant per request"
+                f"{where}: {f.group} field {f.name!r} varies within {n_requests} requests (e.g. {plain(values[at])!r} "
+                f"and {plain(values[at + 1])!r} in one request), but {f.group} fields are read once per request; "
+                "declare it `group: impression` if it describes the candidate's showing (a display position, a slot, "
+                "a bid), `group: item` if it is an attribute of the item, or make it constant per request"
             )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,7 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-FieldGroup = Literal["user", "item", "context"]
+FieldGroup = Literal["user", "item", "impression", "context"]
+# Groups of the candidate side: one value per row. "item": an attribute of the item (looked up in the item table for
+# history items too); "impression": of this showing of it (display position, slot, bid), never looked up for history
+# items (they get the padding code) and never read from an item table.
+CANDIDATE_GROUPS = ("item", "impression")
 TaskKind = Literal["binary", "regression"]
 LABEL_TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
 
@@ -29,7 +34,9 @@ class CategoricalField:
     """A categorical column; its values are mapped to integer codes by a vocabulary fitted on the train split.
 
     ``group``: ``user`` and ``context`` fields describe the request (one value per request: list-wise models such as
-    OneRank read them once per request), ``item`` fields describe the candidate (one value per row).
+    OneRank read them once per request), ``item`` fields describe the candidate item (one value per row; history items
+    get theirs from the item table), ``impression`` fields describe this showing of the candidate (display position,
+    slot, bid: one value per row, none for history items).
     ``min_count``: values seen fewer times in train share the out-of-vocabulary code, so that code is trained on the
     rare values and serves unseen ones with a learned embedding. ``oov_dropout``: during training, this share of the
     field's codes is replaced by the out-of-vocabulary code at random (0 = off). ``hash_buckets``: no vocabulary; a
@@ -138,8 +145,8 @@ class Schema:
 
     @property
     def item_fields(self) -> list[str]:
-        """Categorical fields describing an item; the item id comes first."""
-        names = [f.name for f in self.categorical if f.group == "item"]
+        """Categorical fields of the candidate side (groups item and impression); the item id comes first."""
+        names = [f.name for f in self.categorical if f.group in CANDIDATE_GROUPS]
         if self.item_id and self.item_id in names:
             names.remove(self.item_id)
             names.insert(0, self.item_id)
@@ -185,8 +192,9 @@ class Schema:
             if not (t.loss_scale > 0 and t.loss_scale < float("inf")):
                 raise SchemaError(f"task {t.name!r}: loss_scale must be a positive number, got {t.loss_scale!r}")
         for f in self.categorical:
-            if f.group not in ("user", "item", "context"):
-                raise SchemaError(f"field {f.name!r}: group must be user, item or context, not {f.group!r}")
+            if f.group not in ("user", "item", "impression", "context"):
+                raise SchemaError(f"field {f.name!r}: group must be user, context, item or impression, not "
+                                  f"{f.group!r}")
             if not (isinstance(f.min_count, int) and f.min_count >= 1):
                 raise SchemaError(f"field {f.name!r}: min_count must be an integer >= 1, got {f.min_count!r}")
             if not 0.0 <= f.oov_dropout < 1.0:
@@ -200,6 +208,8 @@ class Schema:
             raise SchemaError("behaviour sequences need `item_id`: the categorical field that identifies items")
         if self.item_id and self.item_id not in [f.name for f in self.categorical]:
             raise SchemaError(f"item_id {self.item_id!r} is not a categorical field of the schema")
+        if self.item_id and next(f for f in self.categorical if f.name == self.item_id).group == "impression":
+            raise SchemaError(f"item_id {self.item_id!r} names the item: its group is item, not impression")
         if len(set(self.values)) != len(self.values):
             raise SchemaError(f"value columns must be unique: {self.values}")
 
@@ -273,6 +283,46 @@ class Schema:
         return cls.from_dict(raw.get("schema", raw))
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for plain scalars: only ``true`` / ``false`` are booleans
+    (YAML 1.1 also reads ``yes``, ``no``, ``on``, ``off``, ``y``, ``n`` as booleans, so a documented value such as
+    ``contextualization: off`` arrived as False), integers are decimal (``010`` is 10), hexadecimal ``0x`` or octal
+    ``0o`` (no base-60 ``1:30``), and ``1e-3`` is a number (1.1 wants a dot)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                   list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                       r"|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+
+def _yaml12_int(loader: Yaml12Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0 if text.startswith(("0x", "0o")) else 10)
+
+
+Yaml12Loader.add_constructor(_INT, _yaml12_int)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, read as YAML 1.2 (see ``Yaml12Loader``); every YAML the project reads goes here."""
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
+def plain(value: Any) -> Any:
+    """A value as a user wrote it, for error messages: numpy scalars as Python values (12, not np.int64(12))."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level must be a mapping; every problem is a SchemaError naming the file."""
     path = Path(path)
@@ -281,7 +331,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise SchemaError(f"config file {path} is a folder; give a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except UnicodeDecodeError:
         raise SchemaError(f"{path}: not a text file; expected YAML") from None
     except yaml.YAMLError as exc:

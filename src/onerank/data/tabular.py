@@ -44,15 +44,15 @@ import pandas as pd
 import yaml
 
 from onerank.data.dataset import RawDataset, RawSplit, file_fingerprint, load_or_build
-from onerank.data.encoding import RaggedHistory, check_constant_per_request
+from onerank.data.encoding import RaggedHistory, _categorical_values, check_constant_per_request
 from onerank.data.histories import build_histories
 from onerank.data.requests import group_requests, request_start_times, size_distribution
-from onerank.data.schema import Schema, SchemaError, read_yaml_mapping
+from onerank.data.schema import Schema, SchemaError, SequenceField, load_yaml, plain, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
 NAME = "tabular"
-LOADER_VERSION = 2
+LOADER_VERSION = 3  # 3: history cells as item ids of the item column's kind
 SCHEMA_KEYS = {"categorical", "dense", "sequences", "tasks", "item_id", "user_id", "timestamp", "request_id",
                "values"}
 LOADER_KEYS = {"name", "files", "split", "requests", "histories", "events", "schema"}
@@ -67,16 +67,22 @@ PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 # to get its own embedding, so the shared OOV row trains on the rare ones and serves unseen values. On the generated
 # funnel log (benchmarks/results/funnel) 2 instead of 1 raised test click AUC by 0.007 (MMoE) and 0.015 (OneRank).
 TABULAR_MIN_COUNT = 2
+# A history column whose cells are not item lists (a JSON string, another separator, a number per cell) would give one
+# unknown item per cell. Its cells without any item id of the data are named in a warning; when they are more than this
+# share of a split's non-empty cells, the column is refused.
+UNKNOWN_HISTORY_SHARE = 0.5
+UNPARSED_ID = -(2**62)  # a token of a history cell that is no number where item ids are numbers: no item's id
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------------
 def _parse_scalar(value: Any) -> Any:
-    """Command-line options arrive as strings: "0.1" -> 0.1, "[a, b]" -> list, "null" -> None."""
+    """Command-line options arrive as strings: "0.1" -> 0.1, "[a, b]" -> list, "null" -> None (YAML 1.2: "off" and
+    "no" stay strings)."""
     if isinstance(value, str):
         try:
-            return yaml.safe_load(value)
+            return load_yaml(value)
         except yaml.YAMLError:
             return value
     return value
@@ -382,22 +388,64 @@ def _requests(
     return out
 
 
+def _history_column(
+    split: str, table: pd.DataFrame, seq: SequenceField, known_items: pd.Series | None, numeric_ids: bool
+) -> RaggedHistory:
+    """A history column's cells as item ids, of the item id column's kind (the strings of ``"12|7"`` become the
+    numbers 12 and 7 where item ids are numbers), checked: cells that hold no item id of the data are named, and
+    above ``UNKNOWN_HISTORY_SHARE`` of a split's non-empty cells the column is refused (it holds no item lists)."""
+    history = RaggedHistory.from_lists(table[seq.source], separator=seq.separator)
+    if numeric_ids and history.values.dtype == object and len(history.values):
+        numbers = pd.to_numeric(pd.Series(history.values), errors="coerce")
+        whole = numbers.notna() & (numbers == np.floor(numbers.fillna(0)))
+        history.values = np.where(whole, numbers.fillna(0), UNPARSED_ID).astype(np.int64)
+    lengths = np.diff(history.offsets)
+    filled = lengths > 0
+    if known_items is None or not filled.any():
+        return history
+    hits = _categorical_values(pd.Series(history.values)).isin(known_items).to_numpy(dtype=np.float64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    unknown = filled & (np.bincount(rows, weights=hits, minlength=len(lengths)) == 0)
+    if not unknown.any():
+        return history
+    share = unknown.sum() / filled.sum()
+    examples = "; ".join(f"row {i}: {plain(table[seq.source].iloc[i])!r}" for i in np.flatnonzero(unknown)[:3])
+    message = (f"tabular {split} split: {int(unknown.sum())} of {int(filled.sum())} non-empty cells ({share:.0%}) of "
+               f"history column {seq.source!r} (sequence {seq.name!r}) hold no item id of the data ({examples}); a "
+               f"cell is a list of item ids or a string of ids separated by {seq.separator!r} (the sequence's "
+               "`separator`)")
+    if share > UNKNOWN_HISTORY_SHARE:
+        raise SchemaError(f"{message}: more than {UNKNOWN_HISTORY_SHARE:.0%} of them, so the column is refused")
+    log.warning("%s; those items are unknown to the model (an items file listing every item id avoids this for "
+                "items never shown as candidates)", message)
+    return history
+
+
 def _histories(
     tables: dict[str, pd.DataFrame], schema: Schema, requests: dict, behaviours: dict, item_source: str | None,
-    events: pd.DataFrame | None = None,
+    events: pd.DataFrame | None = None, item_table: pd.DataFrame | None = None,
 ) -> dict[str, dict[str, RaggedHistory]]:
-    """Per split and sequence, the histories cut at each request's start: from the impression log (a 0/1 column, the
-    event at the impression's time) or from the events table (``{event: type}``, each event at its own time);
-    ``events`` has the columns user, item, type, time (renamed by ``_read_events``)."""
+    """Per split and sequence, the histories cut at each request's start: from a column of item lists (see
+    ``_history_column``), from the impression log (a 0/1 column, the event at the impression's time) or from the
+    events table (``{event: type}``, each event at its own time); ``events`` has the columns user, item, type, time
+    (renamed by ``_read_events``)."""
     out: dict[str, dict[str, RaggedHistory]] = {name: {} for name in tables}
     from_log = {}
+    known_items, numeric_ids = None, False
+    if item_source is not None:
+        id_columns = [t[item_source] for t in tables.values() if item_source in t.columns]
+        if item_table is not None and item_source in item_table.columns:
+            id_columns.append(item_table[item_source])
+        if id_columns:
+            known_items = pd.concat([_categorical_values(c) for c in id_columns], ignore_index=True).unique()
+            numeric_ids = all(pd.api.types.is_numeric_dtype(_categorical_values(c)) for c in id_columns)
     for seq in schema.sequences:
         in_all = all(seq.source in t.columns for t in tables.values())
         if seq.name in behaviours:
             from_log[seq.name] = behaviours[seq.name]
         elif in_all:
             for name, t in tables.items():
-                out[name][seq.name] = RaggedHistory.from_lists(t[seq.source], separator=seq.separator)
+                out[name][seq.name] = _history_column(name, t, seq, known_items, numeric_ids)
         else:
             raise SchemaError(
                 f"tabular: sequence {seq.name!r}: no column {seq.source!r} in every split and no `histories:` entry "
@@ -560,10 +608,10 @@ def build(config: dict, opts: dict, schema: Schema, base: Path, name: str) -> Ra
     events = None
     if files.get("events"):
         events = _read_events(files, base, csv_options, opts["events"], schema, item_source, is_datetime)
-    histories = _histories(tables, schema, requests, opts["histories"], item_source, events)
     item_table = None
     if files.get("items"):
         item_table = _read(_find(str(files["items"]), base, "items"), csv_options, None)
+    histories = _histories(tables, schema, requests, opts["histories"], item_source, events, item_table)
     info: dict = {
         "base_dir": str(base),
         "split_rule": opts["split"] if need else "files",

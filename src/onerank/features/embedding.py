@@ -85,11 +85,23 @@ class FeatureEmbedding(nn.Module):
                     codes[name].append(column)
         return codes
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints of the first release hold one table per field (``tables.<field>.weight``, row 0 its padding
+        # row): the same rows, laid out one after the other as __init__ does.
+        old = [f"{prefix}tables.{name}.weight" for name in self.space.categorical_fields]
+        if f"{prefix}table.weight" not in state_dict and old and all(key in state_dict for key in old):
+            tables = [state_dict.pop(key) for key in old]
+            state_dict[f"{prefix}table.weight"] = torch.cat([tables[0][:1].new_zeros(1, self.dim)]
+                                                            + [t[1:] for t in tables])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def field_table(self, name: str) -> Tensor:
         """Field ``name``'s embedding rows, indexed by its codes ([V, d]; row 0 is the padding row)."""
         return self._field_rows(self.table.weight, name)
 
     def _offsets(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():  # graph capture (torch.export) records the offsets as constants instead
+            return torch.tensor([self.offsets[n] for n in names], dtype=torch.long, device=device)
         cached = self._offset_cache.get(names)
         if cached is None or cached.device != device:
             cached = torch.tensor([self.offsets[n] for n in names], dtype=torch.long, device=device)

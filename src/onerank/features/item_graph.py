@@ -29,14 +29,14 @@ from torch import Tensor, nn
 
 from onerank.data.dataset import EncodedSplit
 from onerank.data.encoding import OOV, PAD
+from onerank.resources import require
 
 
 def sage_conv() -> type:
     """torch-geometric's SAGEConv, or a one-line error naming the extra."""
-    try:
-        from torch_geometric.nn import SAGEConv
-    except ImportError:
-        raise ImportError("the item graph encoder needs torch-geometric: pip install 'onerank[graph]'") from None
+    require("graph", "the item graph encoder", "torch_geometric")
+    from torch_geometric.nn import SAGEConv
+
     return SAGEConv
 
 

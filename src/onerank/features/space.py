@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onerank.data.dataset import EncodedDataset
-from onerank.data.schema import Schema, TaskSpec
+from onerank.data.schema import CANDIDATE_GROUPS, Schema, TaskSpec
 from onerank.features.item_vectors import ItemVectorSpec
 
 
@@ -46,7 +46,7 @@ class FeatureSpace:
     @property
     def context_fields(self) -> list[str]:
         """Categorical fields describing the request (user and context), not the candidate."""
-        return [f.name for f in self.schema.categorical if f.group != "item"]
+        return [f.name for f in self.schema.categorical if f.group not in CANDIDATE_GROUPS]
 
     @property
     def categorical_fields(self) -> list[str]:

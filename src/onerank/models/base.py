@@ -37,13 +37,17 @@ class MultiTaskModel(nn.Module, abc.ABC):
     # The objective this model is meant to be trained with (ObjectiveConfig fields); a run's explicit objective
     # settings override it. E.g. OneRank: point-wise plus list-wise loss.
     objective_defaults: ClassVar[dict[str, Any]] = {}
+    # Every option added since the first release, with the behaviour the model had before it existed: a checkpoint
+    # written without the option rebuilds that behaviour, not the new default (tests/test_checkpoint_formats.py
+    # checks each option against the options of earlier releases).
+    added_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def saved_options(cls, options: dict[str, Any], space: FeatureSpace) -> dict[str, Any]:
         """The options of a model saved by an earlier release (for the feature ``space`` it was trained on), as this
-        release reads them: an option added since then with a new default takes the value that release built,
-        renamed or moved options are mapped (override where a default changed or options moved)."""
-        return dict(options)
+        release reads them: an option added since then takes its old behaviour (``added_options``); a model whose
+        options were renamed or moved maps them here."""
+        return {**cls.added_options, **options}
 
     def __init__(self, space: FeatureSpace, config: Any) -> None:
         super().__init__()

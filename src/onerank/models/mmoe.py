@@ -24,6 +24,7 @@ class MMoEConfig(DNNEncoderConfig):
 
 class MMoE(MultiTaskModel):
     Config = MMoEConfig
+    added_options = {"batch_norm": False}
     per_task_gates = True
 
     def __init__(self, space: FeatureSpace, config: MMoEConfig) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from onerank.data.batching import Batch
 from onerank.data.encoding import OOV
-from onerank.data.schema import SchemaError
+from onerank.data.schema import CANDIDATE_GROUPS, SchemaError
 from onerank.features.embedding import FeatureEmbedding
 from onerank.features.space import FeatureSpace
 from onerank.models.base import MultiTaskModel
@@ -128,8 +128,8 @@ class Tokenizer(nn.Module):
         self.space = space
         self.embedding = FeatureEmbedding(space, d)
         dense = space.schema.dense
-        self.sd_dense = [i for i, f in enumerate(dense) if f.group != "item"]
-        self.item_dense = [i for i, f in enumerate(dense) if f.group == "item"]
+        self.sd_dense = [i for i, f in enumerate(dense) if f.group not in CANDIDATE_GROUPS]
+        self.item_dense = [i for i, f in enumerate(dense) if f.group in CANDIDATE_GROUPS]
         self.anchors = list(config.experimental.anchor_sequences)
         self.history = [s for s in space.sequences if s not in self.anchors]
         if space.item_fields:
@@ -149,7 +149,7 @@ class Tokenizer(nn.Module):
             self.anchor_delimiters = nn.Parameter(torch.randn(len(self.anchors), 2, d) * 0.05)  # BOS, EOS per group
         # SD fields are [context categorical..., SD dense...]; grouped, each token is a linear projection of the fields
         # of one schema group: cheaper, but KuaiRand's 34 SD fields lost detail (docs/onerank.md section 3).
-        groups = [f.group for f in space.schema.categorical if f.group != "item"]
+        groups = [f.group for f in space.schema.categorical if f.group not in CANDIDATE_GROUPS]
         groups += [dense[i].group for i in self.sd_dense]
         named = dict.fromkeys(groups) if config.sd_tokens == "group" else {}
         self.sd_groups = [[i for i, g in enumerate(groups) if g == name] for name in named]
@@ -314,7 +314,7 @@ class OneRank(MultiTaskModel):
 
     @classmethod
     def saved_options(cls, options: dict, space: FeatureSpace) -> dict:
-        return saved_options(options, space)  # older checkpoints' option names
+        return saved_options(options, space)  # older checkpoints' options: added since, moved, removed
 
     def __init__(self, space: FeatureSpace, config: OneRankConfig) -> None:
         super().__init__(space, config)

@@ -26,6 +26,7 @@ class PLEConfig(DNNEncoderConfig):
 
 class PLE(MultiTaskModel):
     Config = PLEConfig
+    added_options = {"batch_norm": False}
 
     def __init__(self, space: FeatureSpace, config: PLEConfig) -> None:
         super().__init__(space, config)

@@ -186,7 +186,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     backend: str = "torch",
-    onnx_path: str | Path | None = None,
+    export_path: str | Path | None = None,
     fusion: Fusion | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_candidates: int = 4096,
@@ -211,7 +211,7 @@ def serve(
     # Concurrent inferences share the cores: by default each gets its share rather than all of them.
     threads = threads or max(1, (os.cpu_count() or 1) // (workers * processes))
     options = {
-        "checkpoint": str(checkpoint), "backend": backend, "onnx_path": str(onnx_path) if onnx_path else None,
+        "checkpoint": str(checkpoint), "backend": backend, "export_path": str(export_path) if export_path else None,
         "fusion": {"kind": fusion.kind, "weights": fusion.weights} if fusion else None, "chunk_size": chunk_size, "max_candidates": max_candidates,
         "max_history": max_history, "threads": threads, "device": device, "precision": precision,
         "workers": workers, "max_body_bytes": int(max_body_bytes), "max_queue": max_queue,
@@ -243,7 +243,7 @@ WORKER_HEALTHCHECK_S = 120
 def _app_from_options(options: dict[str, Any]) -> FastAPI:
     fusion = Fusion(options["fusion"]["kind"], options["fusion"]["weights"]) if options["fusion"] else None
     ranker = Ranker(
-        options["checkpoint"], backend=options["backend"], onnx_path=options["onnx_path"], fusion=fusion,
+        options["checkpoint"], backend=options["backend"], export_path=options["export_path"], fusion=fusion,
         chunk_size=options["chunk_size"], limits=RequestLimits(options["max_candidates"], options["max_history"]),
         threads=options["threads"], device=options["device"], precision=options["precision"],
         fusion_file=options.get("fusion_file"),

@@ -1,4 +1,5 @@
-"""Export of a checkpoint's model to ONNX or TorchScript, with a flat tensor signature built from the feature space.
+"""Export of a checkpoint's model to ONNX, a torch.export program (``.pt2``) or an AOTInductor package, with a flat
+tensor signature built from the feature space.
 
 Models take a ``Batch`` of dicts; exporters need positional tensors. :class:`ExportableModel` wraps a model with a
 flat, ordered signature (see :func:`signature`):
@@ -14,11 +15,19 @@ only sends item ids. The batch axis ``B`` is dynamic; ``max_len`` is fixed by th
 All ``B`` rows of a call form **one request** (the candidates of one user and context): point-wise models do not
 care, list-wise models (OneRank) rank the rows against each other, as in ``model.score_pool``.
 
+The ``.pt2`` program and the AOTInductor package take a batch of requests instead (:class:`RequestBatchModel`): every
+input gains a leading request axis, ``[R, N]`` (``[R, N, max_len]`` for histories), plus a ``mask`` ``[R, N]`` of
+the real candidates, and each task's logits come back as ``[R, N]``; both ``R`` and ``N`` are dynamic. A request with
+fewer than ``N`` candidates is padded: its padded slots carry the request's user, context and history inputs (any
+candidate fields) and ``False`` in ``mask``; list-wise models leave them out of the pool.
+
 Exporters, as of torch 2.13: ONNX goes through the torch.export-based exporter (``torch.onnx.export(...,
-dynamo=True)``, the default since torch 2.9; it needs ``onnxscript``), with a dynamic batch axis. The legacy
-TorchScript-based ONNX exporter also works for these models but is deprecated, so it is not offered. TorchScript
-goes through ``torch.jit.trace`` (deprecated in torch 2.13 in favour of torch.export, still supported): tracing
-records the ops of one example, so :func:`export_checkpoint` checks the traced graph on a batch of another size.
+dynamo=True)``, the default since torch 2.9; it needs ``onnxscript``), with a dynamic batch axis. ``pt2``:
+``torch.export.export`` with dynamic request and candidate axes, saved by ``torch.export.save``; ``aoti``: that
+program compiled ahead of time by AOTInductor (``torch._inductor.aoti_compile_and_package``) into a package that
+Python (``aoti_load_package``) and C++ (``AOTIModelPackageLoader``) load. TorchScript is retired (docs/serving.md):
+``torch.jit`` is deprecated since torch 2.13, and the ``.pt2`` program replaces it. See serving/pt2.py for how a
+``.pt2`` file is loaded without running code from it.
 """
 
 from __future__ import annotations
@@ -39,11 +48,15 @@ from torch import Tensor, nn
 from onerank.data.batching import Batch
 from onerank.data.encoding import Encoders
 from onerank.features.space import FeatureSpace
+from onerank.resources import require
+from onerank.serving import pt2
 from onerank.serving.request import EncodedRequest, RequestEncoder
 from onerank.training.checkpoint import file_sha256
 
-Format = Literal["onnx", "torchscript"]
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+Format = Literal["onnx", "pt2", "aoti"]
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "aoti": ".aoti.pt2"}
+RETIRED = {"torchscript": "TorchScript export was retired: torch.jit is deprecated since torch 2.13 and nothing in "
+                          "onerank loads it; use --format pt2 (torch.export) or aoti (AOTInductor, loadable from C++)"}
 PARITY_TOLERANCE = 1e-5
 
 # Model families that cannot be exported, with the reason (tests/test_export.py checks that the exporter still fails
@@ -81,6 +94,15 @@ class ExportableModel(nn.Module):
             self.register_buffer(f"item_table_{name}", torch.as_tensor(np.asarray(item_table[name], dtype=np.int64)))
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        rows = torch.arange(inputs[0].shape[0], device=inputs[0].device)
+        return self.logits(inputs, torch.zeros_like(rows), rows.unsqueeze(0),
+                           torch.ones_like(rows, dtype=torch.bool).unsqueeze(0))
+
+    def logits(self, inputs: tuple[Tensor, ...] | list[Tensor], request: Tensor, slot: Tensor,
+               mask: Tensor) -> tuple[Tensor, ...]:
+        """Flat inputs [B, ...] of the requests laid out by ``slot`` / ``mask`` ([R, N]: each request's rows, which
+        are real) -> logits [B] per task. The list layout is given rather than computed (bincount + max is
+        data-dependent, which graph capture cannot follow)."""
         categorical, dense, histories = {}, {}, {}
         for spec, x in zip(self.specs, inputs):
             if spec.kind == "categorical":
@@ -92,16 +114,21 @@ class ExportableModel(nn.Module):
                 for name in self.side_fields:
                     per_field[name] = getattr(self, f"item_table_{name}")[x]
                 histories[spec.field] = per_field
-        rows = torch.arange(inputs[0].shape[0], device=inputs[0].device)
-        # One request: the list layout is given rather than computed (bincount + max is data-dependent, which
-        # graph capture cannot follow).
-        batch = Batch(
-            categorical=categorical, dense=dense, histories=histories, labels={}, label_mask={},
-            user=torch.zeros_like(rows), request=torch.zeros_like(rows),
-            _lists=(rows.unsqueeze(0), torch.ones_like(rows, dtype=torch.bool).unsqueeze(0)),
-        )
+        batch = Batch(categorical=categorical, dense=dense, histories=histories, labels={}, label_mask={},
+                      user=request, request=request, _lists=(slot, mask))
         logits = self.model(batch)
         return tuple(logits[t] for t in self.space.task_names)
+
+
+class RequestBatchModel(ExportableModel):
+    """``mask`` [R, N] and the signature's inputs with a leading request axis ([R, N, ...]) -> logits [R, N] per task
+    (the layout of the ``.pt2`` program, see the module doc)."""
+
+    def forward(self, mask: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        R, N = mask.shape
+        rows = torch.arange(R * N, device=mask.device)
+        flat = [x.reshape(R * N, *x.shape[2:]) for x in inputs]
+        return tuple(t.reshape(R, N) for t in self.logits(flat, rows // N, rows.view(R, N), mask))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,7 +163,7 @@ def input_arrays(encoded: EncodedRequest, space: FeatureSpace) -> dict[str, np.n
 # Export
 # ---------------------------------------------------------------------------------------------------------------------
 def default_export_path(checkpoint: str | Path, fmt: Format) -> Path:
-    """``runs/x/checkpoint.pt`` -> ``runs/x/checkpoint.onnx`` / ``runs/x/checkpoint.torchscript.pt``."""
+    """``runs/x/checkpoint.pt`` -> ``runs/x/checkpoint.onnx`` / ``.pt2`` / ``.aoti.pt2``."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
 
@@ -160,12 +187,9 @@ def _metadata(wrapper: ExportableModel, model_name: str, checkpoint_sha256: str,
 
 def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path, model_name: str,
                 checkpoint_sha256: str = "", fitted: dict | None = None) -> Path:
+    require("serve", "ONNX export", "onnx", "onnxscript", "onnxruntime")
     import onnx
 
-    try:
-        import onnxscript  # noqa: F401  (the torch.export-based exporter builds the graph with it)
-    except ImportError:
-        raise ValueError("ONNX export needs onnxscript: pip install -e '.[serve]'") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)
@@ -192,38 +216,14 @@ def export_onnx(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str
     return path
 
 
-def export_torchscript(wrapper: ExportableModel, example: tuple[Tensor, ...], path: str | Path,
-                       model_name: str, checkpoint_sha256: str = "",
-                       fitted: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # torch.jit is deprecated in torch 2.13 but still the way to produce a TorchScript file; tracer warnings
-        # about Python values are checked by the parity test on a batch of another size instead.
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(path),
-                       _extra_files={"onerank.json": json.dumps(_metadata(wrapper, model_name, checkpoint_sha256, fitted))})
-    return path
-
-
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.load(str(path), map_location="cpu")
-
-
 def export_metadata(path: str | Path, fmt: Format) -> dict[str, str]:
-    """The onerank metadata an export carries (model, inputs, tasks, the checkpoint's SHA-256)."""
+    """The onerank metadata an export carries (model, inputs, tasks, the checkpoint's SHA-256), read without loading
+    the model."""
     if fmt == "onnx":
         import onnx
 
         return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    extra = {"onerank.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra["onerank.json"] or "{}")
+    return pt2.read_metadata(path)
 
 
 def check_export_source(metadata: dict[str, str], path: str | Path, checkpoint: str | Path, checkpoint_sha256: str,
@@ -258,19 +258,23 @@ class ExportReport:
     path: Path
     format: str
     model: str
-    max_abs_diff: float  # exported vs PyTorch logits on a request of another size than the export example
+    max_abs_diff: float  # exported vs PyTorch logits on requests of other sizes than the export example
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: Format, out: str | Path | None = None) -> ExportReport:
-    """Export a checkpoint's model and check the export against PyTorch on a request of another size.
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None) -> ExportReport:
+    """Export a checkpoint's model and check the export against PyTorch on requests of other sizes.
 
     The checkpoint's fusion file (``onerank fuse``), when there is one, is embedded in the export's metadata
     (``onerank.fusion``)."""
     from onerank import api
     from onerank.fusion import load_for_checkpoint
 
+    if fmt in RETIRED:
+        raise ValueError(RETIRED[fmt])
     if fmt not in SUFFIXES:
         raise ValueError(f"export format must be one of {sorted(SUFFIXES)}, not {fmt!r}")
+    if fmt == "onnx":
+        require("serve", "ONNX export", "onnx", "onnxscript", "onnxruntime")
     model, meta = api.load_checkpoint(checkpoint)
     fitted = load_for_checkpoint(checkpoint)
     fitted = None if fitted is None else fitted.to_dict()
@@ -278,22 +282,29 @@ def export_checkpoint(checkpoint: str | Path, fmt: Format, out: str | Path | Non
     if reason:
         raise ValueError(f"model {meta['model']!r} cannot be exported to {fmt}: {reason}")
     out = Path(out) if out else default_export_path(checkpoint, fmt)
-    wrapper = ExportableModel(model, meta["item_table"])
+    wrapper = (ExportableModel if fmt == "onnx" else RequestBatchModel)(model, meta["item_table"])
     encoder = RequestEncoder(model.space, Encoders.from_state(meta["encoders"]), meta["item_table"])
-    example = request_inputs(encoder, wrapper, 3)
     digest = file_sha256(checkpoint)
     # Written next to the target and renamed over it only once the parity check passed: a failed export never
     # replaces (or poses as) a good one at the path the service loads.
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{SUFFIXES[fmt]}", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         if fmt == "onnx":
-            export_onnx(wrapper, example, tmp, meta["model"], digest, fitted)
+            export_onnx(wrapper, request_inputs(encoder, wrapper, 3), tmp, meta["model"], digest, fitted)
         else:
-            export_torchscript(wrapper, example, tmp, meta["model"], digest, fitted)
-        check = request_inputs(encoder, wrapper, 7)
-        diff = max_abs_diff(wrapper(*check), run_export(tmp, fmt, check))
+            example = pt2.request_batch([request_inputs(encoder, wrapper, 3)] * 2)
+            program = pt2.export_program(wrapper, example)
+            metadata = _metadata(wrapper, meta["model"], digest, fitted)
+            if fmt == "pt2":
+                pt2.save_program(program, tmp, metadata)
+            else:
+                pt2.compile_package(program, tmp, metadata)
+        # two requests of other sizes than the example's (a padded batch for the .pt2 layouts)
+        checks = [request_inputs(encoder, wrapper, n) for n in (7, 4)]
+        diff = max(max_abs_diff(wrapper_logits(wrapper, check), export_logits) for check, export_logits in
+                   zip(checks, run_export(tmp, fmt, checks)))
         if not diff <= PARITY_TOLERANCE:
             raise ValueError(f"the {fmt} export of {checkpoint} differs from PyTorch by {diff:.1e} (more than "
                              f"{PARITY_TOLERANCE:.0e}) on an example request; nothing was written to {out}")
@@ -309,16 +320,30 @@ def request_inputs(encoder: RequestEncoder, wrapper: ExportableModel, num_candid
     return tuple(torch.from_numpy(a) for a in input_arrays(encoded, wrapper.space).values())
 
 
-def run_export(path: str | Path, fmt: Format, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Logits of an exported file (ONNX Runtime or TorchScript) on signature inputs."""
+def wrapper_logits(wrapper: ExportableModel, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """PyTorch's logits of one request's signature inputs, whatever the wrapper's layout."""
+    with torch.no_grad():
+        return ExportableModel.forward(wrapper, *inputs)
+
+
+def run_export(path: str | Path, fmt: Format, requests: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
+    """Logits of an exported file (ONNX Runtime, the .pt2 program, the AOTInductor package) for each request's
+    signature inputs; the .pt2 layouts score them together, as one padded batch."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-        return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+        out = []
+        for inputs in requests:
+            feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+            out.append(tuple(torch.from_numpy(o) for o in session.run(None, feeds)))
+        return out
+    # the package is the one export_checkpoint has just compiled itself (see serving/pt2.py on loading packages)
+    run = pt2.load_program(path) if fmt == "pt2" else pt2.load_own_package(path)
+    mask, *inputs = pt2.request_batch(requests)
     with torch.inference_mode():
-        return tuple(load_torchscript(path)(*inputs))
+        logits = run(mask, *inputs)
+    return [tuple(t[r, :len(inputs_r[0])] for t in logits) for r, inputs_r in enumerate(requests)]
 
 
 def max_abs_diff(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> float:

@@ -4,9 +4,10 @@
     result = ranker.rank({"user": {...}, "context": {...}, "histories": {...}, "candidates": [...]})
     result.order, result.scores, result.probabilities["click"]
 
-Two backends compute the same logits: ``"torch"`` (the checkpoint's model, ``model.score_pool``: OneRank encodes the
-request's context once and scores the pool ``chunk_size`` candidates at a time) and ``"onnx"`` (an export made by
-``onerank export``, run in ONNX Runtime). Both run on the CPU by default, or on ``device="cuda"`` where a GPU is
+Three backends compute the same logits: ``"torch"`` (the checkpoint's model, ``model.score_pool``: OneRank encodes
+the request's context once and scores the pool ``chunk_size`` candidates at a time), ``"onnx"`` (an export made by
+``onerank export --format onnx``, run in ONNX Runtime) and ``"pt2"`` (the torch.export program of ``onerank export
+--format pt2``). Both run on the CPU by default, or on ``device="cuda"`` where a GPU is
 present; the torch backend may compute in bfloat16 (``precision="bf16"``, autocast: matrix products in bf16).
 """
 
@@ -21,9 +22,11 @@ import torch
 
 import onerank
 from onerank.data.encoding import Encoders
+from onerank.data.schema import CANDIDATE_GROUPS
 from onerank.features.space import FeatureSpace
 from onerank.fusion import AnyFusion, Fusion, file_sha256, load_for_checkpoint
 from onerank.fusion.policy import PolicyFusion
+from onerank.resources import require
 from onerank.serving.request import EncodedRequest, RequestEncoder, RequestLimits
 from onerank.serving.wire import RankRequest, RequestError, parse_request
 
@@ -84,6 +87,7 @@ class OnnxBackend:
     def __init__(
         self, path: str | Path, space: FeatureSpace, threads: int | None, device: torch.device = CPU
     ) -> None:
+        require("serve", "the onnx backend", "onnxruntime")
         import onnxruntime as ort
 
         from onerank.serving.export import check_onnx_signature, input_arrays
@@ -106,6 +110,28 @@ class OnnxBackend:
     def __call__(self, encoded: EncodedRequest) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, self._input_arrays(encoded, self.space))
         return dict(zip(self.output_names, outputs))
+
+
+class Pt2Backend:
+    """The torch.export program of ``onerank export --format pt2``, checked before it is loaded (serving/pt2.py);
+    a request is a batch of one ([1, N])."""
+
+    def __init__(self, path: str | Path, space: FeatureSpace, device: torch.device = CPU) -> None:
+        from onerank.serving import pt2
+        from onerank.serving.export import input_arrays
+
+        self.program = pt2.load_program(path, device)
+        self.device = device
+        self.space = space
+        self._input_arrays = input_arrays
+
+    def __call__(self, encoded: EncodedRequest) -> dict[str, np.ndarray]:
+        inputs = [torch.from_numpy(a).unsqueeze(0).to(self.device) for a in
+                  self._input_arrays(encoded, self.space).values()]
+        mask = torch.ones(1, encoded.num_candidates, dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            logits = self.program(mask, *inputs)
+        return {t: v[0].float().cpu().numpy() for t, v in zip(self.space.task_names, logits)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,8 +176,8 @@ class Ranker:
     def __init__(
         self,
         checkpoint: str | Path,
-        backend: Literal["torch", "onnx"] = "torch",
-        onnx_path: str | Path | None = None,
+        backend: Literal["torch", "onnx", "pt2"] = "torch",
+        export_path: str | Path | None = None,
         fusion: Fusion | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         limits: RequestLimits | None = None,
@@ -186,21 +212,21 @@ class Ranker:
             torch.set_num_threads(threads)
         if backend == "torch":
             self.backend = TorchBackend(model, meta, chunk_size, self.device, precision)
-        elif backend == "onnx":
-            from onerank.serving.export import check_export_source, default_export_path
+        elif backend in ("onnx", "pt2"):
+            from onerank.serving.export import check_export_source, default_export_path, export_metadata
 
-            path = Path(onnx_path) if onnx_path else default_export_path(self.checkpoint, "onnx")
+            path = Path(export_path) if export_path else default_export_path(self.checkpoint, backend)
             if not path.exists():
                 raise FileNotFoundError(
-                    f"ONNX file {path} does not exist; write it with `onerank export --checkpoint {checkpoint} "
-                    "--format onnx`"
+                    f"{backend} export {path} does not exist; write it with `onerank export --checkpoint "
+                    f"{checkpoint} --format {backend}`"
                 )
-            self.backend = OnnxBackend(path, self.space, threads, self.device)
             # an export of an earlier checkpoint would serve other scores under this checkpoint's version
-            check_export_source(self.backend.session.get_modelmeta().custom_metadata_map, path, self.checkpoint,
-                                self.checkpoint_sha256, "onnx")
+            check_export_source(export_metadata(path, backend), path, self.checkpoint, self.checkpoint_sha256, backend)
+            self.backend = (OnnxBackend(path, self.space, threads, self.device) if backend == "onnx"
+                            else Pt2Backend(path, self.space, self.device))
         else:
-            raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+            raise ValueError(f"backend must be 'torch', 'onnx' or 'pt2', not {backend!r}")
 
     @property
     def limits(self) -> RequestLimits:
@@ -276,7 +302,7 @@ class Ranker:
             "schema": {
                 "user": [f.name for f in schema.categorical + schema.dense if f.group == "user"],
                 "context": [f.name for f in schema.categorical + schema.dense if f.group == "context"],
-                "candidate": [f.name for f in schema.categorical + schema.dense if f.group == "item"],
+                "candidate": [f.name for f in schema.categorical + schema.dense if f.group in CANDIDATE_GROUPS],
                 "item_id": schema.item_id,
                 "dense": [f.name for f in schema.dense],
                 "histories": {s.name: {"max_len": s.max_len} for s in schema.sequences},

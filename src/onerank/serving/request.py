@@ -30,6 +30,7 @@ import torch
 
 from onerank.data.batching import Batch
 from onerank.data.encoding import OOV, PAD, Encoders
+from onerank.data.schema import CANDIDATE_GROUPS
 from onerank.features.space import FeatureSpace
 from onerank.serving.wire import RankRequest, RequestError, RequestTooLarge, parse_request
 
@@ -107,10 +108,10 @@ class RequestEncoder:
         self.limits = limits or RequestLimits()
         self.kinds = {name: v.value_kind for name, v in encoders.vocabularies.items()}
         schema = self.schema
-        self.request_categorical = [f for f in schema.categorical if f.group != "item"]
-        self.item_categorical = [f for f in schema.categorical if f.group == "item"]
-        self.request_dense = [f for f in schema.dense if f.group != "item"]
-        self.item_dense = [f for f in schema.dense if f.group == "item"]
+        self.request_categorical = [f for f in schema.categorical if f.group not in CANDIDATE_GROUPS]
+        self.item_categorical = [f for f in schema.categorical if f.group in CANDIDATE_GROUPS]
+        self.request_dense = [f for f in schema.dense if f.group not in CANDIDATE_GROUPS]
+        self.item_dense = [f for f in schema.dense if f.group in CANDIDATE_GROUPS]
         self.candidate_fields = {f.name for f in self.item_categorical} | {f.name for f in self.item_dense}
         self.request_fields = {f.name: f.group for f in self.request_categorical + self.request_dense}
         # Scaled value of a missing dense value: the scaled fill_value when the schema declares one, else the mean.

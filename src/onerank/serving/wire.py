@@ -107,7 +107,7 @@ class ModelDescription(BaseModel):
     name: str
     version: str = Field(description="content hash of the checkpoint file")
     onerank_version: str
-    backend: Literal["torch", "onnx"]
+    backend: Literal["torch", "onnx", "pt2"]
     device: str
     precision: Literal["fp32", "bf16"]
     tasks: list[TaskDescription]

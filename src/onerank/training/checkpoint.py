@@ -1,19 +1,31 @@
-"""Atomic checkpoint files: written to a temporary file in the same folder, fsync'ed, then renamed over the
-target, so an interrupted write never damages a checkpoint already on disk.
+"""Atomic checkpoint files, and loading them without running code from them.
 
-Every file starts with a header (:func:`header`): its format, what it holds (``model``: ``checkpoint.pt``, the best
-epoch; ``resume``: ``last.pt``, the resumable state) and the onerank version that wrote it. :func:`load` checks the
-header before anything is used, so a truncated, foreign or newer file ends with one line saying what the file is
-and what was expected, never with a traceback from deep inside the unpickler.
+Writing: to a temporary file in the same folder, fsync'ed, then renamed over the target, so an interrupted write
+never damages a checkpoint already on disk. Every file starts with a header (:func:`header`): its format, what it
+holds (``model``: ``checkpoint.pt``, the best epoch; ``resume``: ``last.pt``, the resumable state) and the onerank
+version that wrote it.
+
+What is written is plain data only: dicts, lists, tuples, strings, numbers, None and tensors (numpy arrays are stored
+as tensors, numpy scalars as Python numbers; see :func:`storable`). Such a file loads with ``torch.load(path)``'s
+default ``weights_only=True``, PyTorch's restricted unpickler, which builds those types and nothing else.
+
+Reading (:func:`load`) uses that unpickler too: a file that names any other Python object (a function, a class with
+a ``__reduce__``: what a crafted pickle uses to run code) is refused with one line before anything of it is built.
+Files of format 1 and of the first release hold numpy arrays as numpy pickles them, so the unpickler also accepts
+exactly the numpy pieces those need (:data:`LEGACY_GLOBALS`: the array and scalar constructors and the numeric
+dtypes), data types that run no code of the file's choosing. The header is then checked before anything is used, so
+a truncated, foreign or newer file ends with one line saying what the file is and what was expected.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
+import re
 import tempfile
-import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +36,9 @@ import torch
 import onerank
 
 FORMAT = "onerank-checkpoint"
-FORMAT_VERSION = 1  # bumped when a file written now could not be read by the previous release
+# Bumped when a file written now could not be read by the previous release. 2: plain data and tensors only (numpy
+# arrays as tensors); 1: a header, numpy arrays pickled by numpy; no header: the first release.
+FORMAT_VERSION = 2
 KINDS = {"model": "a model checkpoint (checkpoint.pt: the best epoch)", "resume": "resumable state (last.pt)"}
 
 
@@ -37,13 +51,29 @@ def header(kind: str) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "onerank_version": onerank.__version__}
 
 
+def storable(obj: Any) -> Any:
+    """``obj`` as plain data and tensors (what ``torch.load(weights_only=True)`` reads without an allow-list):
+    numpy arrays become tensors, numpy scalars Python numbers; containers are copied, everything else is kept."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise TypeError("an object array cannot be stored as plain data")
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return type(obj)((k, storable(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(storable(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            torch.save(storable(obj), fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -53,9 +83,32 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def _legacy_globals() -> list:
+    """The numpy pieces that files of format 1 and of the first release name (numpy arrays in the metadata and in
+    numpy's RNG state), under the module names numpy 1 and numpy 2 pickle them with. Nothing else."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    dtypes = [type(np.dtype(name)) for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+        "float64")]
+    named = [(fn, f"{module}.{fn.__name__}") for fn in (reconstruct, scalar)
+             for module in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    return [np.ndarray, np.dtype, *dtypes, *named]
+
+
+LEGACY_GLOBALS = _legacy_globals()
+
+
+def read_plain(path: str | Path) -> Any:
+    """``torch.load`` through PyTorch's restricted unpickler, allowing the numpy data types of older files
+    (:data:`LEGACY_GLOBALS`) and nothing else. Raises ``pickle.UnpicklingError`` naming what it refused."""
+    with torch.serialization.safe_globals(LEGACY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load(path: str | Path, kind: str | None = None) -> dict:
-    """A checkpoint written by onerank, checked before use (see the module doc); ``kind``: ``model`` or ``resume``
-    to insist on one (None: either)."""
+    """A checkpoint written by onerank, read without running code from it and checked before use (see the module
+    doc); ``kind``: ``model`` or ``resume`` to insist on one (None: either)."""
     expected = KINDS[kind] if kind else "a checkpoint"
     path = Path(path)
     if not path.exists():
@@ -65,17 +118,19 @@ def load(path: str | Path, kind: str | None = None) -> dict:
         raise CheckpointError(f"checkpoint {path} is a folder{hint}; give the checkpoint file written by onerank train")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected {expected} written by onerank train")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.load's note when it dispatches a TorchScript archive to torch.jit
-        try:
-            # Checkpoints hold plain Python containers next to tensors (configs, vocabularies, RNG states).
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:
-            raise CheckpointError(f"{path} is not a readable checkpoint: {_sniff(path)}; expected {expected} "
-                                  "written by onerank train") from None
-    if isinstance(state, torch.jit.ScriptModule):
+    if _is_torchscript(path):
         raise CheckpointError(f"{path} is a TorchScript export, not a checkpoint; give the checkpoint.pt it was "
                               "exported from")
+    try:
+        state = read_plain(path)
+    except Exception as exc:
+        refused = _refused(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(f"{path} holds Python objects that are not plain data (it names {refused}); "
+                                  f"refused without running them: not {expected} written by onerank train, or a "
+                                  "tampered file") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_sniff(path)}; expected {expected} "
+                              "written by onerank train") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not an onerank checkpoint; expected "
                               f"{expected} written by onerank train")
@@ -91,7 +146,38 @@ def load(path: str | Path, kind: str | None = None) -> dict:
         raise CheckpointError(f"{path} holds {KINDS[found]}, not {KINDS[kind]}")
     if not isinstance(state["meta"], dict) or "model" not in state["meta"]:
         raise CheckpointError(f"{path}: the checkpoint's metadata is damaged (no model name); train it again")
+    # the metadata's arrays (item tables) travel as tensors since format 2; the code that reads them takes numpy
+    state["meta"] = _numpy_arrays(state["meta"])
     return state
+
+
+def _numpy_arrays(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _numpy_arrays(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_numpy_arrays(v) for v in obj)
+    return obj
+
+
+def _refused(exc: pickle.UnpicklingError) -> str | None:
+    """The object the restricted unpickler refused to build, from its message (``GLOBAL posix.system``, ``got
+    <class 'x.Y'>``); None when it stopped at bytes that are no pickle at all."""
+    found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(exc))
+    return (found.group(1) or found.group(2)) if found else None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with code/ and constants.pkl), told apart without loading it."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _newer(version: str | None) -> bool:
@@ -126,7 +212,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    numpy_state = np.random.get_state(legacy=False)  # a dict, its key array as plain ints: storable as it is
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,7 +222,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # the dict of format 2, or format 1's tuple
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

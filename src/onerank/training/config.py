@@ -49,7 +49,11 @@ class TrainConfig:
     checkpoint_every: Annotated[int, Field(ge=0)] = 0  # also write the resumable state every N steps (0: only at epoch ends)
     device: Device = "auto"  # "auto", "cpu", "cuda"
     progress: bool = True
-    tensorboard: bool = True
+    # experiment tracking (training/tracking.py, the `tracking` extra); off unless asked for
+    tensorboard: bool = False  # scalars under OUT/tensorboard (on by default in earlier versions)
+    mlflow: bool = False  # an MLflow run: params, per-epoch metrics, task weights, metrics.json and checkpoint.pt
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a file store in OUT/mlruns
+    mlflow_experiment: str = "onerank"
     threads: Positive | None = None  # torch intra-op threads (None: leave PyTorch's default)
     gradient_diagnostics: bool = False  # log per-epoch cosines between task gradients on shared parameters
     # speed and scale (docs/scaling.md)

@@ -33,7 +33,7 @@ from onerank.models.base import MultiTaskModel
 from onerank.objectives.losses import MultiTaskObjective
 from onerank.objectives.weighting import WeightingStrategy
 from onerank.training import checkpoint as ckpt
-from onerank.training import distributed, sharded_checkpoint
+from onerank.training import distributed, sharded_checkpoint, tracking
 from onerank.training.config import TrainConfig
 from onerank.training.diagnostics import gradient_cosines
 
@@ -57,6 +57,7 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (or next to start)
     step: int = 0  # batches of ``epoch`` already done
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # per task, the loss summed over those batches
+    epoch_weight_sums: dict[str, float] = field(default_factory=dict)  # per task, the loss weight summed over them
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
@@ -118,7 +119,7 @@ class Trainer:
         unknown = sorted(set(self.monitor_weights) - {t.name for t in self.tasks})
         if unknown:
             raise ValueError(f"monitor_weights names unknown tasks {unknown}")
-        self._writer = None
+        self._loggers: tracking.Loggers | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def initialise_output_biases(self) -> dict[str, float]:
@@ -192,12 +193,12 @@ class Trainer:
         raise ValueError(f"unknown lr_schedule {self.config.lr_schedule!r}; use 'none' or 'cosine'")
 
     @property
-    def writer(self):
-        if self._writer is None and self.out_dir is not None and self.config.tensorboard and self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        return self._writer
+    def loggers(self) -> tracking.Loggers:
+        """The experiment trackers the run asked for (none by default), opened at their first use, on rank 0."""
+        if self._loggers is None:
+            self._loggers = (tracking.open_loggers(self.config, self.out_dir, self.meta.get("run_config"))
+                             if self.dist.is_main else tracking.Loggers([]))
+        return self._loggers
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def _resume_state(self) -> dict:
@@ -307,7 +308,8 @@ class Trainer:
             # a resumed epoch continues its sums, so epoch-level strategies (DWA) see the whole epoch's mean loss
             if self.state.step == 0 or not self.state.epoch_loss_sums:
                 self.state.epoch_loss_sums = {t.name: 0.0 for t in self.tasks}
-            loss_sums = self.state.epoch_loss_sums
+                self.state.epoch_weight_sums = {t.name: 0.0 for t in self.tasks}
+            loss_sums, weight_sums = self.state.epoch_loss_sums, self.state.epoch_weight_sums
             start = time.perf_counter()
             batches = self.train_loader.epoch(epoch, start_step=self.state.step)
             bar = self._progress(batches, total=len(self.train_loader) - self.state.step, desc=f"epoch {epoch + 1}")
@@ -321,7 +323,7 @@ class Trainer:
                         losses = self.objective(logits, batch, self.model.auxiliary_losses(batch, logits))
                     # under DDP each rank's mean loss is rescaled to its share of the global-batch mean
                     scales, global_size = distributed.global_loss_scales(batch.size, batch.label_mask)
-                    self.weighting.backward(_rescaled(losses, scales), shared)
+                    weights = self.weighting.backward(_rescaled(losses, scales), shared)
                 self.grad_sync.finish()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -338,12 +340,13 @@ class Trainer:
                             f"diverged; look for inf / NaN in the data or lower the learning rate (lr={cfg.lr})"
                         )
                     loss_sums[t] += value
+                    weight_sums[t] = weight_sums.get(t, 0.0) + float(weights.get(t, 0.0))
                 self.state.step += 1
                 self.state.global_step += 1
                 self.state.train_samples += global_size
-                if self.writer is not None and self.state.global_step % 50 == 0:
-                    for t, v in losses.items():
-                        self.writer.add_scalar(f"train_loss/{t}", float(v.detach()), self.state.global_step)
+                if self.state.global_step % 50 == 0 and self.loggers:
+                    self.loggers.log_metrics({f"train_loss/{t}": float(v.detach()) for t, v in losses.items()},
+                                             self.state.global_step)
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.state.train_seconds += time.perf_counter() - start
                     start = time.perf_counter()
@@ -351,12 +354,15 @@ class Trainer:
                 if stop_after_steps is not None and self.state.global_step >= stop_after_steps:
                     raise TrainingInterrupted(f"stopped after {self.state.global_step} steps")
             self.state.train_seconds += time.perf_counter() - start
-            self._end_epoch({t: v / max(self.state.step, 1) for t, v in loss_sums.items()}, on_epoch)
+            steps = max(self.state.step, 1)
+            self._end_epoch({t: v / steps for t, v in loss_sums.items()}, on_epoch,
+                            {t: v / steps for t, v in weight_sums.items()})
         if self.best_model_state is not None:
             self._load_model_state(self.best_model_state)
         return self.state
 
-    def _end_epoch(self, mean_losses: dict[str, float], on_epoch: Callable[[dict], None] | None) -> None:
+    def _end_epoch(self, mean_losses: dict[str, float], on_epoch: Callable[[dict], None] | None,
+                   task_weights: dict[str, float] | None = None) -> None:
         cfg = self.config
         epoch = self.state.epoch
         mean_losses = distributed.mean_over_ranks(mean_losses)  # every rank's strategy sees the same epoch losses
@@ -364,6 +370,8 @@ class Trainer:
         score = monitor_value(valid, cfg.monitor, self.monitor_weights)
         signed = -score if cfg.monitor in LOWER_IS_BETTER else score
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_losses, "valid": valid, "monitor": score}
+        if task_weights:
+            record["task_weights"] = task_weights  # the mean weight each task's loss got (adaptive strategies vary it)
         if cfg.gradient_diagnostics:
             record["gradient_cosine"] = gradient_cosines(
                 self.model, self.objective, self.train_loader.epoch(epoch), self.device
@@ -394,14 +402,8 @@ class Trainer:
             f"{t}:auc={m.get('auc', float('nan')):.4f}" for t, m in record["valid"].items() if "auc" in m
         )
         log.info("epoch %d valid %s monitor=%.5f", record["epoch"], summary, record["monitor"])
-        if self.writer is not None:
-            for t, metrics in record["valid"].items():
-                for name, value in metrics.items():
-                    if name != "count" and not math.isnan(value):
-                        self.writer.add_scalar(f"valid_{name}/{t}", value, record["epoch"])
-            for pair, value in (record.get("gradient_cosine") or {}).items():
-                self.writer.add_scalar(f"gradient_cosine/{pair}", value, record["epoch"])
-            self.writer.flush()
+        if self.loggers:
+            self.loggers.log_metrics(tracking.epoch_metrics(record), record["epoch"])
 
     def _progress(self, iterable, total: int, desc: str):
         if not self.config.progress or not sys.stderr.isatty() or not self.dist.is_main:
@@ -443,8 +445,8 @@ class Trainer:
         return evaluate_predictions(kinds, preds, self.dataset.label_values(split), enc.label_mask, enc.user)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._loggers is not None:
+            self._loggers.close()
         self.data.close()
 
 
