@@ -335,17 +335,18 @@ def list_effect_logits(
         competitors = np.log(others) + top - math.log(n - 1)  # log of the mean exp-utility of the other candidates
         logits -= effects["choice_competition"] * competitors
     if effects.get("strongest_competitor") and n > 1:
-        logits -= effects["strongest_competitor"] * _best_of_others(utility, np.ones_like(utility, dtype=bool))
+        # the best other candidate: the request's best, or its second best for the best one itself (ties included)
+        second, best = np.sort(utility, axis=1)[:, -2:].T
+        best_other = np.where(utility == best[:, None], second[:, None], best[:, None])
+        logits -= effects["strongest_competitor"] * best_other
     return logits
 
 
 def _best_of_others(values: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """[R, N]: for each candidate, the largest value among the *other* candidates of its request whose ``eligible``
-    [R, N, N] (or [R, N], broadcast over readers) entry is set; -inf where none is."""
+    [R, N, N] entry (reader, other) is set; -inf where none is."""
     n = values.shape[1]
-    others = np.broadcast_to(values[:, None, :], (values.shape[0], n, n)).copy()
-    mask = np.broadcast_to(eligible if eligible.ndim == 3 else eligible[:, None, :], others.shape) & ~np.eye(n, dtype=bool)
-    others[~mask] = -np.inf
+    others = np.where(eligible & ~np.eye(n, dtype=bool), values[:, None, :], -np.inf)
     return others.max(axis=2)
 
 
@@ -358,7 +359,7 @@ def conversion_effect_logits(
     if effects.get("conversion_competition") and quality.shape[1] > 1:
         same_category = category[:, :, None] == category[:, None, :]
         better = _best_of_others(quality.astype(np.float64), same_category) - quality
-        shift -= effects["conversion_competition"] * np.maximum(np.nan_to_num(better, neginf=0.0), 0.0)
+        shift -= effects["conversion_competition"] * np.maximum(better, 0.0)  # -inf (no other of its kind) -> 0
     if effects.get("brand_repeat"):
         shift -= effects["brand_repeat"] * ((brand[:, :, None] == brand[:, None, :]).sum(axis=2) - 1)
     return shift
