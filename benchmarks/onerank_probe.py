@@ -5,12 +5,13 @@ metrics (the test split is never scored). For choosing defaults and settings bef
 
 DATASET_JSON: {"dataset": "synthetic", "options": {...}, "data_dir": ..., "train": {...}} (``train``: TrainConfig
 fields shared by every probe). KEY: ``train.X`` (a TrainConfig field), ``obj.X`` (an objective setting) or a model
-option. Each probe appends one JSON line: label, spec, best epoch, epochs, validation AUC / GAUC per task, the
+option; values are read and checked as ``--set`` reads them (``onerank.cli.apply_settings``). Each probe appends one JSON line: label, spec, best epoch, epochs, validation AUC / GAUC per task, the
 per-epoch mean validation AUC, seconds, and the code version (commit, clean tree) and machine load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,31 +21,32 @@ import torch
 
 from onerank import api
 from onerank.benchmarking.runner import code_version
+from onerank.cli import apply_settings
 from onerank.training.config import RunConfig, TrainConfig
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def settings(items: list[str]) -> list[str]:
+    """A probe's KEY=VALUE items as ``--set`` items: ``obj.X`` -> ``objective.X``, a bare key -> ``model_options.KEY``."""
+    out = []
+    for item in items:
+        key, value = item.split("=", 1)
+        prefix = "objective." + key[4:] if key.startswith("obj.") else key if key.startswith("train.") else (
+            "model_options." + key)
+        out.append(f"{prefix}={value}")
+    return out
 
 
 def main(out: str, data_spec: dict, specs: list[str]) -> None:
     torch.set_num_threads(1)
-    base_train = data_spec.pop("train", {})
+    base = RunConfig(dataset=data_spec["dataset"], data_dir=data_spec.get("data_dir"),
+                     dataset_options=data_spec.get("options", {}),
+                     train=TrainConfig(**{"progress": False, "tensorboard": False, **data_spec.get("train", {})}))
+    code = code_version()  # one checkout for every probe of this call
     dataset = None
     for spec in specs:
         label, model, *rest = spec.split(":")
-        options, train, objective = {}, dict(base_train), {}
-        for item in (rest[0].split(",") if rest and rest[0] else []):
-            key, value = item.split("=", 1)
-            target = train if key.startswith("train.") else objective if key.startswith("obj.") else options
-            target[key.split(".", 1)[1] if target is not options else key] = parse_value(value)
-        config = RunConfig(dataset=data_spec["dataset"], data_dir=data_spec.get("data_dir"),
-                           dataset_options=data_spec.get("options", {}), model=model, model_options=options,
-                           objective=objective,
-                           train=TrainConfig(**{"progress": False, "tensorboard": False, **train})).validated()
+        items = rest[0].split(",") if rest and rest[0] else []
+        config = apply_settings(dataclasses.replace(base, model=model), settings(items)).validated()
         dataset = dataset or api.load_run_dataset(config)
         started = time.time()
         trainer = api.build_trainer(config, dataset)
@@ -55,7 +57,7 @@ def main(out: str, data_spec: dict, specs: list[str]) -> None:
             "label": label, "model": model, "spec": spec, "best_epoch": state.best_epoch, "epochs": len(state.history),
             "valid": {t: {m: best[t][m] for m in ("auc", "gauc") if m in best[t]} for t in tasks},
             "curve": [round(sum(h["valid"][t]["auc"] for t in tasks) / len(tasks), 4) for h in state.history],
-            "seconds": round(time.time() - started, 1), "code": code_version(), "load": os.getloadavg(),
+            "seconds": round(time.time() - started, 1), "code": code, "load": os.getloadavg(),
         }
         trainer.close()
         print(label, row["best_epoch"], "/", row["epochs"], {t: round(v["auc"], 4) for t, v in row["valid"].items()},
